@@ -1,0 +1,46 @@
+"""The network's ``N×1×S×S`` maps back to per-image maps at each image's own size."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["minmax", "resize_map", "resize_maps", "to_mask", "to_probability"]
+
+
+def minmax(maps: Tensor) -> Tensor:
+    """Per-image min–max normalisation to [0, 1], as the authors do (a flat map becomes 0)."""
+    flat = maps.flatten(1).float()
+    lo = flat.amin(dim=1).view(-1, 1, 1, 1)
+    hi = flat.amax(dim=1).view(-1, 1, 1, 1)
+    return (maps.float() - lo) / (hi - lo).clamp(min=1e-12)
+
+
+def resize_map(m: Tensor, size: tuple[int, int]) -> Tensor:
+    """One ``1×S×S`` map → ``H×W``. Bilinear with anti-aliasing when shrinking, like the authors'
+    PIL ``resize(BILINEAR)``; a plain bilinear upscale otherwise."""
+    out = F.interpolate(m[None], size=size, mode="bilinear", align_corners=False, antialias=True)
+    return out[0, 0]
+
+
+def to_probability(p: Tensor) -> Tensor:
+    """A [0, 1] map as 8-bit levels, rounded to nearest (as PIL rounds its resize)."""
+    return p.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def to_mask(p: Tensor, threshold: float) -> Tensor:
+    """255 where the probability is at least ``threshold``, else 0."""
+    return (p >= threshold).to(torch.uint8).mul_(255)
+
+
+def resize_maps(maps: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """Network maps ``N×1×S×S`` → one ``H×W`` float map in [0, 1] per image, on their device.
+
+    The authors' script turns the S×S map into 8 bits (PIL's float-to-L conversion truncates)
+    before resizing it; doing the same is what brings the maps within ~1e-4 of theirs.
+    """
+    levels = minmax(maps).mul_(255).floor_()
+    return [resize_map(levels[i], hw).div_(255) for i, hw in enumerate(sizes)]

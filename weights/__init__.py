@@ -1,0 +1,1 @@
+"""Fetch, verify and convert the U²-Net weights (``python -m weights --help``)."""
