@@ -1,0 +1,77 @@
+"""``python -m service``: run the service under uvicorn, draining gracefully on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import Runtime, create_app
+from service.settings import Settings
+
+log = logging.getLogger("u2serve")
+
+
+class _DrainingServer(uvicorn.Server):
+    """The first SIGTERM/SIGINT drains (readiness 503, new work 503, accepted work answered),
+    then exits; a second one exits at once."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_task is not None or self.should_exit:
+            self.force_exit = True
+            super().handle_exit(sig, frame)
+            return
+        log.info("received %s: draining", signal.Signals(sig).name)
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        await self.runtime.drain(self.runtime.settings.drain_timeout_s)
+        self.should_exit = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    parser.add_argument("--host", help="default: $U2SERVE_HOST or 0.0.0.0")
+    parser.add_argument("--port", type=int, help="default: $U2SERVE_PORT or 8000")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        for err in exc.errors():
+            name = "U2SERVE_" + "_".join(str(x) for x in err["loc"]).upper()
+            print(
+                f"invalid setting {name}: {err['msg']} (got {err.get('input')!r})", file=sys.stderr
+            )
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,
+        log_config=None,
+    )
+    server = _DrainingServer(config, app.state.runtime)
+    server.run()
+    # uvicorn returns normally after a failed start-up; make that a failing exit status.
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The app factory: ``create_app(settings)``. Nothing heavy happens at import; the lifespan loads
+and verifies the weights, starts the batcher and warms up, and on exit drains and stops."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Annotated
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from model.segmenter import Segmenter, resolve_device
+from service.batcher import Batcher
+from service.errors import ServiceError, error_response
+from service.infer import Job, run_batch
+from service.metrics import Metrics
+from service.settings import Settings
+
+__all__ = ["Runtime", "RuntimeDep", "create_app"]
+
+log = logging.getLogger("u2serve")
+
+
+@dataclass(eq=False)
+class Runtime:
+    """What the routes need, owned by one app."""
+
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    segmenter: Segmenter | None = None
+    batcher: Batcher[Job, torch.Tensor] | None = None
+    codec_pool: ThreadPoolExecutor | None = None
+    ready: bool = False
+    draining: bool = False
+    inflight: int = 0
+
+    def set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        self.metrics.ready.set(1 if ready else 0)
+
+    async def drain(self, limit_s: float) -> bool:
+        """Refuse new work, then wait for accepted work to be answered. True if all was."""
+        self.draining = True
+        self.set_ready(False)
+        end = time.monotonic() + limit_s
+        while self.inflight or (self.batcher is not None and not self.batcher.idle):
+            if time.monotonic() >= end:
+                log.warning("drain timed out with %d requests in flight", self.inflight)
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def _load(settings: Settings) -> Segmenter:
+    device = resolve_device(settings.device)
+    if settings.require_gpu and device.type != "cuda":
+        raise RuntimeError(
+            "U2SERVE_REQUIRE_GPU is set but no CUDA device is available "
+            f"(U2SERVE_DEVICE={settings.device})"
+        )
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    return Segmenter(
+        settings.model,
+        settings.weights_path,
+        device=str(device),
+        dtype=settings.dtype,
+        channels_last=settings.channels_last,
+    )
+
+
+def _batch_size(settings: Settings, segmenter: Segmenter) -> int:
+    if settings.max_batch_size is not None:
+        return settings.max_batch_size
+    return 32 if segmenter.device.type == "cuda" else 4
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    rt: Runtime = app.state.runtime
+    s = rt.settings
+    # Bad weights or a missing GPU stop the start-up here, with the loader's message.
+    rt.segmenter = segmenter = await asyncio.to_thread(_load, s)
+    max_batch = _batch_size(s, segmenter)
+    rt.codec_pool = ThreadPoolExecutor(s.codec_threads, thread_name_prefix="u2serve-codec")
+    rt.batcher = Batcher(
+        partial(run_batch, segmenter),
+        max_batch_size=max_batch,
+        max_wait_s=s.max_batch_wait_ms / 1000,
+        max_queue=s.max_queue,
+        metrics=rt.metrics,
+    )
+    rt.batcher.start()
+    dtype = str(segmenter.dtype).removeprefix("torch.")
+    rt.metrics.model_info.labels(segmenter.name, str(segmenter.device), dtype).set(1)
+    log.info(
+        "serving %s on %s (%s), batches of up to %d",
+        segmenter.name,
+        segmenter.device,
+        dtype,
+        max_batch,
+    )
+
+    async def warm_up() -> None:
+        if s.warmup:
+            sizes = sorted({1, max_batch}) if segmenter.device.type == "cuda" else [1]
+            await asyncio.to_thread(segmenter.warmup, sizes)
+        if not rt.draining:
+            rt.set_ready(True)
+
+    warming = asyncio.create_task(warm_up())
+    try:
+        yield
+    finally:
+        await rt.drain(s.drain_timeout_s)
+        warming.cancel()
+        await asyncio.gather(warming, return_exceptions=True)
+        await rt.batcher.stop()
+        rt.codec_pool.shutdown(wait=True)
+        log.info("stopped")
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
+        msg = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return error_response(422, "invalid_parameter", msg)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        log.error("unhandled error", exc_info=exc)
+        return error_response(500, "internal_error", "internal error")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; the model is loaded when its lifespan starts, not here."""
+    from service.routes import router
+
+    settings = settings or Settings()
+    app = FastAPI(
+        title="u2serve",
+        summary="U²-Net salient-object segmentation over HTTP, with dynamic batching",
+        version="0.1.0",
+        lifespan=_lifespan,
+    )
+    app.state.runtime = Runtime(settings)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "Server-Timing", "Retry-After"],
+        )
+    _install_error_handlers(app)
+    app.include_router(router)
+    return app

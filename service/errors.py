@@ -1,0 +1,82 @@
+"""Errors that carry their HTTP answer; every client-visible error has the same JSON body:
+``{"error": {"code": "...", "message": "..."}}``."""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+
+__all__ = [
+    "BadRequest",
+    "ClientGone",
+    "Draining",
+    "ImageTooLarge",
+    "InvalidParameter",
+    "NotReady",
+    "QueueFull",
+    "ServiceError",
+    "TimedOut",
+    "Unauthorized",
+    "UnsupportedImage",
+    "error_response",
+]
+
+
+class ServiceError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.code, self.message, self.headers)
+
+
+class BadRequest(ServiceError):
+    status, code = 400, "bad_request"
+
+
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+
+
+class ClientGone(ServiceError):
+    """Nobody is listening for this answer any more (nginx's 499)."""
+
+    status, code = 499, "client_closed_request"
+
+
+class ImageTooLarge(ServiceError):
+    status, code = 413, "image_too_large"
+
+
+class UnsupportedImage(ServiceError):
+    status, code = 415, "unsupported_image"
+
+
+class InvalidParameter(ServiceError):
+    status, code = 422, "invalid_parameter"
+
+
+class QueueFull(ServiceError):
+    status, code = 503, "overloaded"
+
+
+class NotReady(ServiceError):
+    status, code = 503, "not_ready"
+
+
+class Draining(ServiceError):
+    status, code = 503, "draining"
+
+
+class TimedOut(ServiceError):
+    status, code = 504, "timeout"
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)

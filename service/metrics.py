@@ -1,0 +1,60 @@
+"""Prometheus metrics, one registry per app so that tests can build several apps."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "u2serve_requests", "Segmentation requests answered", ["output", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "u2serve_request_duration_seconds",
+            "Time from request to response, per output",
+            ["output"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "u2serve_stage_duration_seconds",
+            "Time spent per request in each stage",
+            ["stage"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "u2serve_queue_wait_seconds",
+            "Time a request waited in the queue before its batch ran",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.inference_duration = Histogram(
+            "u2serve_inference_duration_seconds",
+            "Time the model took for one batch, pre- and postprocessing included",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "u2serve_batch_size",
+            "Images per batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.queue_depth = Gauge("u2serve_queue_depth", "Requests waiting in the queue", registry=r)
+        self.rejected = Counter(
+            "u2serve_rejected", "Requests refused before inference", ["reason"], registry=r
+        )
+        self.model_info = Gauge(
+            "u2serve_model_info",
+            "The model being served (value 1)",
+            ["model", "device", "dtype"],
+            registry=r,
+        )
+        self.ready = Gauge("u2serve_ready", "1 when the service accepts work", registry=r)

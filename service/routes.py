@@ -1,0 +1,241 @@
+"""HTTP routes: ``POST /segment`` and the operational endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.app import RuntimeDep
+from service.decode import FORMATS, decode
+from service.encode import MEDIA_TYPES, encode
+from service.errors import (
+    ClientGone,
+    Draining,
+    NotReady,
+    ServiceError,
+    Unauthorized,
+    error_response,
+)
+from service.infer import Job
+from service.upload import SegmentParams, read_upload
+
+__all__ = ["router"]
+
+log = logging.getLogger("u2serve")
+router = APIRouter()
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _error_doc(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {
+            "application/json": {"example": {"error": {"code": "...", "message": "what was wrong"}}}
+        },
+    }
+
+
+_PARAMS_SCHEMA = SegmentParams.model_json_schema()
+_SEGMENT_DOC: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": prop.get("description", ""),
+            "schema": {k: v for k, v in prop.items() if k != "description"},
+        }
+        for name, prop in _PARAMS_SCHEMA["properties"].items()
+    ],
+    "requestBody": {
+        "required": True,
+        "description": "The image: a multipart field named `image` (parameters may then also "
+        "be form fields), or the raw body with an `image/*` content type. Formats: "
+        + ", ".join(FORMATS),
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        **_PARAMS_SCHEMA["properties"],
+                    },
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+}
+
+
+def _request_id(request: Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def _check_api_key(request: Request, expected: str) -> None:
+    auth = request.headers.get("authorization", "")
+    given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise Unauthorized("a valid API key is required (Authorization: Bearer <key>)")
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@router.post(
+    "/segment",
+    summary="Segment the salient object of an image",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "A PNG or WebP of the image's own size: a one-channel mask or soft "
+            "map, or an RGBA cut-out. Headers: X-Request-ID, Server-Timing.",
+            "content": {"image/png": {}, "image/webp": {}},
+        },
+        400: _error_doc("Empty image, no `image` field, or a malformed multipart body"),
+        401: _error_doc("An API key is configured and the request has no valid one"),
+        413: _error_doc("Too many bytes, or too many pixels (decompression bombs included)"),
+        415: _error_doc("Not a decodable image, or an unsupported content type"),
+        422: _error_doc("A parameter is out of range, unknown or misspelt"),
+        503: _error_doc(
+            "The queue is full, the model is warming up, or the service is "
+            "draining; see Retry-After"
+        ),
+        504: _error_doc("The request waited in the queue past its deadline"),
+    },
+    openapi_extra=_SEGMENT_DOC,
+)
+async def segment(request: Request, rt: RuntimeDep) -> Response:
+    start = time.monotonic()
+    rid = _request_id(request)
+    rt.inflight += 1
+    output = "unknown"
+    timing: list[str] = []
+    try:
+        response, output = await _segment(request, rt, start, timing)
+    except ServiceError as exc:
+        response = exc.response()
+    except Exception:
+        log.exception("request %s failed", rid)
+        response = error_response(500, "internal_error", f"internal error (request {rid})")
+    finally:
+        rt.inflight -= 1
+    elapsed = time.monotonic() - start
+    timing.append(f"total;dur={elapsed * 1000:.1f}")
+    response.headers["X-Request-ID"] = rid
+    response.headers["Server-Timing"] = ", ".join(timing)
+    if rt.draining:
+        response.headers["Connection"] = "close"
+    rt.metrics.requests.labels(output=output, status=str(response.status_code)).inc()
+    if response.status_code == 200:
+        rt.metrics.request_duration.labels(output=output).observe(elapsed)
+    return response
+
+
+async def _segment(
+    request: Request, rt: RuntimeDep, start: float, timing: list[str]
+) -> tuple[Response, str]:
+    s = rt.settings
+    if rt.draining:
+        rt.metrics.rejected.labels(reason="draining").inc()
+        raise Draining("the service is shutting down", headers={"Retry-After": "1"})
+    if not rt.ready or rt.batcher is None or rt.codec_pool is None:
+        rt.metrics.rejected.labels(reason="not_ready").inc()
+        raise NotReady("the model is still loading", headers={"Retry-After": "1"})
+    if s.api_key is not None:
+        _check_api_key(request, s.api_key.get_secret_value())
+    rt.batcher.check_capacity()  # refuse before spending work on the upload
+    t = time.monotonic()
+    try:
+        data, params = await read_upload(request, s.max_upload_bytes)
+    except ServiceError as exc:
+        rt.metrics.rejected.labels(reason=exc.code).inc()
+        raise
+    timing.append(f"upload;dur={(time.monotonic() - t) * 1000:.1f}")
+    loop = asyncio.get_running_loop()
+
+    t = time.monotonic()
+    try:
+        image = await loop.run_in_executor(
+            rt.codec_pool, lambda: decode(data, max_pixels=s.max_pixels)
+        )
+    except ServiceError as exc:
+        rt.metrics.rejected.labels(reason=exc.code).inc()
+        raise
+    decode_s = time.monotonic() - t
+    timing.append(f"decode;dur={decode_s * 1000:.1f}")
+    rt.metrics.stage_duration.labels(stage="decode").observe(decode_s)
+
+    job = Job(torch.from_numpy(image.model_rgb), params.output, params.threshold)
+    disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done = await rt.batcher.submit(
+            job,
+            start + s.request_timeout_s,
+            cancelled=disconnected,  # type: ignore[arg-type]
+        )
+    except ClientGone:
+        log.info("client went away while queued")
+        raise
+    finally:
+        disconnected.cancel()
+    timing.append(f"queue;dur={done.queue_s * 1000:.1f}")
+    timing.append(f'infer;dur={done.infer_s * 1000:.1f};desc="batch of {done.batch_size}"')
+
+    t = time.monotonic()
+    levels: np.ndarray = done.result.numpy()
+    body = await loop.run_in_executor(
+        rt.codec_pool, encode, levels, image, params.output, params.format
+    )
+    encode_s = time.monotonic() - t
+    timing.append(f"encode;dur={encode_s * 1000:.1f}")
+    rt.metrics.stage_duration.labels(stage="encode").observe(encode_s)
+    return Response(body, media_type=MEDIA_TYPES[params.format]), params.output
+
+
+@router.get("/livez", summary="Liveness: the process is up and its event loop answers")
+async def livez() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: 200 once the weights are loaded and warmed up, 503 before and while "
+    "draining",
+    responses={503: _error_doc("Not ready yet, or draining")},
+)
+async def readyz(rt: RuntimeDep) -> Response:
+    if rt.draining:
+        return error_response(503, "draining", "the service is shutting down")
+    if not rt.ready or rt.segmenter is None:
+        return error_response(503, "not_ready", "the model is loading or warming up")
+    seg = rt.segmenter
+    return JSONResponse(
+        {
+            "status": "ready",
+            "model": seg.name,
+            "device": str(seg.device),
+            "dtype": str(seg.dtype).removeprefix("torch."),
+        }
+    )
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(rt: RuntimeDep) -> Response:
+    return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,65 @@
+"""Every setting of the service, read once from ``U2SERVE_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from model.weights import default_weights_dir
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Validated at start-up; an invalid value stops the service with a message naming it."""
+
+    model_config = SettingsConfigDict(env_prefix="U2SERVE_", extra="forbid", frozen=True)
+
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    model: Literal["u2net", "u2netp"] = "u2net"
+    weights: Path | None = Field(None, description="default: <weights_dir>/<model>.safetensors")
+    weights_dir: Path = Field(default_factory=default_weights_dir)
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N"
+    )
+    require_gpu: bool = False
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    channels_last: bool = True
+    max_batch_size: int | None = Field(
+        None, ge=1, le=256, description="default: 4 on the CPU, 32 on a GPU"
+    )
+    max_batch_wait_ms: float = Field(5.0, ge=0, le=1000)
+    max_queue: int = Field(64, ge=1, le=100_000)
+    request_timeout_s: float = Field(30.0, gt=0, le=3600)
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1)
+    codec_threads: int = Field(default_factory=lambda: max(2, os.cpu_count() or 1), ge=1, le=256)
+    torch_threads: int | None = Field(
+        None, ge=1, le=1024, description="default: torch's own choice (all cores)"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_key: SecretStr | None = None
+    drain_timeout_s: float = Field(30.0, ge=0, le=3600)
+    warmup: bool = True
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def weights_path(self) -> Path:
+        return self.weights or self.weights_dir / f"{self.model}.safetensors"

@@ -1,0 +1,448 @@
+"""The real app in-process (lifespan run, real U²-NetP weights), driven over ASGI."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import struct
+import zlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi import FastAPI
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from model.postprocess import to_mask, to_probability
+from service.app import Runtime, create_app
+from service.settings import Settings
+
+from .conftest import load_rgb, reference_dir
+
+HORSE = "horse.jpg"  # 770×595
+
+
+async def wait_ready(rt: Runtime, limit_s: float = 60) -> None:
+    for _ in range(int(limit_s / 0.05)):
+        if rt.ready:
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail("the app did not become ready")
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        await wait_ready(app.state.runtime)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", timeout=60
+        ) as client:
+            yield app, client
+
+
+def settings(weights: Path, **kw: Any) -> Settings:
+    base: dict[str, Any] = {
+        "model": "u2netp",
+        "weights": weights,
+        "device": "cpu",
+        "max_batch_wait_ms": 20,
+    }
+    return Settings(**(base | kw))
+
+
+@pytest.fixture
+async def client(u2netp_weights: Path) -> AsyncIterator[httpx.AsyncClient]:
+    async with running(settings(u2netp_weights)) as (_, c):
+        yield c
+
+
+def photo(name: str = HORSE) -> bytes:
+    return (reference_dir() / "images" / name).read_bytes()
+
+
+def png_bytes(im: Image.Image, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def jpeg_bytes(im: Image.Image, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+def opened(r: httpx.Response) -> Image.Image:
+    im = Image.open(io.BytesIO(r.content))
+    im.load()
+    return im
+
+
+def metric(text: str, name: str, labels: dict[str, str] | None = None) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(
+                sample.labels.get(k) == v for k, v in (labels or {}).items()
+            ):
+                return sample.value
+    return 0.0
+
+
+def assert_error(r: httpx.Response, status: int, code: str) -> None:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+
+
+async def post_image(
+    c: httpx.AsyncClient, data: bytes, ctype: str = "image/jpeg", **params: Any
+) -> httpx.Response:
+    return await c.post("/segment", content=data, headers={"content-type": ctype}, params=params)
+
+
+# -- outputs -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("output", ["mask", "probability", "cutout"])
+@pytest.mark.parametrize("fmt", ["png", "webp"])
+async def test_each_output_and_format(client: httpx.AsyncClient, output: str, fmt: str) -> None:
+    r = await client.post(
+        "/segment",
+        files={"image": ("h.jpg", photo(), "image/jpeg")},
+        data={"output": output, "format": fmt},
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == f"image/{fmt}"
+    im = opened(r)
+    assert im.format == fmt.upper()
+    assert im.size == (770, 595)
+    if output == "cutout":
+        assert im.mode == "RGBA"
+    elif fmt == "png":
+        assert im.mode == "L"
+    else:  # WebP has no one-channel mode: grey comes back as three equal channels
+        arr = np.asarray(im)
+        assert (arr == arr[..., :1]).all()
+        im = im.convert("L")
+    if output == "mask":
+        assert set(np.unique(np.asarray(im))) <= {0, 255}
+
+
+async def test_maps_are_the_pipelines_maps(client: httpx.AsyncClient, u2netp_weights: Path) -> None:
+    """What comes over HTTP is exactly the tensor pipeline's output, encoded losslessly."""
+    from model.segmenter import Segmenter
+
+    (p,) = Segmenter("u2netp", u2netp_weights, device="cpu").predict(
+        [load_rgb(reference_dir() / "images" / HORSE)]
+    )
+    prob = await post_image(client, photo(), output="probability")
+    mask = await post_image(client, photo(), threshold=0.3)
+    cut = await post_image(client, photo(), output="cutout", threshold=0.3)
+    np.testing.assert_array_equal(np.asarray(opened(prob)), to_probability(p).numpy())
+    np.testing.assert_array_equal(np.asarray(opened(mask)), to_mask(p, 0.3).numpy())
+    rgba = np.asarray(opened(cut))
+    np.testing.assert_array_equal(rgba[..., 3], to_mask(p, 0.3).numpy())
+    np.testing.assert_array_equal(rgba[..., :3], load_rgb(reference_dir() / "images" / HORSE))
+
+
+async def test_threshold_extremes(client: httpx.AsyncClient) -> None:
+    everything = np.asarray(opened(await post_image(client, photo(), threshold=0)))
+    nothing = np.asarray(opened(await post_image(client, photo(), threshold=1)))
+    assert (everything == 255).all()
+    assert (nothing == 255).mean() < 0.01
+
+
+async def test_headers_request_id_and_server_timing(client: httpx.AsyncClient) -> None:
+    r = await post_image(client, photo(), ctype="image/jpeg")
+    assert r.status_code == 200
+    assert len(r.headers["x-request-id"]) == 32
+    stages = [part.split(";")[0] for part in r.headers["server-timing"].split(", ")]
+    assert stages == ["upload", "decode", "queue", "infer", "encode", "total"]
+    r = await client.post(
+        "/segment",
+        content=photo(),
+        headers={"content-type": "image/jpeg", "x-request-id": "abc-123"},
+    )
+    assert r.headers["x-request-id"] == "abc-123"
+
+
+async def test_octet_stream_body_is_sniffed(client: httpx.AsyncClient) -> None:
+    r = await post_image(client, photo(), ctype="application/octet-stream")
+    assert r.status_code == 200
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+def png_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A real 1-bit PNG of width×height black pixels: ~50 KB on the wire, 400 MP decoded."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    row = b"\x00" + b"\x00" * ((width + 7) // 8)
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+BAD_INPUTS: dict[str, tuple[Callable[[], tuple[bytes, str]], int, str]] = {
+    "empty body": (lambda: (b"", "image/png"), 400, "bad_request"),
+    "text as image": (lambda: (b"hello, world\n" * 10, "image/png"), 415, "unsupported_image"),
+    "text content type": (lambda: (b"hello", "text/plain"), 415, "unsupported_image"),
+    "truncated jpeg": (lambda: (photo()[:20_000], "image/jpeg"), 415, "unsupported_image"),
+    "png bomb 20000x20000": (lambda: (png_bomb(), "image/png"), 413, "image_too_large"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+async def test_bad_input(client: httpx.AsyncClient, case: str) -> None:
+    make, status, code = BAD_INPUTS[case]
+    data, ctype = make()
+    assert_error(await post_image(client, data, ctype=ctype), status, code)
+
+
+async def test_text_file_in_multipart(client: httpx.AsyncClient) -> None:
+    r = await client.post("/segment", files={"image": ("a.txt", b"not an image", "text/plain")})
+    assert_error(r, 415, "unsupported_image")
+
+
+async def test_multipart_without_image_field(client: httpx.AsyncClient) -> None:
+    r = await client.post("/segment", files={"picture": ("h.jpg", photo(), "image/jpeg")})
+    assert r.status_code in (400, 422)
+    assert "image" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        ({"output": "outline"}, "output"),
+        ({"threshold": "2"}, "threshold"),
+        ({"threshold": "half"}, "threshold"),
+        ({"format": "gif"}, "format"),
+        ({"treshold": "0.3"}, "unknown parameter"),
+    ],
+)
+async def test_wrong_parameter(
+    client: httpx.AsyncClient, params: dict[str, str], needle: str
+) -> None:
+    r = await post_image(client, photo(), **params)
+    assert_error(r, 422, "invalid_parameter")
+    assert needle in r.json()["error"]["message"]
+    r = await client.post(
+        "/segment", files={"image": ("h.jpg", photo(), "image/jpeg")}, data=params
+    )
+    assert_error(r, 422, "invalid_parameter")
+
+
+async def test_too_many_bytes(u2netp_weights: Path) -> None:
+    async with running(settings(u2netp_weights, max_upload_bytes=50_000)) as (_, c):
+        assert_error(await post_image(c, photo("bike.jpg")), 413, "image_too_large")
+        r = await c.post("/segment", files={"image": ("b.jpg", photo("bike.jpg"), "image/jpeg")})
+        assert_error(r, 413, "image_too_large")
+
+
+async def test_too_many_pixels(u2netp_weights: Path) -> None:
+    async with running(settings(u2netp_weights, max_pixels=100_000)) as (_, c):
+        r = await post_image(c, photo())
+        assert_error(r, 413, "image_too_large")
+        assert "770×595" in r.json()["error"]["message"]
+
+
+async def test_sixteen_bit_png_is_scaled_not_clipped(client: httpx.AsyncClient) -> None:
+    grey = Image.open(io.BytesIO(photo())).convert("L")
+    wide = Image.fromarray(np.asarray(grey).astype(np.uint16) * 257)
+    assert wide.mode.startswith("I")
+    r16 = await post_image(client, png_bytes(wide), ctype="image/png", output="probability")
+    r8 = await post_image(client, png_bytes(grey), ctype="image/png", output="probability")
+    assert r16.status_code == r8.status_code == 200
+    np.testing.assert_array_equal(np.asarray(opened(r16)), np.asarray(opened(r8)))
+
+
+async def test_cmyk_jpeg(client: httpx.AsyncClient) -> None:
+    rgb = Image.open(io.BytesIO(photo()))
+    cmyk = jpeg_bytes(rgb.convert("CMYK"))
+    r = await post_image(client, cmyk)
+    assert r.status_code == 200, r.text
+    ref = await post_image(client, photo())
+    a, b = np.asarray(opened(r)) > 0, np.asarray(opened(ref)) > 0
+    assert (a & b).sum() / (a | b).sum() > 0.95
+
+
+async def test_palette_png_with_transparency(client: httpx.AsyncClient) -> None:
+    im = Image.open(io.BytesIO(photo())).convert("P", palette=Image.Palette.ADAPTIVE, colors=63)
+    arr = np.array(im)
+    arr[:, :100] = 63  # the left strip is transparent
+    pal = Image.fromarray(arr, "P")
+    pal.putpalette([*(im.getpalette() or [])[: 63 * 3], 0, 0, 0])  # 63: unused by the photo
+    data = png_bytes(pal, transparency=63)
+    r = await post_image(client, data, ctype="image/png", output="cutout", threshold=0)
+    assert r.status_code == 200, r.text
+    rgba = np.asarray(opened(r))
+    assert rgba.shape == (595, 770, 4)
+    assert (rgba[:, :100, 3] == 0).all()
+    assert (rgba[:, 100:, 3] == 255).all()
+
+
+async def test_exif_rotated_jpeg_is_answered_upright(client: httpx.AsyncClient) -> None:
+    upright = Image.open(io.BytesIO(photo()))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # as a camera held sideways stores it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    r = await post_image(client, jpeg_bytes(stored, exif=exif.tobytes()))
+    assert r.status_code == 200, r.text
+    assert opened(r).size == (770, 595)
+    plain = await post_image(client, jpeg_bytes(upright))
+    a, b = np.asarray(opened(r)) > 0, np.asarray(opened(plain)) > 0
+    assert (a & b).sum() / (a | b).sum() > 0.97
+
+
+# -- batching, overload, deadlines ---------------------------------------------------------------
+
+
+async def test_concurrent_requests_are_batched(u2netp_weights: Path) -> None:
+    async with running(settings(u2netp_weights, max_batch_size=4, max_batch_wait_ms=200)) as (_, c):
+        small = jpeg_bytes(Image.open(io.BytesIO(photo())).resize((160, 120)))
+        rs = await asyncio.gather(*(post_image(c, small) for _ in range(8)))
+        assert [r.status_code for r in rs] == [200] * 8
+        text = (await c.get("/metrics")).text
+    batches = metric(text, "u2serve_batch_size_count")
+    images = metric(text, "u2serve_batch_size_sum")
+    assert images == 8
+    assert batches < 8, f"{images} images in {batches} batches"
+    assert metric(text, "u2serve_requests_total", {"output": "mask", "status": "200"}) == 8
+
+
+async def test_full_queue_gives_503_with_retry_after(u2netp_weights: Path) -> None:
+    s = settings(u2netp_weights, max_batch_size=1, max_queue=2, max_batch_wait_ms=0)
+    async with running(s) as (_, c):
+        rs = await asyncio.gather(*(post_image(c, photo()) for _ in range(10)))
+        text = (await c.get("/metrics")).text
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) >= 1
+    assert codes.count(200) >= 3
+    for r in rs:
+        if r.status_code == 503:
+            assert_error(r, 503, "overloaded")
+            assert int(r.headers["retry-after"]) >= 1
+    assert metric(text, "u2serve_rejected_total", {"reason": "queue_full"}) == codes.count(503)
+
+
+async def test_expired_deadline_gives_504_and_skips_the_model(u2netp_weights: Path) -> None:
+    s = settings(u2netp_weights, max_batch_size=1, request_timeout_s=0.3, max_batch_wait_ms=0)
+    async with running(s) as (_, c):
+        rs = await asyncio.gather(*(post_image(c, photo("bike.jpg")) for _ in range(6)))
+        text = (await c.get("/metrics")).text
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 504}, codes
+    assert codes.count(504) >= 1
+    for r in rs:
+        if r.status_code == 504:
+            assert_error(r, 504, "timeout")
+    # Only the answered requests were run through the model.
+    assert metric(text, "u2serve_batch_size_sum") == codes.count(200)
+
+
+# -- health, readiness, metrics, docs, auth ------------------------------------------------------
+
+
+async def test_health_and_metrics(u2netp_weights: Path) -> None:
+    async with running(settings(u2netp_weights)) as (app, c):
+        assert (await c.get("/livez")).json() == {"status": "ok"}
+        ready = await c.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["model"] == "u2netp"
+        await post_image(c, photo())
+        text = (await c.get("/metrics")).text
+        for name in (
+            "u2serve_request_duration_seconds_count",
+            "u2serve_queue_wait_seconds_count",
+            "u2serve_inference_duration_seconds_count",
+            "u2serve_batch_size_count",
+        ):
+            assert metric(text, name) >= 1, name
+        assert metric(text, "u2serve_queue_depth") == 0
+        assert (
+            metric(
+                text, "u2serve_model_info", {"model": "u2netp", "device": "cpu", "dtype": "float32"}
+            )
+            == 1
+        )
+        # Health and metrics routes are not traffic.
+        assert metric(text, "u2serve_requests_total", {"output": "mask", "status": "200"}) == 1
+
+        # Draining: readiness and new work are refused.
+        await app.state.runtime.drain(1.0)
+        assert_error(await c.get("/readyz"), 503, "draining")
+        r = await post_image(c, photo())
+        assert_error(r, 503, "draining")
+        assert r.headers["retry-after"] == "1"
+
+
+async def test_not_ready_until_warmed_up(u2netp_weights: Path) -> None:
+    app = create_app(settings(u2netp_weights))
+    rt = app.state.runtime
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            if not rt.ready:  # warm-up runs in the background after the weights load
+                assert_error(await c.get("/readyz"), 503, "not_ready")
+                assert_error(await post_image(c, photo()), 503, "not_ready")
+            await wait_ready(rt)
+            assert (await c.get("/readyz")).status_code == 200
+
+
+async def test_bad_weights_stop_the_start(tmp_path: Path) -> None:
+    bad = tmp_path / "u2netp.safetensors"
+    bad.write_bytes(b"\x00" * 100)
+    app = create_app(settings(bad))
+    with pytest.raises(Exception, match="python -m weights fetch u2netp"):
+        async with app.router.lifespan_context(app):
+            pass
+
+
+async def test_require_gpu_refuses_to_start_without_one(u2netp_weights: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    app = create_app(settings(u2netp_weights, require_gpu=True))
+    with pytest.raises(RuntimeError, match="REQUIRE_GPU"):
+        async with app.router.lifespan_context(app):
+            pass
+
+
+async def test_api_key(u2netp_weights: Path) -> None:
+    async with running(settings(u2netp_weights, api_key="s3cret")) as (_, c):
+        assert_error(await post_image(c, photo()), 401, "unauthorized")
+        ok = await c.post(
+            "/segment",
+            content=photo(),
+            headers={"content-type": "image/jpeg", "authorization": "Bearer s3cret"},
+        )
+        assert ok.status_code == 200
+        assert (await c.get("/readyz")).status_code == 200
+
+
+async def test_openapi_documents_parameters_and_errors(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    op = spec["paths"]["/segment"]["post"]
+    assert {p["name"] for p in op["parameters"]} == {"output", "threshold", "format"}
+    assert {"200", "400", "413", "415", "422", "503", "504"} <= set(op["responses"])
+    assert "multipart/form-data" in op["requestBody"]["content"]
+    assert (await client.get("/docs")).status_code == 200
+
+
+async def test_unknown_route_is_json_404(client: httpx.AsyncClient) -> None:
+    assert_error(await client.get("/nope"), 404, "not_found")

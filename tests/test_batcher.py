@@ -1,0 +1,146 @@
+"""The batcher on its own, with a plain blocking batch function."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from service.batcher import Batcher
+from service.errors import ClientGone, InvalidParameter, QueueFull, TimedOut
+from service.metrics import Metrics
+
+
+class Recorder:
+    """Doubles its inputs; can be held closed to keep the worker busy."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.gate.wait(10)
+        self.batches.append(list(items))
+        return [2 * i for i in items]
+
+
+def make(fn: Recorder, **kw: float) -> Batcher[int, int]:
+    opts = {"max_batch_size": 4, "max_wait_s": 0.05, "max_queue": 8, **kw}
+    return Batcher(fn, metrics=Metrics(), **opts)  # type: ignore[arg-type]
+
+
+def far() -> float:
+    return time.monotonic() + 10
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"max_wait_s": -1}, "max_wait_s"),
+        ({"max_queue": 0}, "max_queue"),
+    ],
+)
+def test_constructor_validates(kw: dict[str, float], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make(Recorder(), **kw)
+
+
+async def test_concurrent_items_share_batches_in_order() -> None:
+    fn = Recorder()
+    b = make(fn, max_queue=16)
+    b.start()
+    results = await asyncio.gather(*(b.submit(i, far()) for i in range(10)))
+    await b.stop()
+    assert [r.result for r in results] == [2 * i for i in range(10)]
+    assert [len(x) for x in fn.batches] == [4, 4, 2]
+    assert max(r.batch_size for r in results) == 4
+
+
+async def test_full_queue_is_refused_with_retry_after() -> None:
+    fn = Recorder()
+    fn.gate.clear()
+    b = make(fn, max_batch_size=1, max_queue=2, max_wait_s=0)
+    b.start()
+    first = asyncio.ensure_future(b.submit(0, far()))
+    await asyncio.sleep(0.05)  # the worker holds item 0
+    queued = [asyncio.ensure_future(b.submit(i, far())) for i in (1, 2)]
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFull) as exc:
+        await b.submit(3, far())
+    assert int(exc.value.headers["Retry-After"]) >= 1
+    fn.gate.set()
+    assert [r.result for r in await asyncio.gather(first, *queued)] == [0, 2, 4]
+    await b.stop()
+
+
+async def test_expired_items_never_reach_the_model() -> None:
+    fn = Recorder()
+    fn.gate.clear()
+    b = make(fn, max_batch_size=1, max_wait_s=0)
+    b.start()
+    first = asyncio.ensure_future(b.submit(1, far()))
+    await asyncio.sleep(0.05)
+    with pytest.raises(TimedOut):
+        await b.submit(2, time.monotonic() + 0.1)
+    fn.gate.set()
+    await first
+    await b.stop()
+    assert fn.batches == [[1]]
+
+
+async def test_disconnected_client_is_dropped_from_the_queue() -> None:
+    fn = Recorder()
+    fn.gate.clear()
+    b = make(fn, max_batch_size=1, max_wait_s=0)
+    b.start()
+    first = asyncio.ensure_future(b.submit(1, far()))
+    await asyncio.sleep(0.05)
+    gone: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    second = asyncio.ensure_future(b.submit(2, far(), cancelled=gone))
+    await asyncio.sleep(0.01)
+    assert b.depth == 1
+    gone.set_result(None)
+    with pytest.raises(ClientGone):
+        await second
+    assert b.depth == 0
+    fn.gate.set()
+    await first
+    await b.stop()
+    assert fn.batches == [[1]]
+
+
+async def test_errors_reach_every_item_of_the_batch() -> None:
+    def broken(items: list[int]) -> list[int]:
+        raise InvalidParameter("bad batch")
+
+    b: Batcher[int, int] = Batcher(
+        broken, max_batch_size=4, max_wait_s=0.05, max_queue=8, metrics=Metrics()
+    )
+    b.start()
+    outcomes = await asyncio.gather(*(b.submit(i, far()) for i in range(3)), return_exceptions=True)
+    await b.stop()
+    assert all(isinstance(o, InvalidParameter) for o in outcomes)
+
+
+async def test_wrong_number_of_results_is_an_error() -> None:
+    b: Batcher[int, int] = Batcher(
+        lambda items: items[:1], max_batch_size=4, max_wait_s=0.05, max_queue=8, metrics=Metrics()
+    )
+    b.start()
+    outcomes = await asyncio.gather(*(b.submit(i, far()) for i in range(2)), return_exceptions=True)
+    await b.stop()
+    assert all(isinstance(o, RuntimeError) for o in outcomes)
+
+
+async def test_stop_answers_everything_queued() -> None:
+    fn = Recorder()
+    b = make(fn, max_batch_size=2)
+    b.start()
+    pending = [asyncio.ensure_future(b.submit(i, far())) for i in range(5)]
+    await asyncio.sleep(0)
+    await b.stop()
+    assert [p.result().result for p in pending] == [0, 2, 4, 6, 8]

@@ -1,0 +1,136 @@
+"""``python -m service`` as a real process, over a real socket."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from .conftest import REPO, reference_dir
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], limit_s: float = 120) -> None:
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode() if proc.stdout else ""
+            pytest.fail(f"server exited with {proc.returncode}:\n{out}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    pytest.fail("server did not become ready")
+
+
+@pytest.fixture
+def server(u2netp_weights: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    port = free_port()
+    proc = start(
+        {
+            "U2SERVE_MODEL": "u2netp",
+            "U2SERVE_WEIGHTS": str(u2netp_weights),
+            "U2SERVE_DEVICE": "cpu",
+            "U2SERVE_MAX_BATCH_SIZE": "1",
+            "U2SERVE_MAX_BATCH_WAIT_MS": "0",
+        },
+        port,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)  # also closes the pipe
+
+
+def queue_depth(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith("u2serve_queue_depth "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_sigterm_answers_everything_accepted(server: tuple[subprocess.Popen[bytes], str]) -> None:
+    proc, url = server
+    photo = (reference_dir() / "images" / "bike.jpg").read_bytes()  # 3000×2000: slow enough
+    n = 6
+
+    def send(_: int) -> httpx.Response:
+        return httpx.post(
+            f"{url}/segment", content=photo, headers={"content-type": "image/jpeg"}, timeout=120
+        )
+
+    with ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(send, i) for i in range(n)]
+        end = time.monotonic() + 30
+        while queue_depth(url) < n - 2 and time.monotonic() < end:
+            time.sleep(0.05)
+        assert queue_depth(url) >= n - 2, "requests did not queue up"
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        # Draining: still listening, but not ready and refusing new work.
+        assert httpx.get(f"{url}/readyz", timeout=5).status_code == 503
+        late = httpx.post(
+            f"{url}/segment", content=photo, headers={"content-type": "image/jpeg"}, timeout=10
+        )
+        assert late.status_code == 503
+        assert late.json()["error"]["code"] == "draining"
+        responses = [f.result() for f in futures]
+    assert [r.status_code for r in responses] == [200] * n
+    for r in responses:
+        assert Image.open(io.BytesIO(r.content)).size == (3000, 2000)
+    assert proc.wait(60) == 0
+
+
+def test_missing_weights_stop_the_process(tmp_path: Path) -> None:
+    proc = start(
+        {
+            "U2SERVE_MODEL": "u2netp",
+            "U2SERVE_WEIGHTS": str(tmp_path / "none"),
+            "U2SERVE_DEVICE": "cpu",
+        },
+        free_port(),
+    )
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert b"python -m weights fetch u2netp" in out
+
+
+def test_invalid_setting_is_named(tmp_path: Path) -> None:
+    proc = start({"U2SERVE_MAX_QUEUE": "0"}, free_port())
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert b"U2SERVE_MAX_QUEUE" in out
