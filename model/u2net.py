@@ -128,18 +128,26 @@ class U2Net(nn.Module):
             hx = _upsample_like(hx, skips[i - 1])
             hx = getattr(self, f"stage{i}d")(torch.cat((hx, skips[i - 1]), 1))
             decoded.insert(0, hx)
-        sides = [getattr(self, f"side{i}")(h) for i, h in enumerate(decoded, start=1)]
+        # The head runs in float32 whatever the body's dtype: the one-channel maps are cheap,
+        # and half-precision rounding here would show in the final map after min–max scaling.
+        sides = [getattr(self, f"side{i}")(h).float() for i, h in enumerate(decoded, start=1)]
         return [sides[0]] + [_upsample_like(s, sides[0]) for s in sides[1:]]
 
+    def _fuse(self, sides: list[Tensor]) -> Tensor:
+        x = torch.cat(sides, 1)
+        w, b = self.outconv.weight, self.outconv.bias
+        if w.dtype == x.dtype:
+            return self.outconv(x)  # through the module, so hooks see it (weights/convert.py)
+        return F.conv2d(x, w.float(), None if b is None else b.float())
+
     def forward(self, x: Tensor) -> Tensor:
-        sides = self._side_logits(x)
-        return torch.sigmoid(self.outconv(torch.cat(sides, 1)))
+        """The fused saliency map in [0, 1], float32, ``N×1×H×W``."""
+        return torch.sigmoid(self._fuse(self._side_logits(x)))
 
     def forward_side_outputs(self, x: Tensor) -> tuple[Tensor, ...]:
         """The authors' seven outputs: the fused map, then side maps 1…6, all after the sigmoid."""
         sides = self._side_logits(x)
-        fused = self.outconv(torch.cat(sides, 1))
-        return tuple(torch.sigmoid(t) for t in (fused, *sides))
+        return tuple(torch.sigmoid(t) for t in (self._fuse(sides), *sides))
 
 
 def fuse_batchnorm(model: U2Net) -> U2Net:
