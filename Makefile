@@ -4,7 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODELS ?= u2net u2netp
 
-.PHONY: install weights serve test lint bench
+# What the integration tests start for real: nginx, a Docker engine, docker-compose, promtool.
+SYSTEM_PACKAGES := nginx-light docker.io docker-compose debootstrap prometheus
+SYSTEM_TOOLS := nginx dockerd docker-compose debootstrap promtool
+
+.PHONY: install weights serve test lint bench system-deps
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +19,21 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 weights: install
 	$(PY) -m weights fetch $(MODELS)
 
+system-deps:
+	@missing=""; for t in $(SYSTEM_TOOLS); do \
+	    PATH="$$PATH:/usr/sbin:/sbin" command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -z "$$missing" ]; then echo "system tools present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	        $(SYSTEM_PACKAGES) >/dev/null; \
+	else echo "missing:$$missing (tests that need them are skipped)"; fi
+
 serve: install
 	$(PY) -m weights fetch u2net
 	$(PY) -m service
 
-test: weights
+test: weights system-deps
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy

@@ -446,3 +446,24 @@ async def test_openapi_documents_parameters_and_errors(client: httpx.AsyncClient
 
 async def test_unknown_route_is_json_404(client: httpx.AsyncClient) -> None:
     assert_error(await client.get("/nope"), 404, "not_found")
+
+
+async def test_cors_preflight_for_configured_origins(u2netp_weights: Path) -> None:
+    s = settings(u2netp_weights, cors_origins="https://app.example, https://b.example")
+    async with running(s) as (_, c):
+        ok = await c.options(
+            "/segment",
+            headers={"origin": "https://app.example", "access-control-request-method": "POST"},
+        )
+        assert ok.headers["access-control-allow-origin"] == "https://app.example"
+        other = await c.options(
+            "/segment",
+            headers={"origin": "https://evil.example", "access-control-request-method": "POST"},
+        )
+        assert "access-control-allow-origin" not in other.headers
+        r = await c.post(
+            "/segment",
+            content=photo(),
+            headers={"content-type": "image/jpeg", "origin": "https://b.example"},
+        )
+        assert "x-request-id" in r.headers["access-control-expose-headers"].lower()

@@ -36,6 +36,16 @@ def far() -> float:
     return time.monotonic() + 10
 
 
+async def held(fn: Recorder, **kw: float) -> tuple[Batcher[int, int], asyncio.Future[object]]:
+    """A batcher of batch size 1 whose worker is busy with item 1 until ``fn.gate`` opens."""
+    fn.gate.clear()
+    b = make(fn, max_batch_size=1, max_wait_s=0, **kw)
+    b.start()
+    first: asyncio.Future[object] = asyncio.ensure_future(b.submit(1, far()))
+    await asyncio.sleep(0.05)
+    return b, first
+
+
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
@@ -62,28 +72,20 @@ async def test_concurrent_items_share_batches_in_order() -> None:
 
 async def test_full_queue_is_refused_with_retry_after() -> None:
     fn = Recorder()
-    fn.gate.clear()
-    b = make(fn, max_batch_size=1, max_queue=2, max_wait_s=0)
-    b.start()
-    first = asyncio.ensure_future(b.submit(0, far()))
-    await asyncio.sleep(0.05)  # the worker holds item 0
-    queued = [asyncio.ensure_future(b.submit(i, far())) for i in (1, 2)]
+    b, first = await held(fn, max_queue=2)
+    queued = [asyncio.ensure_future(b.submit(i, far())) for i in (2, 3)]
     await asyncio.sleep(0)
     with pytest.raises(QueueFull) as exc:
-        await b.submit(3, far())
+        await b.submit(4, far())
     assert int(exc.value.headers["Retry-After"]) >= 1
     fn.gate.set()
-    assert [r.result for r in await asyncio.gather(first, *queued)] == [0, 2, 4]
+    assert [r.result for r in await asyncio.gather(first, *queued)] == [2, 4, 6]
     await b.stop()
 
 
 async def test_expired_items_never_reach_the_model() -> None:
     fn = Recorder()
-    fn.gate.clear()
-    b = make(fn, max_batch_size=1, max_wait_s=0)
-    b.start()
-    first = asyncio.ensure_future(b.submit(1, far()))
-    await asyncio.sleep(0.05)
+    b, first = await held(fn)
     with pytest.raises(TimedOut):
         await b.submit(2, time.monotonic() + 0.1)
     fn.gate.set()
@@ -94,11 +96,7 @@ async def test_expired_items_never_reach_the_model() -> None:
 
 async def test_disconnected_client_is_dropped_from_the_queue() -> None:
     fn = Recorder()
-    fn.gate.clear()
-    b = make(fn, max_batch_size=1, max_wait_s=0)
-    b.start()
-    first = asyncio.ensure_future(b.submit(1, far()))
-    await asyncio.sleep(0.05)
+    b, first = await held(fn)
     gone: asyncio.Future[object] = asyncio.get_running_loop().create_future()
     second = asyncio.ensure_future(b.submit(2, far(), cancelled=gone))
     await asyncio.sleep(0.01)

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,19 +38,30 @@ def start(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
     )
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], limit_s: float = 120) -> None:
+def poll_ready(url: str, died: Callable[[], str | None], limit_s: float = 120) -> None:
+    """Wait for ``url``/readyz to answer 200; ``died`` returns a reason when the server is gone."""
     end = time.monotonic() + limit_s
     while time.monotonic() < end:
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode() if proc.stdout else ""
-            pytest.fail(f"server exited with {proc.returncode}:\n{out}")
+        reason = died()
+        if reason is not None:
+            pytest.fail(reason)
         try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    pytest.fail("server did not become ready")
+    pytest.fail(f"{url} did not become ready within {limit_s:.0f} s")
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], limit_s: float = 120) -> None:
+    def died() -> str | None:
+        if proc.poll() is None:
+            return None
+        out = proc.stdout.read().decode() if proc.stdout else ""
+        return f"server exited with {proc.returncode}:\n{out}"
+
+    poll_ready(url, died, limit_s)
 
 
 @pytest.fixture

@@ -1,0 +1,68 @@
+"""The shipping files are checked by their own tools: hadolint, the Kubernetes schemas,
+docker-compose and promtool."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, require_system_tool
+
+DOCKER = REPO / "docker"
+MANIFESTS = sorted(p for p in (DOCKER / "k8s").glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    r = run(str(hadolint), "--failure-threshold", "info", str(DOCKER / "Dockerfile"))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("version", ["1.29.0", "1.37.0"])
+def test_manifests_match_the_kubernetes_schemas(version: str) -> None:
+    assert len(MANIFESTS) == 4
+    cli = Path(sys.executable).parent / "kubernetes-validate"
+    r = run(str(cli), "--strict", "-k", version, *map(str, MANIFESTS))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("passed") == len(MANIFESTS)
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    text = (DOCKER / "k8s" / "kustomization.yaml").read_text()
+    assert all(f"- {m.name}" in text for m in MANIFESTS)
+
+
+def test_deployment_drains_before_it_is_killed() -> None:
+    """The grace period covers preStop plus the service's own drain timeout."""
+    import yaml
+
+    dep = yaml.safe_load((DOCKER / "k8s" / "deployment.yaml").read_text())
+    pod = dep["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + float(env["U2SERVE_DRAIN_TIMEOUT_S"])
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_compose_file_is_accepted() -> None:
+    compose = require_system_tool("docker-compose")
+    r = run(compose, "-f", str(DOCKER / "compose.yaml"), "config", "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run(compose, "-f", str(DOCKER / "compose.yaml"), "config", "--services")
+    assert set(r.stdout.split()) == {"u2serve-a", "u2serve-b", "nginx", "prometheus"}
+
+
+def test_prometheus_config_is_accepted() -> None:
+    promtool = require_system_tool("promtool")
+    r = run(promtool, "check", "config", str(DOCKER / "prometheus.yml"))
+    assert r.returncode == 0, r.stdout + r.stderr
