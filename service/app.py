@@ -91,7 +91,9 @@ def _load(settings: Settings) -> Segmenter:
 def _batch_size(settings: Settings, segmenter: Segmenter) -> int:
     if settings.max_batch_size is not None:
         return settings.max_batch_size
-    return 32 if segmenter.device.type == "cuda" else 4
+    # On a CPU, oneDNN already spreads one image over every core: larger batches measured no
+    # faster per image and only add latency (bench/README.md). A GPU needs batches to be busy.
+    return 32 if segmenter.device.type == "cuda" else 1
 
 
 @asynccontextmanager

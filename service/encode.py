@@ -33,4 +33,8 @@ def encode(levels: np.ndarray, image: DecodedImage, output: Output, fmt: Format)
     if output != "cutout":
         return _save(Image.fromarray(levels, "L"), fmt)
     alpha = levels if image.alpha is None else np.minimum(levels, image.alpha)
-    return _save(Image.fromarray(np.dstack((image.rgb, alpha)), "RGBA"), fmt)
+    rgba = np.dstack((image.rgb, alpha))
+    # Colour under alpha 0 is invisible; zeroing it halves PNG encoding time and makes a
+    # photo's cut-out several times smaller.
+    rgba[alpha == 0] = 0
+    return _save(Image.fromarray(rgba, "RGBA"), fmt)

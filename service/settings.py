@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     channels_last: bool = True
     max_batch_size: int | None = Field(
-        None, ge=1, le=256, description="default: 4 on the CPU, 32 on a GPU"
+        None, ge=1, le=256, description="default: 1 on the CPU, 32 on a GPU"
     )
     max_batch_wait_ms: float = Field(5.0, ge=0, le=1000)
     max_queue: int = Field(64, ge=1, le=100_000)

@@ -151,8 +151,11 @@ async def test_maps_are_the_pipelines_maps(client: httpx.AsyncClient, u2netp_wei
     np.testing.assert_array_equal(np.asarray(opened(prob)), to_probability(p).numpy())
     np.testing.assert_array_equal(np.asarray(opened(mask)), to_mask(p, 0.3).numpy())
     rgba = np.asarray(opened(cut))
-    np.testing.assert_array_equal(rgba[..., 3], to_mask(p, 0.3).numpy())
-    np.testing.assert_array_equal(rgba[..., :3], load_rgb(reference_dir() / "images" / HORSE))
+    alpha = to_mask(p, 0.3).numpy()
+    np.testing.assert_array_equal(rgba[..., 3], alpha)
+    original = load_rgb(reference_dir() / "images" / HORSE).numpy()
+    np.testing.assert_array_equal(rgba[alpha > 0, :3], original[alpha > 0])
+    assert (rgba[alpha == 0] == 0).all()  # invisible colour is zeroed
 
 
 async def test_threshold_extremes(client: httpx.AsyncClient) -> None:
