@@ -33,10 +33,12 @@ serve: install
 	$(PY) -m weights fetch u2net
 	$(PY) -m service
 
-test: weights system-deps
+lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
+
+test: lint weights system-deps
 	$(PY) -m pytest
 
 bench: weights

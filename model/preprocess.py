@@ -16,7 +16,7 @@ from torch import Tensor
 
 from model.weights import WeightsSpec
 
-__all__ = ["gather_patch", "normalise", "preprocess", "resize_weights"]
+__all__ = ["normalise", "preprocess", "resize_weights"]
 
 
 def resize_weights(src: int, dst: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -30,25 +30,20 @@ def resize_weights(src: int, dst: int) -> tuple[Tensor, Tensor, Tensor]:
     return i0, i1, pos - i0
 
 
-def gather_patch(image: Tensor, size: int) -> Tensor:
-    """The ``2S×2S×3`` uint8 patch of ``image`` that a resize to ``S×S`` reads.
+def _resize_one(image: Tensor, size: int, device: torch.device) -> Tensor:
+    """One uint8 ``H×W×3`` image → ``3×S×S`` float32 on ``device``.
 
-    Rows ``[:S]`` are the upper neighbours and ``[S:]`` the lower ones; the same for columns.
+    Only the ``2S×2S`` patch the resize reads is gathered (rows ``[:S]`` are the upper
+    neighbours, ``[S:]`` the lower ones; the same for columns) and sent to ``device``.
     """
-    h, w = image.shape[:2]
-    y0, y1, _ = resize_weights(h, size)
-    x0, x1, _ = resize_weights(w, size)
-    rows = image.index_select(0, torch.cat((y0, y1)))
-    return rows.index_select(1, torch.cat((x0, x1)))
-
-
-def _blend(patch: Tensor, hw: tuple[int, int], size: int) -> Tensor:
-    """Bilinear blend of a gathered patch → ``3×S×S`` float32 on the patch's device."""
-    _, _, wy = resize_weights(hw[0], size)
-    _, _, wx = resize_weights(hw[1], size)
-    wy = wy.to(patch.device).view(size, 1, 1)
-    wx = wx.to(patch.device).view(1, size, 1)
-    p = patch.float()
+    y0, y1, wy = resize_weights(image.shape[0], size)
+    x0, x1, wx = resize_weights(image.shape[1], size)
+    patch = image.index_select(0, torch.cat((y0, y1))).index_select(1, torch.cat((x0, x1)))
+    if device.type == "cuda":
+        patch = patch.pin_memory().to(device, non_blocking=True)
+    p = patch.to(device).float()
+    wy = wy.to(device).view(size, 1, 1)
+    wx = wx.to(device).view(1, size, 1)
     top = p[:size, :size] * (1 - wx) + p[:size, size:] * wx
     bottom = p[size:, :size] * (1 - wx) + p[size:, size:] * wx
     return (top * (1 - wy) + bottom * wy).permute(2, 0, 1)
@@ -68,17 +63,11 @@ def preprocess(
     """Resize and normalise a batch of uint8 ``H×W×3`` images of any sizes → ``N×3×S×S`` float32."""
     size = spec.input_size
     device = torch.device(device)
-    pin = device.type == "cuda"
     planes = []
     for image in images:
         if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(
                 f"expected a uint8 H×W×3 tensor, got {image.dtype} {tuple(image.shape)}"
             )
-        patch = gather_patch(image, size)
-        if pin:
-            patch = patch.pin_memory()
-        planes.append(
-            _blend(patch.to(device, non_blocking=pin), (image.shape[0], image.shape[1]), size)
-        )
+        planes.append(_resize_one(image, size, device))
     return normalise(torch.stack(planes), spec)

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.app import RuntimeDep
+from service.app import Runtime, RuntimeDep
 from service.decode import FORMATS, decode
 from service.encode import MEDIA_TYPES, encode
 from service.errors import (
@@ -149,7 +149,7 @@ async def segment(request: Request, rt: RuntimeDep) -> Response:
 
 
 async def _segment(
-    request: Request, rt: RuntimeDep, start: float, timing: list[str]
+    request: Request, rt: Runtime, start: float, timing: list[str]
 ) -> tuple[Response, str]:
     s = rt.settings
     if rt.draining:

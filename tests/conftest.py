@@ -51,14 +51,14 @@ def _threads() -> None:
 
 def require_system_tool(name: str) -> str:
     """A system program a test needs (nginx, dockerd, …). `.ci/run` installs them and sets
-    U2SERVE_REQUIRE_SYSTEM_TOOLS=1, so in CI a missing one fails instead of skipping."""
+    REQUIRE_SYSTEM_TOOLS=1, so in CI a missing one fails instead of skipping."""
     import os
     import shutil
 
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if path is None:
         message = f"{name} is not installed (`make system-deps` installs it)"
-        if os.environ.get("U2SERVE_REQUIRE_SYSTEM_TOOLS") == "1":
+        if os.environ.get("REQUIRE_SYSTEM_TOOLS") == "1":
             pytest.fail(message)
         pytest.skip(message)
     return path

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from .conftest import REPO, reference_dir, require_system_tool
-from .test_integration import free_port, poll_ready
+from .procs import free_port, poll_ready
 
 pytestmark = pytest.mark.integration
 

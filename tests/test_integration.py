@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import io
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,51 +14,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from .conftest import REPO, reference_dir
+from .conftest import reference_dir
+from .procs import free_port, start, wait_ready
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def poll_ready(url: str, died: Callable[[], str | None], limit_s: float = 120) -> None:
-    """Wait for ``url``/readyz to answer 200; ``died`` returns a reason when the server is gone."""
-    end = time.monotonic() + limit_s
-    while time.monotonic() < end:
-        reason = died()
-        if reason is not None:
-            pytest.fail(reason)
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"{url} did not become ready within {limit_s:.0f} s")
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], limit_s: float = 120) -> None:
-    def died() -> str | None:
-        if proc.poll() is None:
-            return None
-        out = proc.stdout.read().decode() if proc.stdout else ""
-        return f"server exited with {proc.returncode}:\n{out}"
-
-    poll_ready(url, died, limit_s)
 
 
 @pytest.fixture
