@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from bench.parity import measure
 from model.preprocess import preprocess
 from model.segmenter import Segmenter
 from model.u2net import u2net, u2netp
@@ -25,27 +25,14 @@ def name(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_maps_match_the_authors(name: str, device: str, reference_images: list[Path]) -> None:
+def test_maps_match_the_authors(name: str, device: str) -> None:
     """The default path on each device: mean MAE ≤ 0.001, worst ≤ 0.003, IoU@0.5 ≥ 0.995/0.99."""
-    seg = Segmenter(name, weights_file(name), device=device)
-    maes, ious = [], []
-    for path in reference_images:
-        (ours,) = seg.predict([load_rgb(path)])
-        with Image.open(reference_dir() / name / f"{path.stem}.png") as im:
-            theirs = torch.from_numpy(np.array(im.convert("L"))).float() / 255
-        ours = ours.cpu()
-        assert ours.shape == theirs.shape, path.name
-        maes.append((ours - theirs).abs().mean().item())
-        a, b = ours >= 0.5, theirs >= 0.5
-        ious.append(((a & b).sum() / (a | b).sum()).item())
-    report = (
-        f"{name} on {device}: MAE mean {np.mean(maes):.5f} worst {max(maes):.5f}, "
-        f"IoU mean {np.mean(ious):.4f} worst {min(ious):.4f}"
-    )
-    assert np.mean(maes) <= 0.001, report
-    assert max(maes) <= 0.003, report
-    assert np.mean(ious) >= 0.995, report
-    assert min(ious) >= 0.99, report
+    report = measure(name, weights_file(name), reference_dir(), device=device)
+    assert len(report.maes) == 18, report.summary()
+    assert report.mean_mae <= 0.001, report.summary()
+    assert report.worst_mae <= 0.003, report.summary()
+    assert report.mean_iou >= 0.995, report.summary()
+    assert report.worst_iou >= 0.99, report.summary()
 
 
 def test_converted_model_agrees_with_onnx_runtime(name: str, reference_images: list[Path]) -> None:

@@ -1,0 +1,115 @@
+"""Fidelity: our probability maps against the U²-Net authors' own maps for their test photos.
+
+    python -m bench.parity                                  # both models, CPU, default dtype
+    python -m bench.parity --models u2net --dtype bfloat16 --per-image
+
+Prints, per model, the mean absolute error of the maps (0..1 scale) and the IoU of the masks at
+0.5, mean and worst over the photos. tests/test_parity.py holds the default paths to the bounds
+mean MAE ≤ 0.001, worst ≤ 0.003, mean IoU ≥ 0.995, worst ≥ 0.99 with this same function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.segmenter import Segmenter
+from model.weights import default_weights_path
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "reference"
+
+
+@dataclass
+class Parity:
+    name: str
+    device: str
+    dtype: str
+    photos: list[str] = field(default_factory=list)
+    maes: list[float] = field(default_factory=list)
+    ious: list[float] = field(default_factory=list)
+
+    @property
+    def mean_mae(self) -> float:
+        return statistics.fmean(self.maes)
+
+    @property
+    def worst_mae(self) -> float:
+        return max(self.maes)
+
+    @property
+    def mean_iou(self) -> float:
+        return statistics.fmean(self.ious)
+
+    @property
+    def worst_iou(self) -> float:
+        return min(self.ious)
+
+    def summary(self) -> str:
+        return (
+            f"{self.name} {self.device} {self.dtype}: MAE mean {self.mean_mae:.5f} worst "
+            f"{self.worst_mae:.5f}, IoU@0.5 mean {self.mean_iou:.4f} worst "
+            f"{self.worst_iou:.4f} ({len(self.maes)} photos)"
+        )
+
+
+def _grey(path: Path) -> torch.Tensor:
+    with Image.open(path) as im:
+        return torch.from_numpy(np.array(im.convert("L"))).float() / 255
+
+
+def measure(
+    name: str,
+    weights: Path,
+    reference: Path = REFERENCE,
+    *,
+    device: str = "cpu",
+    dtype: str = "auto",
+) -> Parity:
+    """Run every reference photo through the pipeline alone and compare with the authors' map."""
+    seg = Segmenter(name, weights, device=device, dtype=dtype)
+    out = Parity(name, str(seg.device), str(seg.dtype).removeprefix("torch."))
+    for photo in sorted((reference / "images").iterdir()):
+        with Image.open(photo) as im:
+            rgb = torch.from_numpy(np.array(im.convert("RGB")))
+        (ours,) = seg.predict([rgb])
+        ours = ours.cpu()
+        theirs = _grey(reference / name / f"{photo.stem}.png")
+        if ours.shape != theirs.shape:
+            raise ValueError(f"{photo.name}: map {tuple(ours.shape)} vs {tuple(theirs.shape)}")
+        a, b = ours >= 0.5, theirs >= 0.5
+        out.photos.append(photo.name)
+        out.maes.append((ours - theirs).abs().mean().item())
+        out.ious.append(((a & b).sum() / (a | b).sum()).item())
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.parity",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--models", nargs="+", default=["u2net", "u2netp"], choices=["u2net", "u2netp"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--reference", type=Path, default=REFERENCE)
+    p.add_argument("--per-image", action="store_true")
+    args = p.parse_args(argv)
+    for name in args.models:
+        r = measure(
+            name, default_weights_path(name), args.reference, device=args.device, dtype=args.dtype
+        )
+        if args.per_image:
+            for photo, mae, iou in zip(r.photos, r.maes, r.ious, strict=True):
+                print(f"  {photo:22} MAE {mae:.5f}  IoU {iou:.4f}")
+        print(r.summary(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
