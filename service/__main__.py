@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from types import FrameType
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for name in Settings.unknown_variables(os.environ):
+        log.warning("%s is not a setting and is ignored (the README lists them all)", name)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

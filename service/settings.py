@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -59,6 +60,14 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_key_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @classmethod
+    def unknown_variables(cls, environ: Mapping[str, str]) -> list[str]:
+        """``U2SERVE_*`` names in ``environ`` that are no setting (a typo is otherwise silent)."""
+        known = {f"U2SERVE_{name.upper()}" for name in cls.model_fields}
+        return sorted(
+            k for k in environ if k.upper().startswith("U2SERVE_") and k.upper() not in known
+        )
 
     @property
     def weights_path(self) -> Path:

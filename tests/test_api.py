@@ -328,6 +328,14 @@ async def test_concurrent_requests_are_batched(u2netp_weights: Path) -> None:
     assert metric(text, "u2serve_requests_total", {"output": "mask", "status": "200"}) == 8
 
 
+async def test_cpu_batches_default_to_one_image(u2netp_weights: Path) -> None:
+    """On a CPU one image already uses every core; larger batches measured slower."""
+    async with running(settings(u2netp_weights)) as (app, _):
+        assert app.state.runtime.batcher.max_batch_size == 1
+    async with running(settings(u2netp_weights, max_batch_size=3)) as (app, _):
+        assert app.state.runtime.batcher.max_batch_size == 3
+
+
 async def test_full_queue_gives_503_with_retry_after(u2netp_weights: Path) -> None:
     s = settings(u2netp_weights, max_batch_size=1, max_queue=2, max_batch_wait_ms=0)
     async with running(s) as (_, c):
@@ -393,6 +401,7 @@ async def test_health_and_metrics(u2netp_weights: Path) -> None:
         r = await post_image(c, photo())
         assert_error(r, 503, "draining")
         assert r.headers["retry-after"] == "1"
+        assert r.headers["connection"] == "close"  # so a keep-alive client moves on
 
 
 async def test_not_ready_until_warmed_up(u2netp_weights: Path) -> None:
@@ -435,6 +444,10 @@ async def test_api_key(u2netp_weights: Path) -> None:
             headers={"content-type": "image/jpeg", "authorization": "Bearer s3cret"},
         )
         assert ok.status_code == 200
+        key = {"content-type": "image/jpeg", "x-api-key": "s3cret"}
+        assert (await c.post("/segment", content=photo(), headers=key)).status_code == 200
+        key["x-api-key"] = "s3cre"
+        assert_error(await c.post("/segment", content=photo(), headers=key), 401, "unauthorized")
         assert (await c.get("/readyz")).status_code == 200
 
 

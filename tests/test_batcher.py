@@ -83,6 +83,15 @@ async def test_full_queue_is_refused_with_retry_after() -> None:
     await b.stop()
 
 
+def test_retry_after_follows_recent_throughput() -> None:
+    b = make(Recorder(), max_batch_size=4)
+    assert b.retry_after() == 1  # nothing measured yet
+    b._throughput.add(4, 2.0)  # 2 images/s
+    assert b.retry_after() == 2  # room for a batch of 4 in 2 s
+    b._throughput.add(4, 18.0)  # 8 images in 20 s: 0.4 images/s
+    assert b.retry_after() == 10
+
+
 async def test_expired_items_never_reach_the_model() -> None:
     fn = Recorder()
     b, first = await held(fn)

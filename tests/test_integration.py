@@ -88,12 +88,14 @@ def test_missing_weights_stop_the_process(tmp_path: Path) -> None:
             "U2SERVE_MODEL": "u2netp",
             "U2SERVE_WEIGHTS": str(tmp_path / "none"),
             "U2SERVE_DEVICE": "cpu",
+            "U2SERVE_MAX_QUEU": "5",  # a typo: warned about, not silently ignored
         },
         free_port(),
     )
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert b"python -m weights fetch u2netp" in out
+    assert b"U2SERVE_MAX_QUEU is not a setting" in out
 
 
 def test_invalid_setting_is_named(tmp_path: Path) -> None:

@@ -54,6 +54,16 @@ def test_deployment_drains_before_it_is_killed() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
+def test_service_links_cannot_shadow_settings() -> None:
+    """A Service named u2serve would inject U2SERVE_PORT=tcp://… into every pod."""
+    import yaml
+
+    dep = yaml.safe_load((DOCKER / "k8s" / "deployment.yaml").read_text())
+    svc = yaml.safe_load((DOCKER / "k8s" / "service.yaml").read_text())
+    assert svc["metadata"]["name"].upper().startswith("U2SERVE")
+    assert dep["spec"]["template"]["spec"]["enableServiceLinks"] is False
+
+
 def test_compose_file_is_accepted() -> None:
     compose = require_system_tool("docker-compose")
     r = run(compose, "-f", str(DOCKER / "compose.yaml"), "config", "--quiet")

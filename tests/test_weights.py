@@ -88,6 +88,15 @@ def test_fetch_is_idempotent_and_repairs(
     load_state_dict(tmp_path / "u2netp.safetensors", "u2netp")
 
 
+def test_cli_converts_an_official_checkpoint(tmp_path: Path) -> None:
+    pth = tmp_path / "u2netp.pth"
+    torch.save(u2netp().state_dict(), pth)
+    out = tmp_path / "out.safetensors"
+    assert weights_cli(["convert", str(pth), "--model", "u2netp", "--out", str(out)]) == 0
+    assert weights_cli(["verify", "--model", "u2netp", str(out)]) == 0
+    assert weights_cli(["convert", str(pth), "--model", "u2net", "--out", str(out)]) == 1
+
+
 def test_cli_reports_bad_weights_without_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,0 +1,69 @@
+"""Settings: validation, defaults and the warning for unknown variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from model.segmenter import resolve_device, resolve_dtype
+from service.settings import Settings
+
+
+def test_unknown_variables_are_reported() -> None:
+    env = {
+        "U2SERVE_MAX_QUEUE": "5",
+        "U2SERVE_MAX_QUEU": "5",
+        "u2serve_treshold": "1",
+        "PATH": "/bin",
+        "U2SERVE_PORT": "80",
+    }
+    assert Settings.unknown_variables(env) == ["U2SERVE_MAX_QUEU", "u2serve_treshold"]
+
+
+def test_every_field_is_a_known_variable() -> None:
+    env = {f"U2SERVE_{name.upper()}": "x" for name in Settings.model_fields}
+    assert Settings.unknown_variables(env) == []
+
+
+def test_cors_origins_from_a_comma_separated_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("U2SERVE_CORS_ORIGINS", "https://a.example, https://b.example,")
+    assert Settings().cors_origins == ["https://a.example", "https://b.example"]
+
+
+def test_weights_path_defaults_to_the_weights_dir(tmp_path: Path) -> None:
+    s = Settings(model="u2netp", weights_dir=tmp_path)
+    assert s.weights_path == tmp_path / "u2netp.safetensors"
+    assert Settings(weights=tmp_path / "x.safetensors").weights_path == tmp_path / "x.safetensors"
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"device": "gpu"},
+        {"port": 0},
+        {"max_batch_size": 0},
+        {"threshold": 0.5},
+        {"dtype": "int8"},
+        {"max_batch_wait_ms": -1},
+    ],
+)
+def test_invalid_values_are_refused(kw: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        Settings(**kw)  # type: ignore[arg-type]
+
+
+def test_dtype_and_device_resolution() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) is torch.float32
+    assert resolve_dtype("bfloat16", cpu) is torch.bfloat16
+    with pytest.raises(ValueError, match="float16 is for CUDA"):
+        resolve_dtype("float16", cpu)
+    with pytest.raises(ValueError, match="dtype must be"):
+        resolve_dtype("int8", cpu)
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == cpu
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            resolve_device("cuda")
