@@ -34,10 +34,11 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
+from bench import REFERENCE as REFERENCE_DATA
 from model.weights import default_weights_dir
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "testdata" / "reference" / "images"
+REFERENCE = REFERENCE_DATA / "images"
 REMBG_VENV = REPO / "bench" / ".rembg-venv"
 REMBG_REQUIREMENT = "rembg[cpu,cli]==2.0.86"
 SIZES_MP = {"0.3mp": 0.3, "1mp": 1.0, "4mp": 4.0, "12mp": 12.0}

@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench import REFERENCE
 from model.segmenter import Segmenter
 from model.weights import default_weights_path
-
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "reference"
 
 
 @dataclass

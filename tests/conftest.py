@@ -9,15 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
+from bench import REFERENCE
 from model.weights import SPECS, default_weights_dir
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "testdata" / "reference"
 
 
 def reference_dir() -> Path:
     if not (REFERENCE / "images").is_dir():
-        pytest.fail(f"reference data not found at {REFERENCE} (the shared/ folder beside the repo)")
+        pytest.fail(f"reference data not found at {REFERENCE}")
     return REFERENCE
 
 

@@ -46,8 +46,16 @@ def test_converted_model_agrees_with_onnx_runtime(name: str, reference_images: l
     expected = session.run(None, {input_meta.name: x.numpy()})
     with torch.inference_mode():
         ours = model.forward_side_outputs(x)
+    # Float32 sums reordered by other kernels (AVX2 vs AVX-512, oneDNN vs MLAS) drift through
+    # ~100 layers; the sigmoid outputs then differ by a rounding-sized amount. Measured over the
+    # 18 photos, worst of the seven outputs: U2NETP 3.7e-5 max / 5e-7 mean on an AVX-512 CPU,
+    # 1.6e-4 / 2.2e-6 with oneDNN held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2); U2NET about a third of
+    # that. The bounds below give 6x and 9x headroom over the worst, yet stay far below what
+    # one misplaced or wrong tensor does (differences of 0.1 and more).
     for ref, got in zip(expected, ours, strict=True):
-        np.testing.assert_allclose(got.numpy(), ref, atol=1e-4, rtol=0)
+        diff = np.abs(got.numpy() - ref)
+        assert diff.max() <= 1e-3, f"max difference {diff.max():.2e}"
+        assert diff.mean() <= 2e-5, f"mean difference {diff.mean():.2e}"
 
 
 def test_batch_equals_one_by_one(u2netp_weights: Path, reference_images: list[Path]) -> None:
@@ -57,9 +65,11 @@ def test_batch_equals_one_by_one(u2netp_weights: Path, reference_images: list[Pa
     assert len({im.shape for im in images}) > 1
     x = preprocess(images, seg.spec)
     together = seg.forward(x)
+    # Batches of 4 and of 1 run differently blocked kernels: measured 9.6e-6 at most, the same
+    # on an AVX-512 CPU and with oneDNN held to AVX2; 1e-4 gives 10x headroom.
     for i, image in enumerate(images):
         torch.testing.assert_close(
-            together[i : i + 1], seg.forward(x[i : i + 1]), atol=1e-5, rtol=0
+            together[i : i + 1], seg.forward(x[i : i + 1]), atol=1e-4, rtol=0
         )
         torch.testing.assert_close(x[i : i + 1], preprocess([image], seg.spec))
     # The authors' 8-bit step can turn a 1e-7 difference into one level on a rare pixel.
