@@ -27,7 +27,7 @@ from service.infer import Job, run_batch
 from service.metrics import Metrics
 from service.settings import Settings
 
-__all__ = ["Runtime", "RuntimeDep", "create_app"]
+__all__ = ["Runtime", "RuntimeDep", "create_app", "load_segmenter"]
 
 log = logging.getLogger("u2serve")
 
@@ -70,7 +70,8 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def _load(settings: Settings) -> Segmenter:
+def load_segmenter(settings: Settings) -> Segmenter:
+    """The model the settings describe, verified and on its device (blocking; seconds)."""
     device = resolve_device(settings.device)
     if settings.require_gpu and device.type != "cuda":
         raise RuntimeError(
@@ -101,7 +102,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     rt: Runtime = app.state.runtime
     s = rt.settings
     # Bad weights or a missing GPU stop the start-up here, with the loader's message.
-    rt.segmenter = segmenter = await asyncio.to_thread(_load, s)
+    rt.segmenter = segmenter = await asyncio.to_thread(load_segmenter, s)
     max_batch = _batch_size(s, segmenter)
     rt.codec_pool = ThreadPoolExecutor(s.codec_threads, thread_name_prefix="u2serve-codec")
     rt.batcher = Batcher(

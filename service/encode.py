@@ -1,19 +1,18 @@
-"""8-bit maps → PNG or WebP bytes: a one-channel mask, or the photo with the mask as alpha."""
+"""8-bit maps → the answer's bytes: a one-channel mask, or the photo with the mask as alpha."""
 
 from __future__ import annotations
 
 import io
-from typing import Literal
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
 from service.decode import DecodedImage
-from service.infer import Output
+from service.params import Format, SegmentParams
 
-__all__ = ["MEDIA_TYPES", "Format", "encode"]
+__all__ = ["MEDIA_TYPES", "Rendered", "render"]
 
-Format = Literal["png", "webp"]
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "webp": "image/webp"}
 
 
@@ -28,9 +27,23 @@ def _save(im: Image.Image, fmt: Format) -> bytes:
     return buf.getvalue()
 
 
-def encode(levels: np.ndarray, image: DecodedImage, output: Output, fmt: Format) -> bytes:
-    """``levels`` is the H×W uint8 map from inference for this image."""
-    if output != "cutout":
+@dataclass(frozen=True)
+class Rendered:
+    """An answer: its bytes, their media type, and headers that describe it."""
+
+    body: bytes
+    media_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def render(levels: np.ndarray, image: DecodedImage, params: SegmentParams) -> Rendered:
+    """The answer for one image; ``levels`` is its H×W uint8 map from inference."""
+    return Rendered(_encode(levels, image, params), MEDIA_TYPES[params.format])
+
+
+def _encode(levels: np.ndarray, image: DecodedImage, params: SegmentParams) -> bytes:
+    fmt = params.format
+    if params.output != "cutout":
         return _save(Image.fromarray(levels, "L"), fmt)
     alpha = levels if image.alpha is None else np.minimum(levels, image.alpha)
     rgba = np.dstack((image.rgb, alpha))

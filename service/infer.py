@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from model.postprocess import to_mask, to_probability
 from model.segmenter import Segmenter
+from service.params import SegmentParams
 
-__all__ = ["Job", "Output", "run_batch"]
-
-Output = Literal["mask", "probability", "cutout"]
+__all__ = ["Job", "run_batch"]
 
 
 @dataclass(frozen=True)
 class Job:
     image: torch.Tensor  # H×W×3 uint8, what the network sees
-    output: Output
-    threshold: float
+    params: SegmentParams
 
 
 def run_batch(segmenter: Segmenter, jobs: list[Job]) -> list[torch.Tensor]:
@@ -29,7 +26,9 @@ def run_batch(segmenter: Segmenter, jobs: list[Job]) -> list[torch.Tensor]:
     """
     maps = segmenter.predict([job.image for job in jobs])
     out = [
-        to_probability(m) if job.output == "probability" else to_mask(m, job.threshold)
+        to_probability(m)
+        if job.params.output == "probability"
+        else to_mask(m, job.params.threshold)
         for m, job in zip(maps, jobs, strict=True)
     ]
     return [t.cpu() for t in out]

@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.app import Runtime, RuntimeDep
 from service.decode import FORMATS, decode
-from service.encode import MEDIA_TYPES, encode
+from service.encode import render
 from service.errors import (
     ClientGone,
     Draining,
@@ -28,7 +28,8 @@ from service.errors import (
     error_response,
 )
 from service.infer import Job
-from service.upload import SegmentParams, read_upload
+from service.params import SegmentParams
+from service.upload import read_upload
 
 __all__ = ["router"]
 
@@ -182,7 +183,7 @@ async def _segment(
     timing.append(f"decode;dur={decode_s * 1000:.1f}")
     rt.metrics.stage_duration.labels(stage="decode").observe(decode_s)
 
-    job = Job(torch.from_numpy(image.model_rgb), params.output, params.threshold)
+    job = Job(torch.from_numpy(image.model_rgb), params)
     disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         done = await rt.batcher.submit(
@@ -200,13 +201,13 @@ async def _segment(
 
     t = time.monotonic()
     levels: np.ndarray = done.result.numpy()
-    body = await loop.run_in_executor(
-        rt.codec_pool, encode, levels, image, params.output, params.format
-    )
+    answer = await loop.run_in_executor(rt.codec_pool, render, levels, image, params)
     encode_s = time.monotonic() - t
     timing.append(f"encode;dur={encode_s * 1000:.1f}")
     rt.metrics.stage_duration.labels(stage="encode").observe(encode_s)
-    return Response(body, media_type=MEDIA_TYPES[params.format]), params.output
+    return Response(
+        answer.body, media_type=answer.media_type, headers=answer.headers
+    ), params.output
 
 
 @router.get("/livez", summary="Liveness: the process is up and its event loop answers")

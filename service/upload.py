@@ -3,51 +3,17 @@ parameters (query string or form fields), within the byte limit."""
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.types import Message
 
 from service.errors import BadRequest, ImageTooLarge, InvalidParameter, UnsupportedImage
+from service.params import SegmentParams, parse_params
 
-__all__ = ["SegmentParams", "read_upload"]
+__all__ = ["read_upload"]
 
 _MULTIPART_OVERHEAD = 64 * 1024  # boundaries, headers and the small parameter fields
-
-
-class SegmentParams(BaseModel):
-    """Parameters of ``POST /segment``, from the query string or multipart form fields."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    output: Literal["mask", "probability", "cutout"] = Field(
-        "mask",
-        description="mask: binary 0/255, one channel; probability: the soft 8-bit map; "
-        "cutout: RGBA, the photo with the mask as alpha",
-    )
-    threshold: float = Field(
-        0.5, ge=0, le=1, description="pixels with probability ≥ threshold are foreground"
-    )
-    format: Literal["png", "webp"] = Field("png", description="image format of the answer")
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(x) for x in err["loc"]) or "parameters"
-        msg = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"]
-        parts.append(f"{where}: {msg}")
-    return "; ".join(parts)
-
-
-def parse_params(values: dict[str, str]) -> SegmentParams:
-    try:
-        return SegmentParams.model_validate(values)
-    except ValidationError as exc:
-        raise InvalidParameter(_describe(exc)) from exc
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
