@@ -1,6 +1,7 @@
 """Fidelity: our probability maps against the U²-Net authors' own maps for their test photos.
 
     python -m bench.parity                                  # both models, CPU, default dtype
+    python -m bench.parity --engines torch mnn                  # each engine
     python -m bench.parity --models u2net --dtype bfloat16 --per-image
 
 Prints, per model, the mean absolute error of the maps (0..1 scale) and the IoU of the masks at
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 
 from bench import REFERENCE
+from model.engines import ENGINES
 from model.segmenter import Segmenter
 from model.weights import default_weights_path
 
@@ -27,6 +29,7 @@ from model.weights import default_weights_path
 @dataclass
 class Parity:
     name: str
+    engine: str
     device: str
     dtype: str
     photos: list[str] = field(default_factory=list)
@@ -51,9 +54,9 @@ class Parity:
 
     def summary(self) -> str:
         return (
-            f"{self.name} {self.device} {self.dtype}: MAE mean {self.mean_mae:.5f} worst "
-            f"{self.worst_mae:.5f}, IoU@0.5 mean {self.mean_iou:.4f} worst "
-            f"{self.worst_iou:.4f} ({len(self.maes)} photos)"
+            f"{self.name} {self.engine} {self.device} {self.dtype}: MAE mean "
+            f"{self.mean_mae:.5f} worst {self.worst_mae:.5f}, IoU@0.5 mean {self.mean_iou:.4f} "
+            f"worst {self.worst_iou:.4f} ({len(self.maes)} photos)"
         )
 
 
@@ -69,10 +72,11 @@ def measure(
     *,
     device: str = "cpu",
     dtype: str = "auto",
+    engine: str = "auto",
 ) -> Parity:
     """Run every reference photo through the pipeline alone and compare with the authors' map."""
-    seg = Segmenter(name, weights, device=device, dtype=dtype)
-    out = Parity(name, str(seg.device), str(seg.dtype).removeprefix("torch."))
+    seg = Segmenter(name, weights, device=device, dtype=dtype, engine=engine)
+    out = Parity(name, seg.engine.name, str(seg.device), str(seg.dtype).removeprefix("torch."))
     for photo in sorted((reference / "images").iterdir()):
         with Image.open(photo) as im:
             rgb = torch.from_numpy(np.array(im.convert("RGB")))
@@ -97,17 +101,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", nargs="+", default=["u2net", "u2netp"], choices=["u2net", "u2netp"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--engines", nargs="+", default=["auto"], choices=["auto", *ENGINES])
     p.add_argument("--reference", type=Path, default=REFERENCE)
     p.add_argument("--per-image", action="store_true")
     args = p.parse_args(argv)
     for name in args.models:
-        r = measure(
-            name, default_weights_path(name), args.reference, device=args.device, dtype=args.dtype
-        )
-        if args.per_image:
-            for photo, mae, iou in zip(r.photos, r.maes, r.ious, strict=True):
-                print(f"  {photo:22} MAE {mae:.5f}  IoU {iou:.4f}")
-        print(r.summary(), flush=True)
+        for engine in args.engines:
+            r = measure(
+                name,
+                default_weights_path(name),
+                args.reference,
+                device=args.device,
+                dtype=args.dtype,
+                engine=engine,
+            )
+            if args.per_image:
+                for photo, mae, iou in zip(r.photos, r.maes, r.ious, strict=True):
+                    print(f"  {photo:22} MAE {mae:.5f}  IoU {iou:.4f}")
+            print(r.summary(), flush=True)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from model.engines import Engine, EngineOptions, load_engine, resolve_engine
 from model.postprocess import resize_maps
 from model.preprocess import preprocess
-from model.u2net import U2Net, u2net, u2netp
 from model.weights import SPECS
 
 __all__ = ["DTYPES", "Segmenter", "resolve_device", "resolve_dtype"]
@@ -44,7 +44,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 class Segmenter:
     """A loaded U²-Net: ``predict`` turns uint8 ``H×W×3`` images of any sizes into probability
-    maps at each image's own size, faithful to the authors' test script."""
+    maps at each image's own size, faithful to the authors' test script. Only the network itself
+    runs on the chosen engine (:mod:`model.engines`); pre- and postprocessing are shared."""
 
     def __init__(
         self,
@@ -53,29 +54,36 @@ class Segmenter:
         *,
         device: str = "auto",
         dtype: str = "auto",
+        engine: str = "auto",
         channels_last: bool = True,
+        threads: int | None = None,
     ) -> None:
         if name not in SPECS:
             raise ValueError(f"model must be one of {', '.join(SPECS)}, not {name!r}")
         self.spec = SPECS[name]
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        builder = u2net if name == "u2net" else u2netp
-        net: U2Net = builder(weights=weights)
-        self.net = net.to(self.device, self.dtype).to(memory_format=self.memory_format)  # type: ignore[call-overload]
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        resolved = resolve_device(device)
+        options = EngineOptions(
+            resolved, resolve_dtype(dtype, resolved), channels_last=channels_last, threads=threads
+        )
+        self.engine: Engine = load_engine(
+            resolve_engine(engine, options.device, options.dtype), Path(weights), name, options
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.engine.dtype
 
     @property
     def name(self) -> str:
         return self.spec.name
 
-    @torch.inference_mode()
     def forward(self, x: Tensor) -> Tensor:
         """Normalised ``N×3×S×S`` input → the fused map, ``N×1×S×S`` float32."""
-        x = x.to(self.device, dtype=self.dtype, memory_format=self.memory_format)
-        return self.net(x).float()
+        return self.engine.forward(x)
 
     @torch.inference_mode()
     def predict(self, images: Sequence[Tensor]) -> list[Tensor]:
@@ -93,8 +101,9 @@ class Segmenter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         log.info(
-            "warmed up %s on %s (%s), batch sizes %s",
+            "warmed up %s with %s on %s (%s), batch sizes %s",
             self.name,
+            self.engine.name,
             self.device,
             str(self.dtype).removeprefix("torch."),
             list(batch_sizes),

@@ -24,6 +24,7 @@ __all__ = [
     "default_weights_path",
     "load_state_dict",
     "tensors_sha256",
+    "verified_digest",
 ]
 
 
@@ -95,6 +96,15 @@ def tensors_sha256(state_dict: dict[str, torch.Tensor]) -> str:
 
 def load_state_dict(path: str | Path, name: str) -> dict[str, torch.Tensor]:
     """Read and verify a fused ``.safetensors`` weights file for model ``name``."""
+    return _read_verified(path, name)[0]
+
+
+def verified_digest(path: str | Path, name: str) -> str:
+    """Verify a weights file as :func:`load_state_dict` does; return its tensors' digest."""
+    return _read_verified(path, name)[1]
+
+
+def _read_verified(path: str | Path, name: str) -> tuple[dict[str, torch.Tensor], str]:
     spec = SPECS[name]
     path = Path(path)
     hint = f"Fetch and convert the released weights with: {spec.fetch_command}"
@@ -121,4 +131,4 @@ def load_state_dict(path: str | Path, name: str) -> dict[str, torch.Tensor]:
             f"weights file {path} is corrupt: its tensors hash to {digest}, expected {expected}. "
             f"{hint}"
         )
-    return state
+    return state, digest

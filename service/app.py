@@ -78,14 +78,14 @@ def load_segmenter(settings: Settings) -> Segmenter:
             "U2SERVE_REQUIRE_GPU is set but no CUDA device is available "
             f"(U2SERVE_DEVICE={settings.device})"
         )
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     return Segmenter(
         settings.model,
         settings.weights_path,
         device=str(device),
         dtype=settings.dtype,
+        engine=settings.engine,
         channels_last=settings.channels_last,
+        threads=settings.threads,
     )
 
 
@@ -114,10 +114,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     rt.batcher.start()
     dtype = str(segmenter.dtype).removeprefix("torch.")
-    rt.metrics.model_info.labels(segmenter.name, str(segmenter.device), dtype).set(1)
+    engine = segmenter.engine.name
+    rt.metrics.model_info.labels(segmenter.name, engine, str(segmenter.device), dtype).set(1)
     log.info(
-        "serving %s on %s (%s), batches of up to %d",
+        "serving %s with %s on %s (%s), batches of up to %d",
         segmenter.name,
+        engine,
         segmenter.device,
         dtype,
         max_batch,

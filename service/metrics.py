@@ -54,7 +54,7 @@ class Metrics:
         self.model_info = Gauge(
             "u2serve_model_info",
             "The model being served (value 1)",
-            ["model", "device", "dtype"],
+            ["model", "engine", "device", "dtype"],
             registry=r,
         )
         self.ready = Gauge("u2serve_ready", "1 when the service accepts work", registry=r)

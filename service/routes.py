@@ -231,6 +231,7 @@ async def readyz(rt: RuntimeDep) -> Response:
         {
             "status": "ready",
             "model": seg.name,
+            "engine": seg.engine.name,
             "device": str(seg.device),
             "dtype": str(seg.dtype).removeprefix("torch."),
         }

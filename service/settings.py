@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     )
     require_gpu: bool = False
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    engine: Literal["auto", "torch", "mnn"] = Field(
+        "auto", description="auto: torch on a GPU, mnn on the CPU (for float32)"
+    )
     channels_last: bool = True
     max_batch_size: int | None = Field(
         None, ge=1, le=256, description="default: 1 on the CPU, 32 on a GPU"
@@ -40,8 +43,8 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1)
     codec_threads: int = Field(default_factory=lambda: max(2, os.cpu_count() or 1), ge=1, le=256)
-    torch_threads: int | None = Field(
-        None, ge=1, le=1024, description="default: torch's own choice (all cores)"
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU threads for the network; default: every core"
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     api_key: SecretStr | None = None

@@ -388,7 +388,9 @@ async def test_health_and_metrics(u2netp_weights: Path) -> None:
         assert metric(text, "u2serve_queue_depth") == 0
         assert (
             metric(
-                text, "u2serve_model_info", {"model": "u2netp", "device": "cpu", "dtype": "float32"}
+                text,
+                "u2serve_model_info",
+                {"model": "u2netp", "engine": "mnn", "device": "cpu", "dtype": "float32"},
             )
             == 1
         )

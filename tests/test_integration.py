@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import signal
 import subprocess
 import time
@@ -30,6 +31,8 @@ def server(u2netp_weights: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]
             "U2SERVE_DEVICE": "cpu",
             "U2SERVE_MAX_BATCH_SIZE": "1",
             "U2SERVE_MAX_BATCH_WAIT_MS": "0",
+            # The slower engine, so that requests are still queued when SIGTERM arrives.
+            "U2SERVE_ENGINE": "torch",
         },
         port,
     )
@@ -103,3 +106,17 @@ def test_invalid_setting_is_named(tmp_path: Path) -> None:
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert b"U2SERVE_MAX_QUEUE" in out
+
+
+def test_missing_engine_file_stops_the_process(u2netp_weights: Path, tmp_path: Path) -> None:
+    """Verified weights without the CPU engine's derived file: refused at start, with the fix."""
+    weights = tmp_path / "u2netp.safetensors"
+    shutil.copy(u2netp_weights, weights)
+    proc = start(
+        {"U2SERVE_MODEL": "u2netp", "U2SERVE_WEIGHTS": str(weights), "U2SERVE_DEVICE": "cpu"},
+        free_port(),
+    )
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert f"MNN model file {weights.with_suffix('.mnn')} not found".encode() in out
+    assert f"python -m weights prepare --model u2netp {weights}".encode() in out

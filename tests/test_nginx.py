@@ -50,7 +50,7 @@ def cluster(u2netp_weights: Path, tmp_path: Path) -> Iterator[dict[str, object]]
         "U2SERVE_MODEL": "u2netp",
         "U2SERVE_WEIGHTS": str(u2netp_weights),
         "U2SERVE_DEVICE": "cpu",
-        "U2SERVE_TORCH_THREADS": "1",
+        "U2SERVE_THREADS": "1",
         "U2SERVE_MAX_BATCH_SIZE": "2",
     }
     replicas = [start(env, p) for p in ports]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bench.parity import measure
+from model.engines import ENGINES
 from model.preprocess import preprocess
 from model.segmenter import Segmenter
 from model.u2net import u2net, u2netp
@@ -16,7 +17,10 @@ from model.weights import SPECS
 
 from .conftest import load_rgb, reference_dir, weights_file
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Every default path: each engine on the CPU, PyTorch on a GPU when there is one.
+PATHS = [("cpu", engine) for engine in ENGINES] + (
+    [("cuda", "torch")] if torch.cuda.is_available() else []
+)
 
 
 @pytest.fixture(scope="module", params=["u2netp", "u2net"])
@@ -24,10 +28,10 @@ def name(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_maps_match_the_authors(name: str, device: str) -> None:
-    """The default path on each device: mean MAE ≤ 0.001, worst ≤ 0.003, IoU@0.5 ≥ 0.995/0.99."""
-    report = measure(name, weights_file(name), reference_dir(), device=device)
+@pytest.mark.parametrize(("device", "engine"), PATHS)
+def test_maps_match_the_authors(name: str, device: str, engine: str) -> None:
+    """Each engine and device: mean MAE ≤ 0.001, worst ≤ 0.003, IoU@0.5 ≥ 0.995/0.99."""
+    report = measure(name, weights_file(name), reference_dir(), device=device, engine=engine)
     assert len(report.maes) == 18, report.summary()
     assert report.mean_mae <= 0.001, report.summary()
     assert report.worst_mae <= 0.003, report.summary()
@@ -59,8 +63,9 @@ def test_converted_model_agrees_with_onnx_runtime(name: str, reference_images: l
 
 
 def test_batch_equals_one_by_one(u2netp_weights: Path, reference_images: list[Path]) -> None:
-    """Images of different sizes share one batch and get the same maps as alone."""
-    seg = Segmenter("u2netp", u2netp_weights, device="cpu")
+    """Images of different sizes share one batch and get the same maps as alone (PyTorch, the
+    batching engine; tests/test_engines.py covers MNN's batches)."""
+    seg = Segmenter("u2netp", u2netp_weights, device="cpu", engine="torch")
     images = [load_rgb(p) for p in reference_images[:4]]
     assert len({im.shape for im in images}) > 1
     x = preprocess(images, seg.spec)

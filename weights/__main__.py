@@ -1,4 +1,5 @@
-"""``python -m weights``: fetch, convert and verify weights files."""
+"""``python -m weights``: fetch, convert and verify weights files, and make the engines' model
+files derived from them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from model.engines import prepare_engines
 from model.weights import SPECS, WeightsError, default_weights_dir, load_state_dict
 from weights.convert import from_onnx, from_pth, save_weights
 from weights.fetch import fetch, file_md5
@@ -44,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         help="output .safetensors (default: <dir>/<model>.safetensors)",
     )
 
+    p = sub.add_parser(
+        "prepare", help="make the engines' model files for a weights file (e.g. <w>.mnn)"
+    )
+    p.add_argument("paths", nargs="+", type=Path)
+    p.add_argument("--model", choices=models, required=True)
+
     p = sub.add_parser("verify", help="check weights files without loading a model")
     p.add_argument("paths", nargs="+", type=Path)
     p.add_argument("--model", choices=models, required=True)
@@ -64,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
                 state, out, args.model, source=args.source.name, source_md5=file_md5(args.source)
             )
             logging.getLogger("weights").info("wrote %s (tensors SHA-256 %s)", out, digest)
+            prepare_engines(out, args.model)
+        elif args.command == "prepare":
+            for path in args.paths:
+                prepare_engines(path, args.model)
         else:
             for path in args.paths:
                 load_state_dict(path, args.model)

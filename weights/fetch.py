@@ -10,6 +10,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from model.engines import prepare_engines
 from model.weights import SPECS, WeightsError, load_state_dict
 from weights.convert import from_onnx, release_source, save_weights
 
@@ -70,7 +71,8 @@ def _download_onnx(name: str, dest: Path) -> None:
 
 
 def fetch(name: str, dest_dir: Path, *, force: bool = False) -> Path:
-    """Make ``dest_dir/<name>.safetensors`` exist and verify; does nothing if it already does."""
+    """Make ``dest_dir/<name>.safetensors`` and the engines' files derived from it exist and
+    verify; does nothing for what already does."""
     spec = SPECS[name]
     dest_dir.mkdir(parents=True, exist_ok=True)
     target = dest_dir / f"{name}.safetensors"
@@ -81,6 +83,7 @@ def fetch(name: str, dest_dir: Path, *, force: bool = False) -> Path:
             log.warning("%s; converting it again", exc)
         else:
             log.info("%s: %s is present and verified", name, target)
+            prepare_engines(target, name)
             return target
     onnx_path = dest_dir / f"{name}.onnx"
     if force or not _onnx_ok(onnx_path, name):
@@ -95,4 +98,5 @@ def fetch(name: str, dest_dir: Path, *, force: bool = False) -> Path:
     )
     load_state_dict(target, name)  # the same check every loader makes
     log.info("%s: wrote %s (tensors SHA-256 %s)", name, target, digest)
+    prepare_engines(target, name)
     return target

@@ -1,0 +1,210 @@
+"""MNN on the CPU: Winograd 3×3 convolutions in float32, the fastest CPU engine measured here.
+
+Its model file (``<weights>.mnn``) is derived from the verified weights by :func:`to_mnn`: the
+fused PyTorch model is exported to ONNX and converted by MNN's own converter. A record beside it
+(``<weights>.mnn.json``) names the weights digest it was made from and the file's SHA-256;
+:func:`load` checks both before use, so a stale, truncated or swapped file is refused like a bad
+weights file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model.engines import EngineName, EngineOptions
+from model.u2net import u2net, u2netp
+from model.weights import SPECS, WeightsError, verified_digest
+
+__all__ = ["MNNEngine", "engine_file", "load", "prepare", "record_file", "to_mnn"]
+
+log = logging.getLogger(__name__)
+
+_FORMAT = "u2serve-mnn-v1"
+_INPUT, _OUTPUT = "input", "fused"
+
+
+def engine_file(weights: Path) -> Path:
+    return weights.with_suffix(".mnn")
+
+
+def record_file(weights: Path) -> Path:
+    return weights.with_suffix(".mnn.json")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hint(weights: Path, model: str) -> str:
+    return (
+        f"Make it with: python -m weights prepare --model {model} {weights} "
+        f"(for the released weights, {SPECS[model].fetch_command} does it too)"
+    )
+
+
+def _export_onnx(weights: Path, model: str, out: Path) -> None:
+    """The fused network as an ONNX graph, batch dimension dynamic."""
+    net = (u2net if model == "u2net" else u2netp)(weights=weights).eval()
+    size = SPECS[model].input_size
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of one that needs onnxscript; it is
+        # what this pinned torch ships, and it traces this plain convolutional graph exactly.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net,
+            (torch.zeros(1, 3, size, size),),
+            str(out),
+            dynamo=False,
+            input_names=[_INPUT],
+            output_names=[_OUTPUT],
+            dynamic_axes={_INPUT: {0: "batch"}, _OUTPUT: {0: "batch"}},
+            opset_version=17,
+        )
+
+
+def to_mnn(weights: Path, model: str, out: Path) -> str:
+    """Convert verified weights to an MNN model file at ``out``; return its SHA-256."""
+    with tempfile.TemporaryDirectory(prefix="u2serve-mnn-") as tmp:
+        onnx_path, mnn_path = Path(tmp) / f"{model}.onnx", Path(tmp) / f"{model}.mnn"
+        _export_onnx(weights, model, onnx_path)
+        # The converter is MNN's C++ one, called in a child process so its chatter and any crash
+        # stay there. (The wheel's `mnnconvert` script would also report usage over the
+        # network; the extension it wraps does not.)
+        args = ["mnnconvert", "-f", "ONNX", "--modelFile", str(onnx_path)]
+        args += ["--MNNModel", str(mnn_path), "--bizCode", "u2serve"]
+        code = f"import sys, _tools; _tools.mnnconvert({args!r})"
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0 or not mnn_path.is_file():
+            raise WeightsError(
+                f"MNN's converter failed for {weights} ({done.returncode}):\n"
+                f"{done.stdout[-2000:]}{done.stderr[-2000:]}"
+            )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        part = out.with_suffix(out.suffix + ".part")
+        shutil.move(mnn_path, part)  # the temporary folder may be on another file system
+        digest = _file_sha256(part)
+        part.replace(out)
+    return digest
+
+
+def _read_record(weights: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(record_file(weights).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _check(weights: Path, model: str, weights_sha256: str) -> Path:
+    """The engine file for these weights, verified; :class:`WeightsError` otherwise."""
+    path, hint = engine_file(weights), _hint(weights, model)
+    if not path.is_file():
+        raise WeightsError(f"MNN model file {path} not found. {hint}")
+    record = _read_record(weights)
+    if record.get("format") != _FORMAT or record.get("model") != model:
+        raise WeightsError(f"{record_file(weights)} is missing or not a {model} record. {hint}")
+    if record.get("weights_sha256") != weights_sha256:
+        raise WeightsError(
+            f"MNN model file {path} was made from other weights (tensors "
+            f"{record.get('weights_sha256')}, expected {weights_sha256}). {hint}"
+        )
+    digest = _file_sha256(path)
+    if digest != record.get("sha256"):
+        raise WeightsError(
+            f"MNN model file {path} is corrupt: SHA-256 {digest}, expected "
+            f"{record.get('sha256')}. {hint}"
+        )
+    return path
+
+
+def prepare(weights: Path, model: str) -> Path:
+    """Make ``<weights>.mnn`` and its record unless a verified one is there."""
+    weights_sha256 = verified_digest(weights, model)
+    try:
+        return _check(weights, model, weights_sha256)
+    except WeightsError as exc:
+        log.info("%s; converting", exc.args[0].split(". ")[0])
+    out = engine_file(weights)
+    import MNN  # only to record the converter's version
+
+    sha256 = to_mnn(weights, model, out)
+    record = {
+        "format": _FORMAT,
+        "model": model,
+        "weights_sha256": weights_sha256,
+        "sha256": sha256,
+        "converter": f"MNN {MNN.version()}",
+    }
+    part = record_file(weights).with_suffix(".part")
+    part.write_text(json.dumps(record, indent=2) + "\n")
+    part.replace(record_file(weights))
+    log.info("%s: wrote %s (SHA-256 %s)", model, out, sha256)
+    return out
+
+
+class MNNEngine:
+    """The MNN module and its runtime live on one thread of their own: MNN's runtime manager
+    must not be shared across threads, and callers (warm-up, batcher, CLI) use several."""
+
+    name: EngineName = "mnn"
+
+    def __init__(self, path: Path, threads: int) -> None:
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.threads = threads
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="u2serve-mnn")
+        self._module = self._thread.submit(self._load, path, threads).result()
+
+    @staticmethod
+    def _load(path: Path, threads: int) -> Any:
+        import MNN.nn
+
+        # precision "high": float32 everywhere ("low" would allow bf16/fp16, not faithful).
+        config = {"backend": "CPU", "precision": "high", "numThread": threads}
+        runtime = MNN.nn.create_runtime_manager((config,))
+        return MNN.nn.load_module_from_file(str(path), [_INPUT], [_OUTPUT], runtime_manager=runtime)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        import MNN.expr as F
+
+        (out,) = self._module.forward([F.const(x, list(x.shape), F.NCHW)])
+        if out.data_format != F.NCHW:
+            out = F.convert(out, F.NCHW)
+        return np.array(out.read(), dtype=np.float32, copy=True).reshape(
+            x.shape[0], 1, *x.shape[2:]
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        return torch.from_numpy(self._thread.submit(self._run, arr).result())
+
+
+def load(weights: Path, model: str, options: EngineOptions) -> MNNEngine:
+    if options.device.type != "cpu":
+        raise ValueError(f"the mnn engine runs on the CPU, not {options.device}; use torch")
+    if options.dtype != torch.float32:
+        raise ValueError(f"the mnn engine computes in float32, not {options.dtype}; use torch")
+    path = _check(weights, model, verified_digest(weights, model))
+    threads = options.threads or len(os.sched_getaffinity(0))
+    return MNNEngine(path, threads)

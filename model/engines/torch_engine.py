@@ -1,0 +1,44 @@
+"""PyTorch: every device and dtype; the engine on GPUs (cuDNN, float16, large batches)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from model.engines import EngineName, EngineOptions
+from model.u2net import U2Net, u2net, u2netp
+
+__all__ = ["TorchEngine", "load", "prepare"]
+
+
+class TorchEngine:
+    name: EngineName = "torch"
+
+    def __init__(self, net: U2Net, options: EngineOptions) -> None:
+        self.device = options.device
+        self.dtype = options.dtype
+        self.memory_format = (
+            torch.channels_last if options.channels_last else torch.contiguous_format
+        )
+        self.net = net.to(self.device, self.dtype).to(memory_format=self.memory_format)  # type: ignore[call-overload]
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        if options.threads and self.device.type == "cpu":
+            torch.set_num_threads(options.threads)
+
+    @torch.inference_mode()
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.to(self.device, dtype=self.dtype, memory_format=self.memory_format)
+        return self.net(x).float()
+
+
+def prepare(weights: Path, model: str) -> None:
+    """PyTorch reads the verified weights file itself."""
+    return None
+
+
+def load(weights: Path, model: str, options: EngineOptions) -> TorchEngine:
+    builder = u2net if model == "u2net" else u2netp
+    return TorchEngine(builder(weights=weights), options)

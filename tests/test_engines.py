@@ -1,0 +1,144 @@
+"""The engines: the same maps from each, `auto` resolved as documented, derived files verified."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.engines import ENGINES, prepare_engines, resolve_engine
+from model.engines.mnn_engine import engine_file, record_file
+from model.postprocess import resize_maps, to_probability
+from model.preprocess import preprocess
+from model.segmenter import Segmenter
+from model.weights import WeightsError
+from weights.__main__ import main as weights_cli
+
+from .conftest import load_rgb, weights_file
+
+
+@pytest.mark.parametrize("name", ["u2netp", "u2net"])
+def test_mnn_agrees_with_pytorch(name: str, reference_images: list[Path]) -> None:
+    """Winograd (MNN) against direct convolution (oneDNN), float32 both, on real photos.
+
+    Measured over the 18 reference photos (AVX-512 CPU; the same with oneDNN held to AVX2):
+    fused map max difference 1.3e-3 (U2NET) / 5.7e-4 (U2NETP), mean at most 8.7e-6; the final
+    8-bit maps differ by one level on at most 0.23% of pixels. The bounds give 7x to 11x
+    headroom; a wrong tensor or layout gives differences of 0.1 and more.
+    """
+    weights = weights_file(name)
+    ours = Segmenter(name, weights, device="cpu", engine="torch")
+    mnn = Segmenter(name, weights, device="cpu", engine="mnn")
+    for path in reference_images[::4]:
+        image = load_rgb(path)
+        x = preprocess([image], ours.spec)
+        a, b = ours.forward(x), mnn.forward(x)
+        assert b.shape == a.shape
+        assert b.dtype == torch.float32
+        diff = (a - b).abs()
+        assert diff.max() <= 0.01, f"{path.name}: max {diff.max():.2e}"
+        assert diff.mean() <= 1e-4, f"{path.name}: mean {diff.mean():.2e}"
+        size = [(image.shape[0], image.shape[1])]
+        levels = (
+            to_probability(resize_maps(a, size)[0]).int()
+            - to_probability(resize_maps(b, size)[0]).int()
+        ).abs()
+        assert levels.max() <= 2
+        assert (levels > 0).float().mean() < 0.01
+
+
+def test_mnn_runs_batches(u2netp_weights: Path, reference_images: list[Path]) -> None:
+    """A batch gives each image the map it gets alone (batch 1 is the CPU default, but the
+    setting allows more)."""
+    seg = Segmenter("u2netp", u2netp_weights, device="cpu", engine="mnn")
+    x = preprocess([load_rgb(p) for p in reference_images[:3]], seg.spec)
+    together = seg.forward(x)
+    assert together.shape == (3, 1, 320, 320)
+    for i in range(3):
+        # MNN picks its Winograd tiling by shape, so a batch rounds differently from a single
+        # image: measured 6.0e-4 at most, within the engine-agreement bounds above.
+        diff = (together[i : i + 1] - seg.forward(x[i : i + 1])).abs()
+        assert diff.max() <= 0.01
+        assert diff.mean() <= 1e-4
+
+
+def test_auto_prefers_mnn_on_the_cpu_and_torch_elsewhere() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_engine("auto", cpu, torch.float32) == "mnn"
+    assert resolve_engine("auto", cpu, torch.bfloat16) == "torch"
+    assert resolve_engine("auto", cuda, torch.float16) == "torch"
+    assert resolve_engine("torch", cpu, torch.float32) == "torch"
+    with pytest.raises(ValueError, match="engine must be"):
+        resolve_engine("tensorrt", cpu, torch.float32)
+
+
+def test_mnn_refuses_what_it_cannot_do(u2netp_weights: Path) -> None:
+    with pytest.raises(ValueError, match="float32"):
+        Segmenter("u2netp", u2netp_weights, device="cpu", dtype="bfloat16", engine="mnn")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the U2NETP weights with every engine's file made from it by the CLI."""
+    folder = tmp_path_factory.mktemp("prepared")
+    weights = folder / "u2netp.safetensors"
+    shutil.copy(weights_file("u2netp"), weights)
+    assert weights_cli(["prepare", "--model", "u2netp", str(weights)]) == 0
+    return weights
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_engine_loads_prepared_weights(engine: str, prepared: Path) -> None:
+    seg = Segmenter("u2netp", prepared, device="cpu", engine=engine)
+    (m,) = seg.predict([torch.full((40, 60, 3), 128, dtype=torch.uint8)])
+    assert m.shape == (40, 60)
+    assert seg.engine.name == engine
+
+
+def test_prepare_is_idempotent(prepared: Path, caplog: pytest.LogCaptureFixture) -> None:
+    before = engine_file(prepared).stat().st_mtime_ns
+    caplog.set_level("INFO")
+    assert prepare_engines(prepared, "u2netp") == [engine_file(prepared)]
+    assert engine_file(prepared).stat().st_mtime_ns == before
+    assert "converting" not in caplog.text
+
+
+def _damaged_copy(prepared: Path, folder: Path) -> Path:
+    for path in (prepared, engine_file(prepared), record_file(prepared)):
+        shutil.copy(path, folder / path.name)
+    return folder / prepared.name
+
+
+def test_missing_engine_file_is_refused_with_the_command(prepared: Path, tmp_path: Path) -> None:
+    weights = _damaged_copy(prepared, tmp_path)
+    engine_file(weights).unlink()
+    with pytest.raises(WeightsError) as exc:
+        Segmenter("u2netp", weights, device="cpu", engine="mnn")
+    message = str(exc.value)
+    assert str(engine_file(weights)) in message
+    assert f"python -m weights prepare --model u2netp {weights}" in message
+
+
+def test_corrupt_engine_file_is_refused(prepared: Path, tmp_path: Path) -> None:
+    weights = _damaged_copy(prepared, tmp_path)
+    path = engine_file(weights)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="is corrupt"):
+        Segmenter("u2netp", weights, device="cpu", engine="mnn")
+    # `prepare` repairs it.
+    assert weights_cli(["prepare", "--model", "u2netp", str(weights)]) == 0
+    Segmenter("u2netp", weights, device="cpu", engine="mnn")
+
+
+def test_engine_file_of_other_weights_is_refused(prepared: Path, tmp_path: Path) -> None:
+    weights = _damaged_copy(prepared, tmp_path)
+    record = json.loads(record_file(weights).read_text())
+    record["weights_sha256"] = "0" * 64
+    record_file(weights).write_text(json.dumps(record))
+    with pytest.raises(WeightsError, match="made from other weights"):
+        Segmenter("u2netp", weights, device="cpu", engine="mnn")
