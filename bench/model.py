@@ -1,26 +1,31 @@
-"""Model-only throughput and latency: the network on 320×320 inputs, per device, dtype and batch.
+"""Model-only throughput and latency: the network on 320×320 inputs, per engine, device, dtype
+and batch, with ONNX Runtime (rembg's engine) on the same file in the same run.
 
-    python -m bench.model                       # u2net, every device here, its default dtypes
-    python -m bench.model --model u2netp --dtypes float32 bfloat16 --batches 1 2 4
-    python -m bench.model --dtypes float32 --onnxruntime   # rembg's engine for reference
+    python -m bench.model                # u2net: every engine here, ONNX Runtime, batch 1 2 4
+    python -m bench.model --model u2netp --engines mnn --batches 1 --rounds 5
+    python -m bench.model --devices cuda --dtypes float16 float32 --batches 1 8 32 64
 
-Prints one row per configuration: images/s, latency per batch (median and p90), FLOP per image
-and achieved FLOP/s. Preprocessing and postprocessing are not included: this is the ceiling the
-HTTP benchmark is compared against.
+Configurations are timed in alternating rounds (this machine's timings drift by ±20%), after a
+warm-up each. Prints one row per configuration: images/s, latency per batch (median and p90),
+FLOP per image, achieved FLOP/s, and the speed relative to ONNX Runtime at batch 1.
+Preprocessing and postprocessing are not included: this is the ceiling the HTTP benchmark is
+compared against.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from model.engines import ENGINES
 from model.segmenter import Segmenter, resolve_device
 from model.weights import default_weights_dir, default_weights_path
 
@@ -29,18 +34,18 @@ GPU_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
 @dataclass
-class Row:
-    device: str
+class Config:
+    engine: str
+    device: torch.device
     dtype: str
     batch: int
-    images_per_s: float
-    p50_ms: float
-    p90_ms: float
-    gflop_per_image: float
-    tflops: float
+    run: Callable[[], object]
+    times: list[float] = field(default_factory=list)
 
 
-def flop_per_image(seg: Segmenter) -> float:
+def flop_per_image(model: str) -> float:
+    """Counted on PyTorch's graph (multiply and add counted separately): the same network."""
+    seg = Segmenter(model, default_weights_path(model), device="cpu", engine="torch")
     x = torch.zeros(1, 3, seg.spec.input_size, seg.spec.input_size)
     with FlopCounterMode(display=False) as counter:
         seg.forward(x)
@@ -52,68 +57,47 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(
-    fn: Callable[[], object],
-    device: torch.device,
-    label: tuple[str, str],
-    batch: int,
-    seconds: float,
-    flop: float,
-) -> Row:
-    # oneDNN and cuDNN choose and cache kernels over the first calls: warm up for a while.
-    warm_end = time.perf_counter() + min(seconds, 3.0)
-    for i in range(1000):
-        fn()
-        if i >= 2 and time.perf_counter() > warm_end:
-            break
-    _sync(device)
-    times: list[float] = []
+def _timed(c: Config, seconds: float, *, keep: bool = True) -> None:
     end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < 5:
+    for i in range(10_000):
         t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    p50 = statistics.median(times)
-    p90 = statistics.quantiles(times, n=10)[-1]
-    ips = batch / p50
-    return Row(
-        label[0], label[1], batch, ips, p50 * 1000, p90 * 1000, flop / 1e9, ips * flop / 1e12
-    )
+        c.run()
+        _sync(c.device)
+        if keep:
+            c.times.append(time.perf_counter() - t)
+        if i >= 1 and time.perf_counter() > end:
+            break
 
 
-def measure(seg: Segmenter, batch: int, seconds: float, flop: float) -> Row:
+def segmenter_config(seg: Segmenter, batch: int) -> Config:
     size = seg.spec.input_size
     x = torch.randn(batch, 3, size, size).to(seg.device)
-    label = (str(seg.device), str(seg.dtype).removeprefix("torch."))
-    return timed(lambda: seg.forward(x), seg.device, label, batch, seconds, flop)
+    dtype = str(seg.dtype).removeprefix("torch.")
+    return Config(seg.engine.name, seg.device, dtype, batch, lambda: seg.forward(x))
 
 
-def onnxruntime_row(name: str, seconds: float, flop: float) -> Row:
+def onnxruntime_config(name: str, threads: int) -> Config:
     """The released ONNX graph (batch 1) under ONNX Runtime: rembg's engine, for reference."""
     import numpy as np
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.intra_op_num_threads = threads
     session = ort.InferenceSession(
         str(default_weights_dir() / f"{name}.onnx"), opts, providers=["CPUExecutionProvider"]
     )
     feed = {session.get_inputs()[0].name: np.random.rand(1, 3, 320, 320).astype(np.float32)}
-    return timed(
-        lambda: session.run(None, feed),
-        torch.device("cpu"),
-        ("cpu/ort", "float32"),
-        1,
-        seconds,
-        flop,
-    )
+    return Config("onnxruntime", torch.device("cpu"), "float32", 1, lambda: session.run(None, feed))
 
 
-def show(r: Row) -> None:
+def show(c: Config, flop: float, reference: float | None) -> None:
+    p50 = statistics.median(c.times)
+    p90 = statistics.quantiles(c.times, n=10)[-1] if len(c.times) > 1 else p50
+    ips = c.batch / p50
+    ratio = f"{ips / reference:.2f}×" if reference else "-"
     print(
-        f"{r.device:8} {r.dtype:9} {r.batch:>5} {r.images_per_s:>9.2f} {r.p50_ms:>9.1f} "
-        f"{r.p90_ms:>9.1f} {r.gflop_per_image:>10.1f} {r.tflops:>8.3f}",
+        f"{c.engine:12} {c.device.type:6} {c.dtype:9} {c.batch:>5} {ips:>8.2f} {p50 * 1000:>8.1f} "
+        f"{p90 * 1000:>8.1f} {flop / 1e9:>9.1f} {ips * flop / 1e9:>9.1f} {ratio:>7}",
         flush=True,
     )
 
@@ -126,54 +110,63 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--model", default="u2net", choices=["u2net", "u2netp"])
     p.add_argument("--devices", nargs="*", default=None, help="default: cpu, and cuda if present")
+    p.add_argument("--engines", nargs="*", default=None, help="default: every engine that runs")
     p.add_argument(
-        "--dtypes",
-        nargs="*",
-        default=None,
-        help="default: float32 (+bfloat16) on cpu; float16 bfloat16 float32 on cuda",
+        "--dtypes", nargs="*", default=None, help="default: float32 on cpu; float16 float32 on cuda"
     )
     p.add_argument("--batches", nargs="*", type=int, default=None)
-    p.add_argument("--seconds", type=float, default=5.0, help="timed run per configuration")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seconds", type=float, default=5.0, help="timed per configuration, in all")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core)")
     p.add_argument("--no-channels-last", action="store_true")
-    p.add_argument(
-        "--onnxruntime",
-        action="store_true",
-        help="also time the released ONNX file under ONNX Runtime (rembg's engine)",
-    )
+    p.add_argument("--no-onnxruntime", action="store_true", help="leave ONNX Runtime out")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     weights = default_weights_path(args.model)
-    print(
-        f"# {args.model}, torch {torch.__version__}, {platform.processor() or platform.machine()}"
-        f", {torch.get_num_threads()} threads"
-        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
-    )
-    print(
-        f"{'device':8} {'dtype':9} {'batch':>5} {'img/s':>9} {'p50 ms':>9} {'p90 ms':>9} "
-        f"{'GFLOP/img':>10} {'TFLOP/s':>8}"
-    )
+    configs: list[Config] = []
+    if "cpu" in devices and not args.no_onnxruntime:
+        configs.append(onnxruntime_config(args.model, threads))
     for dev in devices:
         device = resolve_device(dev)
-        dtypes = args.dtypes or (
-            ["float16", "bfloat16", "float32"] if device.type == "cuda" else ["float32", "bfloat16"]
-        )
+        dtypes = args.dtypes or (["float16", "float32"] if device.type == "cuda" else ["float32"])
         batches = args.batches or (GPU_BATCHES if device.type == "cuda" else CPU_BATCHES)
-        for dtype in dtypes:
-            seg = Segmenter(
-                args.model,
-                weights,
-                device=dev,
-                dtype=dtype,
-                channels_last=not args.no_channels_last,
-            )
-            flop = flop_per_image(seg)
-            for batch in batches:
-                show(measure(seg, batch, args.seconds, flop))
-    if args.onnxruntime:
-        show(onnxruntime_row(args.model, args.seconds, flop))
+        engines = args.engines or (["torch"] if device.type == "cuda" else list(ENGINES))
+        for engine in engines:
+            for dtype in dtypes:
+                if engine == "mnn" and (device.type != "cpu" or dtype != "float32"):
+                    continue
+                seg = Segmenter(
+                    args.model,
+                    weights,
+                    device=dev,
+                    dtype=dtype,
+                    engine=engine,
+                    channels_last=not args.no_channels_last,
+                    threads=threads,
+                )
+                configs += [segmenter_config(seg, batch) for batch in batches]
+    flop = flop_per_image(args.model)
+    print(
+        f"# {args.model}, torch {torch.__version__}, {platform.processor() or platform.machine()}"
+        f", {threads} threads, {args.rounds} alternating rounds of {args.seconds / args.rounds:.1f}"
+        " s per configuration"
+        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+    )
+    for c in configs:  # oneDNN, MNN and cuDNN choose kernels over the first calls
+        _timed(c, min(args.seconds / args.rounds, 3.0), keep=False)
+    for _ in range(args.rounds):
+        for c in configs:
+            _timed(c, args.seconds / args.rounds)
+    reference = next((c for c in configs if c.engine == "onnxruntime"), None)
+    ref_ips = 1 / statistics.median(reference.times) if reference else None
+    print(
+        f"{'engine':12} {'device':6} {'dtype':9} {'batch':>5} {'img/s':>8} {'p50 ms':>8} "
+        f"{'p90 ms':>8} {'GFLOP/img':>9} {'GFLOP/s':>9} {'vs ORT':>7}"
+    )
+    for c in configs:
+        show(c, flop, ref_ips)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python -m bench.parity                                  # both models, CPU, default dtype
     python -m bench.parity --engines torch mnn                  # each engine
     python -m bench.parity --models u2net --dtype bfloat16 --per-image
+    python -m bench.parity --emulate float16                     # a GPU's float16, on the CPU
 
 Prints, per model, the mean absolute error of the maps (0..1 scale) and the IoU of the masks at
 0.5, mean and worst over the photos. tests/test_parity.py holds the default paths to the bounds
@@ -21,8 +22,10 @@ import torch
 from PIL import Image
 
 from bench import REFERENCE
+from bench.emulate import emulated
 from model.engines import ENGINES
-from model.segmenter import Segmenter
+from model.engines.torch_engine import TorchEngine
+from model.segmenter import DTYPES, Segmenter
 from model.weights import default_weights_path
 
 
@@ -73,10 +76,26 @@ def measure(
     device: str = "cpu",
     dtype: str = "auto",
     engine: str = "auto",
+    emulate: str | None = None,
 ) -> Parity:
-    """Run every reference photo through the pipeline alone and compare with the authors' map."""
-    seg = Segmenter(name, weights, device=device, dtype=dtype, engine=engine)
-    out = Parity(name, seg.engine.name, str(seg.device), str(seg.dtype).removeprefix("torch."))
+    """Run every reference photo through the pipeline alone and compare with the authors' map.
+
+    ``emulate`` (``float16``, ``bfloat16``): PyTorch on the CPU with the body's storage rounded
+    to that type (:mod:`bench.emulate`), to judge a GPU dtype without a GPU.
+    """
+    if emulate is not None:
+        seg = Segmenter(name, weights, device="cpu", dtype="float32", engine="torch")
+        assert isinstance(seg.engine, TorchEngine)
+        with emulated(seg.engine.net, DTYPES[emulate]):
+            report = _compare(seg, reference)
+        report.dtype = f"{emulate} (emulated)"
+        return report
+    return _compare(Segmenter(name, weights, device=device, dtype=dtype, engine=engine), reference)
+
+
+def _compare(seg: Segmenter, reference: Path) -> Parity:
+    out = Parity(seg.name, seg.engine.name, str(seg.device), str(seg.dtype).removeprefix("torch."))
+    name = seg.name
     for photo in sorted((reference / "images").iterdir()):
         with Image.open(photo) as im:
             rgb = torch.from_numpy(np.array(im.convert("RGB")))
@@ -102,6 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--engines", nargs="+", default=["auto"], choices=["auto", *ENGINES])
+    p.add_argument(
+        "--emulate",
+        choices=["float16", "bfloat16"],
+        help="PyTorch on the CPU with 16-bit storage, as on a GPU in that dtype",
+    )
     p.add_argument("--reference", type=Path, default=REFERENCE)
     p.add_argument("--per-image", action="store_true")
     args = p.parse_args(argv)
@@ -114,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
                 device=args.device,
                 dtype=args.dtype,
                 engine=engine,
+                emulate=args.emulate,
             )
             if args.per_image:
                 for photo, mae, iou in zip(r.photos, r.maes, r.ious, strict=True):

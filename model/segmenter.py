@@ -12,7 +12,7 @@ from torch import Tensor
 from model.engines import Engine, EngineOptions, load_engine, resolve_engine
 from model.postprocess import resize_maps
 from model.preprocess import preprocess
-from model.weights import SPECS
+from model.weights import SPECS, WeightsSpec
 
 __all__ = ["DTYPES", "Segmenter", "resolve_device", "resolve_dtype"]
 
@@ -31,10 +31,11 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` is float16 on CUDA and float32 on the CPU (the paths the parity tests hold to)."""
+def resolve_dtype(dtype: str, device: torch.device, spec: WeightsSpec) -> torch.dtype:
+    """``auto`` is the model's CUDA dtype on CUDA (float16 for U2NET, float32 for U2NETP, see
+    :class:`model.weights.WeightsSpec`) and float32 on the CPU: the paths the parity tests hold."""
     if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return DTYPES[spec.cuda_dtype] if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {dtype!r}")
     if DTYPES[dtype] is torch.float16 and device.type == "cpu":
@@ -63,7 +64,10 @@ class Segmenter:
         self.spec = SPECS[name]
         resolved = resolve_device(device)
         options = EngineOptions(
-            resolved, resolve_dtype(dtype, resolved), channels_last=channels_last, threads=threads
+            resolved,
+            resolve_dtype(dtype, resolved, self.spec),
+            channels_last=channels_last,
+            threads=threads,
         )
         self.engine: Engine = load_engine(
             resolve_engine(engine, options.device, options.dtype), Path(weights), name, options

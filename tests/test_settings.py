@@ -9,6 +9,7 @@ import torch
 from pydantic import ValidationError
 
 from model.segmenter import resolve_device, resolve_dtype
+from model.weights import SPECS
 from service.settings import Settings
 
 
@@ -56,13 +57,17 @@ def test_invalid_values_are_refused(kw: dict[str, object]) -> None:
 
 
 def test_dtype_and_device_resolution() -> None:
-    cpu = torch.device("cpu")
-    assert resolve_dtype("auto", cpu) is torch.float32
-    assert resolve_dtype("bfloat16", cpu) is torch.bfloat16
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    u2net, u2netp = SPECS["u2net"], SPECS["u2netp"]
+    assert resolve_dtype("auto", cpu, u2net) is torch.float32
+    # On CUDA each model's own default, chosen by the emulated parity (tests/test_parity.py).
+    assert resolve_dtype("auto", cuda, u2net) is torch.float16
+    assert resolve_dtype("auto", cuda, u2netp) is torch.float32
+    assert resolve_dtype("bfloat16", cpu, u2net) is torch.bfloat16
     with pytest.raises(ValueError, match="float16 is for CUDA"):
-        resolve_dtype("float16", cpu)
+        resolve_dtype("float16", cpu, u2net)
     with pytest.raises(ValueError, match="dtype must be"):
-        resolve_dtype("int8", cpu)
+        resolve_dtype("int8", cpu, u2net)
     if not torch.cuda.is_available():
         assert resolve_device("auto") == cpu
         with pytest.raises(RuntimeError, match="no CUDA device"):

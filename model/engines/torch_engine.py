@@ -25,6 +25,11 @@ class TorchEngine:
         self.net = net.to(self.device, self.dtype).to(memory_format=self.memory_format)  # type: ignore[call-overload]
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+            if self.dtype == torch.float32:
+                # TF32 keeps 10 mantissa bits, as float16 does: float32 is chosen where that
+                # rounding misses the parity bounds (U2NETP), so it must be real float32.
+                torch.backends.cudnn.allow_tf32 = False
+                torch.backends.cuda.matmul.allow_tf32 = False
         if options.threads and self.device.type == "cpu":
             torch.set_num_threads(options.threads)
 
