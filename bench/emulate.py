@@ -47,5 +47,5 @@ def emulated(net: U2Net, dtype: torch.dtype) -> Iterator[U2Net]:
             h.remove()
         for m, (w, b) in zip(convs, saved, strict=True):
             m.weight.data = w
-            if b is not None:
+            if m.bias is not None and b is not None:
                 m.bias.data = b

@@ -3,14 +3,19 @@
     python -m bench.http                                   # both servers, reference photos
     python -m bench.http --targets u2serve --photos 1mp 12mp --concurrency 1 4 16 64
     python -m bench.http --outputs mask --concurrency 1 4  # the issue's CPU targets
+    python -m bench.http --model u2netp --outputs mask cutout --concurrency 1 4
+    python -m bench.http --targets u2serve --variant t1:U2SERVE_THREADS=1 \
+        --variant t2:U2SERVE_THREADS=2                     # settings against each other
 
 Each server runs as a real process on 127.0.0.1. For every photo set, output and concurrency
 level, u2serve and rembg are loaded one after the other (never at once), and the script prints
-images/s, latency percentiles, errors, u2serve's mean batch size, and the ratio between the two.
+images/s, latency percentiles, errors, u2serve's mean batch size, and the ratio between the two;
+at the end, each server's peak resident memory. ``--variant NAME:VAR=VALUE,...`` adds u2serve
+processes with other settings, loaded in the same alternation.
 
 rembg (``rembg s``, CPU build) is installed by this script into ``bench/.rembg-venv`` and pointed
 at the very ``u2net.onnx`` that ``python -m weights fetch u2net`` verified, through
-``U2NET_HOME``, so it downloads nothing.
+``U2NET_HOME``, so it downloads nothing (the same for ``u2netp``).
 """
 
 from __future__ import annotations
@@ -76,13 +81,26 @@ class Target:
     url: str
     proc: subprocess.Popen[bytes]
 
+    model: str
+
+    @property
+    def is_rembg(self) -> bool:
+        return self.name == "rembg"
+
     def request(self, photo: bytes, output: str) -> tuple[str, dict[str, str], dict[str, tuple]]:
         """(path, form fields, files) for one multipart request asking for ``output``."""
-        if self.name == "u2serve":
+        if not self.is_rembg:
             return "/segment", {"output": output}, {"image": ("photo", photo, "image/jpeg")}
         # rembg's POST route reads its options from form fields only.
-        fields = {"model": "u2net"} | ({"om": "true"} if output != "cutout" else {})
+        fields = {"model": self.model} | ({"om": "true"} if output != "cutout" else {})
         return "/api/remove", fields, {"file": ("photo", photo, "image/jpeg")}
+
+    def peak_rss_mib(self) -> float:
+        """The process's peak resident memory so far (Linux: VmHWM)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
 
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes], limit_s: float) -> None:
@@ -100,7 +118,9 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], limit_s: float) -> None:
 
 
 @contextmanager
-def running(cmd: list[str], env: dict[str, str], ready_path: str, name: str) -> Iterator[Target]:
+def running(
+    cmd: list[str], env: dict[str, str], ready_path: str, name: str, model: str
+) -> Iterator[Target]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (REPO / "bench" / f".{name}.log").open("wb")
@@ -113,7 +133,7 @@ def running(cmd: list[str], env: dict[str, str], ready_path: str, name: str) -> 
     )
     try:
         _wait_http(url + ready_path, proc, 300)
-        yield Target(name, url, proc)
+        yield Target(name, url, proc, model)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -143,10 +163,10 @@ def ensure_rembg() -> Path:
     return exe
 
 
-def rembg_home() -> Path:
-    onnx = default_weights_dir() / "u2net.onnx"
+def rembg_home(model: str) -> Path:
+    onnx = default_weights_dir() / f"{model}.onnx"
     if not onnx.is_file():
-        raise SystemExit(f"{onnx} is missing: run `python -m weights fetch u2net` first")
+        raise SystemExit(f"{onnx} is missing: run `python -m weights fetch {model}` first")
     return onnx.parent
 
 
@@ -165,6 +185,19 @@ class Result:
     def images_per_s(self) -> float:
         return self.ok / self.seconds
 
+    @classmethod
+    def merge(cls, rs: list[Result]) -> Result:
+        """Several rounds of the same load as one."""
+        return cls(
+            sum(r.ok for r in rs),
+            sum(r.errors for r in rs),
+            sum(r.seconds for r in rs),
+            [x for r in rs for x in r.latencies],
+            statistics.fmean(r.batch_mean for r in rs if r.batch_mean)
+            if all(r.batch_mean for r in rs)
+            else None,
+        )
+
     def pct(self, q: float) -> float:
         if not self.latencies:
             return float("nan")
@@ -173,7 +206,7 @@ class Result:
 
 
 def _batch_stats(target: Target) -> tuple[float, float]:
-    if target.name != "u2serve":
+    if target.is_rembg:
         return 0.0, 0.0
     total = count = 0.0
     for line in httpx.get(f"{target.url}/metrics", timeout=5).text.splitlines():
@@ -233,6 +266,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--targets", nargs="+", default=["u2serve", "rembg"], choices=["u2serve", "rembg"]
     )
+    p.add_argument("--model", default="u2net", choices=["u2net", "u2netp"])
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE,...",
+        help="another u2serve process with these settings (repeatable)",
+    )
     p.add_argument("--photos", nargs="+", default=["reference"], choices=["reference", *SIZES_MP])
     p.add_argument(
         "--outputs",
@@ -251,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     env = {
-        "U2SERVE_MODEL": "u2net",
+        "U2SERVE_MODEL": args.model,
         "U2SERVE_MAX_QUEUE": "1024",
         "U2SERVE_REQUEST_TIMEOUT_S": "600",
         "U2SERVE_LOG_LEVEL": "warning",
@@ -259,10 +300,16 @@ def main(argv: list[str] | None = None) -> None:
     servers: dict[str, tuple[list[str], dict[str, str], str]] = {
         "u2serve": ([sys.executable, "-m", "service"], env, "/readyz"),
     }
+    names = list(args.targets)
+    for variant in args.variant:
+        vname, _, assignments = variant.partition(":")
+        extra = dict(kv.split("=", 1) for kv in assignments.split(",") if kv)
+        servers[vname] = ([sys.executable, "-m", "service"], env | extra, "/readyz")
+        names.append(vname)
     if "rembg" in args.targets:
         servers["rembg"] = (
             [str(ensure_rembg()), "s", "--no-ui", "--log_level", "warning"],
-            {"U2NET_HOME": str(rembg_home())},
+            {"U2NET_HOME": str(rembg_home(args.model))},
             "/api",
         )
     print(
@@ -276,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     with ExitStack() as stack:
         targets = {
-            name: stack.enter_context(running(*servers[name], name=name)) for name in args.targets
+            name: stack.enter_context(running(*servers[name], name=name, model=args.model))
+            for name in names
         }
         for photos_name in args.photos:
             photos = photo_set(photos_name)
@@ -289,31 +337,24 @@ def main(argv: list[str] | None = None) -> None:
                     for _ in range(args.rounds):
                         for name, t in targets.items():
                             results[name].append(asyncio.run(load(t, photos, output, conc, n)))
-                    rates = {}
-                    for name, rs in results.items():
-                        merged = Result(
-                            sum(r.ok for r in rs),
-                            sum(r.errors for r in rs),
-                            sum(r.seconds for r in rs),
-                            [x for r in rs for x in r.latencies],
-                            statistics.fmean(r.batch_mean for r in rs)
-                            if all(r.batch_mean for r in rs)
-                            else None,
-                        )
-                        rates[name] = merged.images_per_s
+                    merged = {name: Result.merge(rs) for name, rs in results.items()}
+                    rembg = merged.get("rembg")
+                    for name, m in merged.items():
                         ratio = (
-                            f"{rates['u2serve'] / rates['rembg']:>5.2f}x"
-                            if name == "rembg" and "u2serve" in rates
+                            f"{m.images_per_s / rembg.images_per_s:>5.2f}x"
+                            if rembg is not None and name != "rembg"
                             else ""
                         )
-                        batch = f"{merged.batch_mean:>5.2f}" if merged.batch_mean else "    -"
+                        batch = f"{m.batch_mean:>5.2f}" if m.batch_mean else "    -"
                         print(
                             f"{photos_name:9} {output:7} {conc:>4} {name:8} "
-                            f"{merged.images_per_s:>7.2f} {merged.pct(0.5):>7.2f} "
-                            f"{merged.pct(0.95):>7.2f} {merged.pct(0.99):>7.2f} "
-                            f"{merged.errors:>6} {batch} {ratio:>6}",
+                            f"{m.images_per_s:>7.2f} {m.pct(0.5):>7.2f} "
+                            f"{m.pct(0.95):>7.2f} {m.pct(0.99):>7.2f} "
+                            f"{m.errors:>6} {batch} {ratio:>6}",
                             flush=True,
                         )
+        for name, t in targets.items():
+            print(f"# {name}: peak RSS {t.peak_rss_mib():.0f} MiB")
 
 
 if __name__ == "__main__":
