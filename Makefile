@@ -11,11 +11,12 @@ SYSTEM_TOOLS := nginx dockerd docker-compose debootstrap promtool chromium
 
 .PHONY: install weights serve test lint bench system-deps
 install: $(VENV)/.installed
+# The project itself is installed editable, for the `u2serve` command; its dependencies are the
+# pinned ones installed just before.
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	# The project itself, editable, for the `u2serve` command; its dependencies are pinned above.
 	$(PY) -m pip install --quiet --no-deps --editable .
 	touch $@
 

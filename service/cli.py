@@ -103,7 +103,12 @@ def _setting_options(parser: argparse.ArgumentParser) -> None:
 
 def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The top-level parser, and ``segment``'s (whose usage its errors print)."""
-    parser = argparse.ArgumentParser(prog="u2serve", description=__doc__, allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="u2serve",
+        description="U²-Net salient-object segmentation: the HTTP service, its weights, and "
+        "folders of photos in-process.",
+        allow_abbrev=False,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("serve", help="run the HTTP service (as `python -m service`)", add_help=False)
     sub.add_parser("fetch", help="fetch and verify weights (as `python -m weights fetch`)")
