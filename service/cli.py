@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import types
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Union, get_args, get_origin
 
@@ -65,7 +66,8 @@ def _option(
     if get_origin(kind) is Literal:
         kwargs["choices"] = [str(c) for c in get_args(kind)]
     elif kind is bool:
-        kwargs.update(nargs="?", const="true", metavar="true|false")
+        # --flag / --no-flag; a value after it would swallow the INPUT that follows.
+        kwargs["action"] = argparse.BooleanOptionalAction
     else:
         kwargs["metavar"] = name.upper()
     parser.add_argument("--" + name.replace("_", "-"), **kwargs)
@@ -135,14 +137,20 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     return parser, p
 
 
+def _given(args: argparse.Namespace, prefix: str, names: Iterable[str]) -> dict[str, str]:
+    """The options given on the command line, as the strings an environment or query has."""
+    given = {}
+    for name in names:
+        value = getattr(args, prefix + name, None)
+        if value is not None:
+            given[name] = str(value).lower() if isinstance(value, bool) else str(value)
+    return given
+
+
 def _settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
-    overrides = {
-        name: getattr(args, f"setting_{name}")
-        for name in _SETTING_FLAGS
-        if getattr(args, f"setting_{name}", None) is not None
-    }
+    overrides = _given(args, "setting_", _SETTING_FLAGS)
     try:
-        return Settings(**overrides)
+        return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -154,13 +162,8 @@ def _settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Sett
 
 
 def _params(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SegmentParams:
-    given = {
-        name: getattr(args, f"param_{name}")
-        for name in SegmentParams.model_fields
-        if getattr(args, f"param_{name}") is not None
-    }
     try:
-        return parse_params(given)
+        return parse_params(_given(args, "param_", SegmentParams.model_fields))
     except InvalidParameter as exc:
         parser.error(exc.message)
 

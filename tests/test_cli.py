@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.cli import _parsers, main
+from service.cli import _parsers, _settings, main
 from service.params import SegmentParams
 
 from .conftest import REPO, reference_dir
@@ -58,10 +58,19 @@ def test_every_segment_parameter_is_an_option() -> None:
     actions = {a.dest: a for a in segment._actions}
     for name, info in SegmentParams.model_fields.items():
         action = actions[f"param_{name}"]
-        assert action.option_strings == ["--" + name.replace("_", "-")]
+        assert "--" + name.replace("_", "-") in action.option_strings
         choices = get_args(info.annotation)
         if choices:
             assert action.choices == [str(c) for c in choices]
+
+
+def test_flags_win_over_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("U2SERVE_MODEL", "u2net")
+    monkeypatch.setenv("U2SERVE_DTYPE", "bfloat16")
+    parser, segment = _parsers()
+    argv = ["segment", "in", "-o", "out", "--model", "u2netp", "--no-channels-last"]
+    s = _settings(parser.parse_args(argv), segment)
+    assert (s.model, s.channels_last, s.dtype) == ("u2netp", False, "bfloat16")
 
 
 def test_bad_parameter_or_setting_is_a_usage_error(
