@@ -2,6 +2,7 @@
 
     python -m bench.folder                       # the 18 reference photos, mask and cut-out
     python -m bench.folder --repeat 3 --rounds 2 --outputs cutout
+    python -m bench.folder --u2serve-flags "" "--torch-threads 1"   # two u2serve variants
 
 Both commands run as real processes, one after the other (never at once), each into an empty
 output folder, and are timed from start to exit: start-up and loading the model included, as an
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -40,9 +42,11 @@ def make_folder(root: Path, repeat: int) -> int:
 def commands(
     target: str, output: str, folder: Path, out: Path, model: str
 ) -> tuple[list[str], dict[str, str]]:
-    if target == "u2serve":
+    """``target`` is ``rembg``, or ``u2serve`` followed by extra flags for it."""
+    if target.startswith("u2serve"):
         cmd = [sys.executable, "-m", "service.cli", "segment", str(folder), "-o", str(out)]
-        return [*cmd, "-q", "--model", model, "--output", output], {}
+        extra = shlex.split(target.removeprefix("u2serve"))
+        return [*cmd, "-q", "--model", model, "--output", output, *extra], {}
     cmd = [str(ensure_rembg()), "p", "-m", model, *(["-om"] if output == "mask" else [])]
     return [*cmd, str(folder), str(out)], {"U2NET_HOME": str(rembg_home())}
 
@@ -69,6 +73,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=1, help="copies of the 18 photos in the folder")
     p.add_argument("--rounds", type=int, default=1, help="alternations per output")
     p.add_argument("--model", default="u2net", choices=["u2net"], help="rembg's name for it")
+    p.add_argument(
+        "--u2serve-flags",
+        nargs="+",
+        default=[""],
+        metavar="FLAGS",
+        help='one u2serve run per entry, with these extra flags (e.g. "" "--torch-threads 1")',
+    )
     args = p.parse_args(argv)
 
     ensure_rembg()
@@ -76,12 +87,14 @@ def main(argv: list[str] | None = None) -> None:
         f"# {time.strftime('%Y-%m-%d')}, {platform.node()}, {platform.machine()}, "
         f"{os.cpu_count()} cores; model {args.model}"
     )
-    print(f"{'output':7} {'round':>5} {'target':8} {'images':>6} {'seconds':>8} {'img/s':>7}")
+    targets = [f"u2serve {f}".strip() for f in args.u2serve_flags] + ["rembg"]
+    width = max(len(t) for t in targets)
+    print(f"{'output':7} {'round':>5} {'target':{width}} {'images':>6} {'seconds':>8} {'img/s':>7}")
     with tempfile.TemporaryDirectory(prefix="u2serve-bench-") as tmp:
         folder = Path(tmp) / "photos"
         n = make_folder(folder, args.repeat)
         for output in args.outputs:
-            totals = {"u2serve": 0.0, "rembg": 0.0}
+            totals = dict.fromkeys(targets, 0.0)
             for r in range(args.rounds):
                 for target in totals:
                     out = Path(tmp) / f"out-{target}"
@@ -91,17 +104,18 @@ def main(argv: list[str] | None = None) -> None:
                         raise SystemExit(f"{target} wrote {written} files for {n} photos")
                     totals[target] += seconds
                     print(
-                        f"{output:7} {r + 1:>5} {target:8} {n:>6} {seconds:>8.1f} "
+                        f"{output:7} {r + 1:>5} {target:{width}} {n:>6} {seconds:>8.1f} "
                         f"{n / seconds:>7.2f}",
                         flush=True,
                     )
-            rates = {t: n * args.rounds / s for t, s in totals.items()}
-            print(
-                f"{output:7} {'all':>5} u2serve {rates['u2serve']:.2f} img/s, rembg "
-                f"{rates['rembg']:.2f} img/s: u2serve / rembg = "
-                f"{rates['u2serve'] / rates['rembg']:.2f}x",
-                flush=True,
-            )
+            rembg = n * args.rounds / totals["rembg"]
+            for target in targets[:-1]:
+                rate = n * args.rounds / totals[target]
+                print(
+                    f"{output:7} {'all':>5} {target}: {rate:.2f} img/s, rembg p {rembg:.2f} "
+                    f"img/s, ratio {rate / rembg:.2f}x",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

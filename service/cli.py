@@ -168,11 +168,9 @@ def _params(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Segmen
         parser.error(exc.message)
 
 
-def _stop_on_sigterm() -> None:
-    def handler(signum: int, frame: types.FrameType | None) -> NoReturn:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
+def _interrupt(signum: int, frame: types.FrameType | None) -> NoReturn:
+    """SIGTERM stops a run as Ctrl-C does."""
+    raise KeyboardInterrupt
 
 
 def _segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -187,14 +185,13 @@ def _segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     )
     for name in Settings.unknown_variables(os.environ):
         log.warning("%s is not a setting and is ignored", name)
-    _stop_on_sigterm()
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     summary = Summary()
     try:
         tasks = plan(args.inputs, args.out_dir, recursive=args.recursive, summary=summary)
+        todo = outstanding(tasks, params, summary, overwrite=args.overwrite)
         for path, reason in summary.failed:
             print(f"failed: {path}: {reason}", file=sys.stderr)
-        todo = outstanding(tasks, params, overwrite=args.overwrite)
-        summary.skipped = len(tasks) - len(todo)
         if todo:
             try:
                 segmenter = load_segmenter(settings)
@@ -213,6 +210,8 @@ def _segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             )
     except KeyboardInterrupt:
         summary.interrupted = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(summary.line(), file=sys.stderr)
     if summary.interrupted:
         return _INTERRUPTED

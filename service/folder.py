@@ -111,6 +111,8 @@ def plan(inputs: Iterable[Path], out_dir: Path, *, recursive: bool, summary: Sum
     for given in inputs:
         if given.is_file():
             tasks.append(Task(given, out_dir / given.stem))
+        elif given.is_dir() and given.resolve() == out_resolved:
+            summary.failed.append((given, "is also the output folder: give -o another one"))
         elif given.is_dir():
             for path in _scan(given, recursive, out_resolved):
                 if path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -133,12 +135,22 @@ def plan(inputs: Iterable[Path], out_dir: Path, *, recursive: bool, summary: Sum
     return unique
 
 
-def outstanding(tasks: list[Task], params: SegmentParams, *, overwrite: bool) -> list[Task]:
-    """The tasks whose output does not exist yet (all of them with ``overwrite``)."""
-    if overwrite:
-        return list(tasks)
+def outstanding(
+    tasks: list[Task], params: SegmentParams, summary: Summary, *, overwrite: bool
+) -> list[Task]:
+    """The tasks whose output does not exist yet (all of them with ``overwrite``); the others
+    are counted as skipped, and one whose output would replace its own input as failed."""
     planned = suffix_for(MEDIA_TYPES.get(params.format, "application/octet-stream"))
-    return [t for t in tasks if not t.target(planned).exists()]
+    todo = []
+    for task in tasks:
+        target = task.target(planned)
+        if target.resolve() == task.source.resolve():
+            summary.failed.append((task.source, "its output would replace it"))
+        elif overwrite or not target.exists():
+            todo.append(task)
+        else:
+            summary.skipped += 1
+    return todo
 
 
 def _read(path: Path, max_pixels: int) -> DecodedImage:

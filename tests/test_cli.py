@@ -164,6 +164,19 @@ def test_named_files_and_missing_inputs(u2netp_weights: Path, tmp_path: Path) ->
     assert (out / "girl.png").is_file()
 
 
+def test_never_writes_over_an_input(
+    u2netp_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "in"
+    (photo,) = photos(folder, SMALL[:1])  # girl.png, whose mask would be girl.png
+    before = photo.read_bytes()
+    assert main(["segment", str(folder), "-o", str(folder), "-q", *flags(u2netp_weights)]) == 1
+    assert "is also the output folder" in capsys.readouterr().err
+    assert main(["segment", str(photo), "-o", str(folder), "-q", *flags(u2netp_weights)]) == 1
+    assert "its output would replace it" in capsys.readouterr().err
+    assert photo.read_bytes() == before
+
+
 def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(
     u2netp_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
