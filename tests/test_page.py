@@ -131,6 +131,13 @@ def test_page_segments_a_photo_like_the_api(
     assert isinstance(p, Page)
     photo = reference_dir() / "images" / HORSE
     p.goto(server + "/")
+    expect(p.locator("#options select").first).to_be_visible()
+    # Every control has a label (or an aria-label) for screen readers.
+    unlabelled = p.locator("input, select, button").evaluate_all(
+        "els => els.filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')"
+        " && !e.textContent.trim()).map(e => e.outerHTML)"
+    )
+    assert unlabelled == []
     # The options come from /openapi.json; set a few through their labels, as a person would.
     p.get_by_label("output", exact=True).select_option("cutout")
     p.get_by_label("threshold", exact=True).fill("0.3")
