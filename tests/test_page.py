@@ -185,6 +185,12 @@ def test_page_segments_a_photo_like_the_api(
     shot = tmp_path / "page.png"
     p.screenshot(path=str(shot), full_page=True)
     _keep(shot)
+    # A phone's width: everything fits, nothing scrolls sideways.
+    p.set_viewport_size({"width": 390, "height": 844})
+    assert p.evaluate("document.documentElement.scrollWidth") <= 390
+    phone = tmp_path / "page-phone.png"
+    p.screenshot(path=str(phone), full_page=True)
+    _keep(phone)
     assert elsewhere == []
 
 
