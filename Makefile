@@ -4,16 +4,20 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODELS ?= u2net u2netp
 
-# What the integration tests start for real: nginx, a Docker engine, docker-compose, promtool.
-SYSTEM_PACKAGES := nginx-light docker.io docker-compose debootstrap prometheus
-SYSTEM_TOOLS := nginx dockerd docker-compose debootstrap promtool
+# What the integration tests start for real: nginx, a Docker engine, docker-compose, promtool,
+# and the browser the page's test drives.
+SYSTEM_PACKAGES := nginx-light docker.io docker-compose debootstrap prometheus chromium
+SYSTEM_TOOLS := nginx dockerd docker-compose debootstrap promtool chromium
 
 .PHONY: install weights serve test lint bench system-deps
 install: $(VENV)/.installed
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# The project itself is installed editable, for the `u2serve` command; its dependencies are the
+# pinned ones installed just before.
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps --editable .
 	touch $@
 
 weights: install

@@ -167,6 +167,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the model is loaded when its lifespan starts, not here."""
+    from service.pages import install_pages
     from service.routes import router
 
     settings = settings or Settings()
@@ -175,6 +176,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="U²-Net salient-object segmentation over HTTP, with dynamic batching",
         version="0.1.0",
         lifespan=_lifespan,
+        # Served by install_pages from the package's own files, not from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.runtime = Runtime(settings)
     if settings.cors_origins:
@@ -187,4 +191,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     _install_error_handlers(app)
     app.include_router(router)
+    install_pages(app)
     return app

@@ -1,0 +1,122 @@
+"""A folder of photos through ``u2serve segment`` and through ``rembg p``, same folder, same run.
+
+    python -m bench.folder                       # the 18 reference photos, mask and cut-out
+    python -m bench.folder --repeat 3 --rounds 2 --outputs cutout
+    python -m bench.folder --u2serve-flags "" "--threads 1"   # two u2serve variants
+
+Both commands run as real processes, one after the other (never at once), each into an empty
+output folder, and are timed from start to exit: start-up and loading the model included, as an
+operator would see them. rembg is the copy that ``bench.http`` installs into ``bench/.rembg-venv``,
+pointed through ``U2NET_HOME`` at the very ``u2net.onnx`` that ``python -m weights fetch u2net``
+verified, so both use the same weights. ``output=mask`` is compared with ``rembg p -om`` (its
+soft mask), ``output=cutout`` with its default RGBA cut-out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.http import REFERENCE, REPO, ensure_rembg, rembg_home
+
+
+def make_folder(root: Path, repeat: int) -> int:
+    """``repeat`` copies of the reference photos under distinct names; how many there are."""
+    root.mkdir(parents=True)
+    n = 0
+    for i in range(repeat):
+        for photo in sorted(REFERENCE.iterdir()):
+            shutil.copyfile(photo, root / f"{i:02d}-{photo.name}")
+            n += 1
+    return n
+
+
+def commands(
+    target: str, output: str, folder: Path, out: Path, model: str
+) -> tuple[list[str], dict[str, str]]:
+    """``target`` is ``rembg``, or ``u2serve`` followed by extra flags for it."""
+    if target.startswith("u2serve"):
+        cmd = [sys.executable, "-m", "service.cli", "segment", str(folder), "-o", str(out)]
+        extra = shlex.split(target.removeprefix("u2serve"))
+        return [*cmd, "-q", "--model", model, "--output", output, *extra], {}
+    cmd = [str(ensure_rembg()), "p", "-m", model, *(["-om"] if output == "mask" else [])]
+    return [*cmd, str(folder), str(out)], {"U2NET_HOME": str(rembg_home())}
+
+
+def timed(cmd: list[str], env: dict[str, str], out: Path) -> tuple[float, int]:
+    """Seconds from start to exit, and how many files it wrote."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stderr.decode()[-2000:]}")
+    return seconds, sum(1 for p in out.rglob("*") if p.is_file())
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.folder",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--outputs", nargs="+", default=["mask", "cutout"], choices=["mask", "cutout"])
+    p.add_argument("--repeat", type=int, default=1, help="copies of the 18 photos in the folder")
+    p.add_argument("--rounds", type=int, default=1, help="alternations per output")
+    p.add_argument("--model", default="u2net", choices=["u2net"], help="rembg's name for it")
+    p.add_argument(
+        "--u2serve-flags",
+        nargs="+",
+        default=[""],
+        metavar="FLAGS",
+        help='one u2serve run per entry, with these extra flags (e.g. "" "--threads 1")',
+    )
+    args = p.parse_args(argv)
+
+    ensure_rembg()
+    print(
+        f"# {time.strftime('%Y-%m-%d')}, {platform.node()}, {platform.machine()}, "
+        f"{os.cpu_count()} cores; model {args.model}"
+    )
+    targets = [f"u2serve {f}".strip() for f in args.u2serve_flags] + ["rembg"]
+    width = max(len(t) for t in targets)
+    print(f"{'output':7} {'round':>5} {'target':{width}} {'images':>6} {'seconds':>8} {'img/s':>7}")
+    with tempfile.TemporaryDirectory(prefix="u2serve-bench-") as tmp:
+        folder = Path(tmp) / "photos"
+        n = make_folder(folder, args.repeat)
+        for output in args.outputs:
+            totals = dict.fromkeys(targets, 0.0)
+            for r in range(args.rounds):
+                for target in totals:
+                    out = Path(tmp) / f"out-{target}"
+                    cmd, env = commands(target, output, folder, out, args.model)
+                    seconds, written = timed(cmd, env, out)
+                    if written != n:
+                        raise SystemExit(f"{target} wrote {written} files for {n} photos")
+                    totals[target] += seconds
+                    print(
+                        f"{output:7} {r + 1:>5} {target:{width}} {n:>6} {seconds:>8.1f} "
+                        f"{n / seconds:>7.2f}",
+                        flush=True,
+                    )
+            rembg = n * args.rounds / totals["rembg"]
+            for target in targets[:-1]:
+                rate = n * args.rounds / totals[target]
+                print(
+                    f"{output:7} {'all':>5} {target}: {rate:.2f} img/s, rembg p {rembg:.2f} "
+                    f"img/s, ratio {rate / rembg:.2f}x",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()

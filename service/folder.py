@@ -1,0 +1,278 @@
+"""Files and folders of photos through the model in-process (``u2serve segment``).
+
+The same stages as a request, without HTTP: ``decode`` → ``run_batch`` → ``render``, so a file's
+output is byte for byte what ``POST /segment`` answers for it with the same parameters. Reading and
+decoding the next photos, and encoding and writing the last ones, run in a thread pool while the
+model works on the current batch; at most a few photos are in flight, whatever the folder's size.
+An output is written to a hidden temporary name and renamed when complete, so an interrupted run
+leaves only whole files, and the next run skips them.
+"""
+
+from __future__ import annotations
+
+import logging
+import mimetypes
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.segmenter import Segmenter
+from service.decode import DecodedImage, decode
+from service.encode import MEDIA_TYPES, render
+from service.errors import ServiceError
+from service.infer import Job, run_batch
+from service.params import SegmentParams
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "Summary",
+    "Task",
+    "outstanding",
+    "plan",
+    "segment_files",
+    "suffix_for",
+]
+
+log = logging.getLogger("u2serve")
+
+# What a folder scan picks up; other files are counted as ignored. Files named on the command
+# line are always tried, whatever their name.
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+)
+_SUFFIXES = {"image/png": ".png", "image/webp": ".webp", "image/jpeg": ".jpg"}
+
+
+def suffix_for(media_type: str) -> str:
+    """The file name extension of an answer's media type."""
+    base = media_type.split(";")[0].strip().lower()
+    return _SUFFIXES.get(base) or mimetypes.guess_extension(base) or ".bin"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One photo and where its output goes: ``stem`` plus the suffix of the answer's type."""
+
+    source: Path
+    stem: Path
+
+    def target(self, suffix: str) -> Path:
+        return self.stem.parent / (self.stem.name + suffix)
+
+
+@dataclass
+class Summary:
+    written: int = 0
+    skipped: int = 0
+    ignored: int = 0
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    def line(self) -> str:
+        rate = self.written / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"{self.written} written, {self.skipped} skipped (already done), "
+            f"{len(self.failed)} failed, {self.ignored} ignored (not images by name) "
+            f"in {self.seconds:.1f} s ({rate:.2f} images/s)"
+            + ("; interrupted" if self.interrupted else "")
+        )
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _scan(folder: Path, recursive: bool, skip: Path) -> Iterator[Path]:
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue  # hidden files, and our own temporary ones
+        if entry.is_dir():
+            if recursive and not _is_within(entry.resolve(), skip):
+                yield from _scan(entry, recursive, skip)
+        elif entry.is_file():
+            yield entry
+
+
+def plan(inputs: Iterable[Path], out_dir: Path, *, recursive: bool, summary: Summary) -> list[Task]:
+    """The work for ``inputs`` (files, and folders whose image files map into ``out_dir`` under
+    their relative paths); missing inputs and clashing outputs are recorded as failed."""
+    tasks: list[Task] = []
+    out_resolved = out_dir.resolve()
+    for given in inputs:
+        if given.is_file():
+            tasks.append(Task(given, out_dir / given.stem))
+        elif given.is_dir() and given.resolve() == out_resolved:
+            summary.failed.append((given, "is also the output folder: give -o another one"))
+        elif given.is_dir():
+            for path in _scan(given, recursive, out_resolved):
+                if path.suffix.lower() not in IMAGE_SUFFIXES:
+                    summary.ignored += 1
+                    continue
+                rel = path.relative_to(given)
+                tasks.append(Task(path, out_dir / rel.parent / rel.stem))
+        else:
+            summary.failed.append((given, "no such file or folder"))
+    unique: list[Task] = []
+    first: dict[Path, Path] = {}
+    for task in tasks:
+        if task.stem in first:
+            summary.failed.append(
+                (task.source, f"its output would overwrite that of {first[task.stem]}")
+            )
+        else:
+            first[task.stem] = task.source
+            unique.append(task)
+    return unique
+
+
+def outstanding(
+    tasks: list[Task], params: SegmentParams, summary: Summary, *, overwrite: bool
+) -> list[Task]:
+    """The tasks whose output does not exist yet (all of them with ``overwrite``); the others
+    are counted as skipped, and one whose output would replace its own input as failed."""
+    planned = suffix_for(MEDIA_TYPES.get(params.format, "application/octet-stream"))
+    todo = []
+    for task in tasks:
+        target = task.target(planned)
+        if target.resolve() == task.source.resolve():
+            summary.failed.append((task.source, "its output would replace it"))
+        elif overwrite or not target.exists():
+            todo.append(task)
+        else:
+            summary.skipped += 1
+    return todo
+
+
+def _read(path: Path, max_pixels: int) -> DecodedImage:
+    return decode(path.read_bytes(), max_pixels=max_pixels)
+
+
+def _write(task: Task, levels: np.ndarray, image: DecodedImage, params: SegmentParams) -> Path:
+    answer = render(levels, image, params)
+    target = task.target(suffix_for(answer.media_type))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.parent / f".{target.name}.{os.getpid()}.part"
+    try:
+        partial.write_bytes(answer.body)
+        partial.replace(target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ServiceError):
+        return f"{exc.code}: {exc.message}"
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+    return f"{type(exc).__name__}: {exc}"
+
+
+def segment_files(
+    segmenter: Segmenter,
+    tasks: list[Task],
+    params: SegmentParams,
+    summary: Summary,
+    *,
+    max_pixels: int,
+    batch_size: int = 1,
+    threads: int = 2,
+    progress: bool = True,
+) -> Summary:
+    """Segment every task (see ``outstanding``), recording what happened in ``summary``.
+
+    A ``KeyboardInterrupt`` stops it: photos not yet decoded are dropped, outputs being written
+    are finished, and ``summary.interrupted`` is set."""
+    start = time.monotonic()
+    window = max(2 * threads, 2 * batch_size)  # decodes ahead of the model
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="u2serve-codec")
+    bar = tqdm(
+        total=len(tasks),
+        unit="img",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        smoothing=0.1,
+        # Images per second throughout, where tqdm would switch to seconds per image.
+        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, "
+        "{rate_noinv_fmt}{postfix}]",
+    )
+    ahead: deque[tuple[Task, Future[DecodedImage]]] = deque()
+    writing: dict[Future[Path], Task] = {}
+    pending = iter(tasks)
+
+    def fail(task: Task, exc: BaseException) -> None:
+        summary.failed.append((task.source, _reason(exc)))
+        bar.write(f"failed: {task.source}: {_reason(exc)}", file=sys.stderr)
+        bar.set_postfix(failed=len(summary.failed), refresh=False)
+        bar.update(1)
+
+    def fill() -> None:
+        while len(ahead) < window:
+            task = next(pending, None)
+            if task is None:
+                return
+            ahead.append((task, pool.submit(_read, task.source, max_pixels)))
+
+    def reap(limit: int) -> None:
+        """Collect finished writes; block while more than ``limit`` are outstanding."""
+        while writing:
+            done, _ = wait(list(writing), timeout=None if len(writing) > limit else 0)
+            if not done:
+                return
+            for fut in done:
+                task = writing.pop(fut)
+                exc = fut.exception()
+                if exc is not None:
+                    fail(task, exc)
+                else:
+                    summary.written += 1
+                    bar.update(1)
+
+    try:
+        fill()
+        while ahead:
+            batch: list[tuple[Task, DecodedImage]] = []
+            while ahead and len(batch) < batch_size:
+                task, fut = ahead.popleft()
+                try:
+                    batch.append((task, fut.result()))
+                except Exception as exc:  # one bad file is reported and skipped, not fatal
+                    fail(task, exc)
+                fill()
+            if not batch:
+                continue
+            jobs = [Job(torch.from_numpy(image.model_rgb), params) for _, image in batch]
+            try:
+                maps = run_batch(segmenter, jobs)
+            except Exception as exc:
+                log.exception("inference failed for a batch of %d", len(batch))
+                for task, _ in batch:
+                    fail(task, exc)
+                continue
+            for (task, image), levels in zip(batch, maps, strict=True):
+                writing[pool.submit(_write, task, levels.numpy(), image, params)] = task
+            reap(limit=2 * threads)
+        reap(limit=0)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        for _, fut in ahead:
+            fut.cancel()
+        # Outputs already being encoded are finished (and renamed) rather than abandoned.
+        reap(limit=0)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+        summary.seconds += time.monotonic() - start
+    return summary

@@ -1,0 +1,260 @@
+"""``u2serve``: segment folders in-process (outputs identical to the API's, failures reported and
+skipped, resumption, exit statuses, Ctrl-C), and the ``serve``/``fetch`` pass-throughs."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from importlib import import_module
+from pathlib import Path
+from typing import get_args
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.cli import _parsers, _settings, main
+from service.params import SegmentParams
+
+from .conftest import REPO, reference_dir
+from .procs import free_port, wait_ready
+from .test_api import running, settings
+
+SMALL = ["girl.png", "rifle2.jpeg", "long.jpg"]  # small photos keep this quick
+
+
+def flags(weights: Path) -> list[str]:
+    return ["--model", "u2netp", "--weights", str(weights), "--device", "cpu"]
+
+
+def photos(folder: Path, names: list[str] = SMALL) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy(reference_dir() / "images" / n, folder / n)) for n in names]
+
+
+def with_alpha(path: Path) -> Path:
+    """A photo whose left quarter is transparent: a cut-out keeps an input's own alpha."""
+    rgba = Image.open(path).convert("RGBA")
+    alpha = np.full((rgba.height, rgba.width), 255, np.uint8)
+    alpha[:, : rgba.width // 4] = 0
+    rgba.putalpha(Image.fromarray(alpha))
+    out = path.with_name(path.stem + "-alpha.png")
+    rgba.save(out)
+    return out
+
+
+# -- options -------------------------------------------------------------------------------------
+
+
+def test_every_segment_parameter_is_an_option() -> None:
+    _, segment = _parsers()
+    actions = {a.dest: a for a in segment._actions}
+    for name, info in SegmentParams.model_fields.items():
+        action = actions[f"param_{name}"]
+        assert "--" + name.replace("_", "-") in action.option_strings
+        choices = get_args(info.annotation)
+        if choices:
+            assert action.choices == [str(c) for c in choices]
+
+
+def test_flags_win_over_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("U2SERVE_MODEL", "u2net")
+    monkeypatch.setenv("U2SERVE_DTYPE", "bfloat16")
+    parser, segment = _parsers()
+    argv = ["segment", "in", "-o", "out", "--model", "u2netp", "--no-channels-last"]
+    s = _settings(parser.parse_args(argv), segment)
+    assert (s.model, s.channels_last, s.dtype) == ("u2netp", False, "bfloat16")
+
+
+def test_bad_parameter_or_setting_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photos(tmp_path / "in", SMALL[:1])
+    for extra, message in [
+        (["--threshold", "2"], "threshold"),
+        (["--device", "gpu"], "--device / U2SERVE_DEVICE"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(["segment", str(tmp_path / "in"), "-o", str(tmp_path / "out"), *extra])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# -- outputs -------------------------------------------------------------------------------------
+
+
+async def test_outputs_are_the_apis_bytes(u2netp_weights: Path, tmp_path: Path) -> None:
+    sources = photos(tmp_path / "in", SMALL[:1])
+    sources.append(with_alpha(sources[0]))
+    cases = [
+        {"output": "mask"},
+        {"output": "probability", "format": "webp"},
+        {"output": "cutout", "threshold": "0.3"},
+    ]
+    async with running(settings(u2netp_weights)) as (_, client):
+        for i, params in enumerate(cases):
+            out = tmp_path / f"out{i}"
+            options = [f for k, v in params.items() for f in (f"--{k}", v)]
+            argv = ["segment", str(tmp_path / "in"), "-o", str(out), "-q", *options]
+            assert main([*argv, *flags(u2netp_weights)]) == 0
+            suffix = "." + params.get("format", "png")
+            for src in sources:
+                r = await client.post(
+                    "/segment", params=params, files={"image": (src.name, src.read_bytes())}
+                )
+                assert r.status_code == 200, r.text
+                assert (out / (src.stem + suffix)).read_bytes() == r.content, (params, src.name)
+
+
+# -- folders, failures, resumption ---------------------------------------------------------------
+
+
+def make_folder(root: Path) -> None:
+    photos(root, SMALL[:2])
+    photos(root / "sub", SMALL[2:])
+    good = (reference_dir() / "images" / "horse.jpg").read_bytes()
+    (root / "broken.jpg").write_bytes(good[: len(good) // 3])  # truncated
+    (root / "fake.png").write_text("a text file with an image's name")
+    (root / "notes.txt").write_text("not an image by name: ignored")
+    (root / ".hidden.jpg").write_bytes(good)  # hidden files are left alone
+
+
+def test_folder_with_broken_files_and_resumption(
+    u2netp_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, out = tmp_path / "photos", tmp_path / "out"
+    make_folder(src)
+    args = ["segment", str(src), "-o", str(out), "-q", *flags(u2netp_weights)]
+
+    assert main(args) == 1  # some files failed
+    err = capsys.readouterr().err
+    assert f"failed: {src / 'broken.jpg'}: unsupported_image" in err
+    assert f"failed: {src / 'fake.png'}: unsupported_image" in err
+    assert "2 written, 0 skipped (already done), 2 failed, 1 ignored" in err
+    assert sorted(p.name for p in out.iterdir()) == ["girl.png", "rifle2.png"]  # not recursive
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main([*args, "--recursive"]) == 1
+    assert "1 written, 2 skipped (already done), 2 failed, 1 ignored" in capsys.readouterr().err
+    assert (out / "sub" / "long.png").is_file()
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # done files untouched
+
+    for bad in ("broken.jpg", "fake.png"):
+        (src / bad).unlink()
+    assert main([*args, "--recursive", "--overwrite"]) == 0
+    assert "3 written, 0 skipped (already done), 0 failed, 1 ignored" in capsys.readouterr().err
+    assert not list(out.rglob(".*"))  # no temporary files left
+
+
+def test_named_files_and_missing_inputs(u2netp_weights: Path, tmp_path: Path) -> None:
+    (photo,) = photos(tmp_path / "in", SMALL[:1])
+    out = tmp_path / "out"
+    missing = tmp_path / "nowhere"
+    argv = ["segment", str(photo), str(missing), "-o", str(out), "-q"]
+    status = main([*argv, *flags(u2netp_weights)])
+    assert status == 1  # the missing input counts as a failure; the photo is still done
+    assert (out / "girl.png").is_file()
+
+
+def test_never_writes_over_an_input(
+    u2netp_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "in"
+    (photo,) = photos(folder, SMALL[:1])  # girl.png, whose mask would be girl.png
+    before = photo.read_bytes()
+    assert main(["segment", str(folder), "-o", str(folder), "-q", *flags(u2netp_weights)]) == 1
+    assert "is also the output folder" in capsys.readouterr().err
+    assert main(["segment", str(photo), "-o", str(folder), "-q", *flags(u2netp_weights)]) == 1
+    assert "its output would replace it" in capsys.readouterr().err
+    assert photo.read_bytes() == before
+
+
+def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(
+    u2netp_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, out = tmp_path / "photos", tmp_path / "out"
+    names = [f"{i:02d}-{n}" for i in range(4) for n in SMALL]  # 12 photos
+    src.mkdir()
+    for name in names:
+        shutil.copy(reference_dir() / "images" / name[3:], src / name)
+    args = ["segment", str(src), "-o", str(out), *flags(u2netp_weights)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    end = time.monotonic() + 120
+    while not (out.is_dir() and any(out.glob("*.png"))):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < end, "no output within 120 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert "img/s" in err  # the progress bar
+    done = sorted(out.iterdir())
+    assert 0 < len(done) < len(names)
+    assert all(not p.name.startswith(".") for p in done), done  # nothing half-written
+    for p in done:
+        with Image.open(p) as im:
+            im.load()  # every file written is whole
+
+    assert main([*args, "-q"]) == 0
+    assert f"{len(names) - len(done)} written, {len(done)} skipped" in capsys.readouterr().err
+    assert len(list(out.iterdir())) == len(names)
+
+
+# -- serve and fetch -----------------------------------------------------------------------------
+
+
+def test_console_script_is_this_main() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    module, _, name = project["project"]["scripts"]["u2serve"].partition(":")
+    assert getattr(import_module(module), name) is main
+
+
+def test_fetch_is_python_m_weights_fetch(u2netp_weights: Path) -> None:
+    # Already there and verified: nothing is downloaded.
+    assert main(["fetch", "u2netp", "--dir", str(u2netp_weights.parent)]) == 0
+
+
+@pytest.mark.integration
+def test_serve_is_python_m_service(u2netp_weights: Path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "U2SERVE_MODEL": "u2netp",
+        "U2SERVE_WEIGHTS": str(u2netp_weights),
+        "U2SERVE_DEVICE": "cpu",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        photo = (reference_dir() / "images" / SMALL[0]).read_bytes()
+        r = httpx.post(f"{url}/segment", files={"image": ("p", photo)}, timeout=60)
+        assert r.status_code == 200
+        assert Image.open(io.BytesIO(r.content)).size == (400, 267)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0  # drained, as python -m service does
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)

@@ -1,0 +1,210 @@
+"""The page at ``/`` and the docs at ``/docs`` in a real browser (Debian's chromium, driven by
+Playwright), against a real server process, with every request off the server refused."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import reference_dir, require_system_tool
+from .procs import free_port, start, wait_ready
+
+pytestmark = pytest.mark.integration
+
+API_KEY = "page-test-key"
+HORSE = "horse.jpg"  # 770×595
+# Where a person finds the screenshots after a run, besides pytest's own tmp dir.
+SCREENSHOTS = Path(tempfile.gettempdir()) / "u2serve-screenshots"
+
+# The alpha channel of the page's result image, as the browser decoded it.
+_ALPHA_JS = """(img) => {
+  const c = document.createElement("canvas");
+  c.width = img.naturalWidth;
+  c.height = img.naturalHeight;
+  const ctx = c.getContext("2d", { willReadFrequently: true });
+  ctx.drawImage(img, 0, 0);
+  const rgba = ctx.getImageData(0, 0, c.width, c.height).data;
+  let s = "";
+  for (let i = 3; i < rgba.length; i += 4) s += String.fromCharCode(rgba[i]);
+  return btoa(s);
+}"""
+
+
+@pytest.fixture(scope="module")
+def server(u2netp_weights: Path) -> Iterator[str]:
+    port = free_port()
+    proc = start(
+        {
+            "U2SERVE_MODEL": "u2netp",
+            "U2SERVE_WEIGHTS": str(u2netp_weights),
+            "U2SERVE_DEVICE": "cpu",
+            "U2SERVE_MAX_BATCH_WAIT_MS": "0",
+            "U2SERVE_API_KEY": API_KEY,
+        },
+        port,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    chromium = require_system_tool("chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(
+            executable_path=chromium,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser: object, server: str) -> Iterator[tuple[object, list[str]]]:
+    """A fresh page that may reach the server and nothing else; the list collects what it tried
+    to fetch from elsewhere (a CDN, fonts), which must stay empty."""
+    from playwright.sync_api import Browser, Route
+
+    assert isinstance(browser, Browser)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    elsewhere: list[str] = []
+
+    def only_the_server(route: Route) -> None:
+        if route.request.url.startswith(server + "/"):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_the_server)
+    p = context.new_page()
+    p.set_default_timeout(60_000)
+    try:
+        yield p, elsewhere
+    finally:
+        context.close()
+
+
+def _keep(shot: Path) -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    copy = SCREENSHOTS / shot.name
+    shutil.copyfile(shot, copy)
+    print(f"screenshot: {copy}")
+    return copy
+
+
+def _alpha(png: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.mode == "RGBA"
+        return np.asarray(im)[..., 3]
+
+
+def test_page_segments_a_photo_like_the_api(
+    page: tuple[object, list[str]], server: str, tmp_path: Path
+) -> None:
+    from playwright.sync_api import Page, expect
+
+    p, elsewhere = page
+    assert isinstance(p, Page)
+    photo = reference_dir() / "images" / HORSE
+    p.goto(server + "/")
+    expect(p.locator("#options select").first).to_be_visible()
+    # Every control has a label (or an aria-label) for screen readers.
+    unlabelled = p.locator("input, select, button").evaluate_all(
+        "els => els.filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')"
+        " && !e.textContent.trim()).map(e => e.outerHTML)"
+    )
+    assert unlabelled == []
+    # The options come from /openapi.json; set a few through their labels, as a person would.
+    p.get_by_label("output", exact=True).select_option("cutout")
+    p.get_by_label("threshold", exact=True).fill("0.3")
+
+    # No key yet: the service's 401 is shown and the key field is opened and focused.
+    p.get_by_label("Images").set_input_files(str(photo))
+    first = p.locator(".result").first
+    expect(first).to_have_attribute("data-state", "error")
+    expect(first.get_by_role("alert")).to_contain_text("unauthorized")
+    expect(p.get_by_label("API key")).to_be_focused()
+
+    p.get_by_label("API key").fill(API_KEY)
+    p.get_by_role("button", name="Segment").click()
+    result = p.locator(".result").first
+    expect(result).to_have_attribute("data-state", "done")
+    shown = result.locator("img.output")
+    size = shown.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    with Image.open(photo) as im:
+        assert size == list(im.size)
+    expect(result.locator(".timing")).to_contain_text("infer")
+    expect(result.locator("a.download")).to_have_attribute("download", "horse.png")
+
+    answer = httpx.post(
+        f"{server}/segment",
+        params={"output": "cutout", "threshold": "0.3"},
+        files={"image": (HORSE, photo.read_bytes(), "image/jpeg")},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=120,
+    )
+    assert answer.status_code == 200, answer.text
+    expected = _alpha(answer.content)
+    seen = np.frombuffer(base64.b64decode(shown.evaluate(_ALPHA_JS)), np.uint8)
+    assert seen.size == expected.size
+    np.testing.assert_array_equal(seen.reshape(expected.shape), expected)
+    assert 0 < (expected > 0).mean() < 1  # a real cut-out, not all or nothing
+
+    # A file that is no image: the service's own message is shown.
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a photo")
+    p.get_by_label("Images").set_input_files(str(bad))
+    failed = p.locator(".result").first
+    expect(failed).to_have_attribute("data-state", "error")
+    expect(failed.get_by_role("alert")).to_contain_text("unsupported_image: not an image")
+
+    shot = tmp_path / "page.png"
+    p.screenshot(path=str(shot), full_page=True)
+    _keep(shot)
+    # A phone's width: everything fits, nothing scrolls sideways.
+    p.set_viewport_size({"width": 390, "height": 844})
+    assert p.evaluate("document.documentElement.scrollWidth") <= 390
+    phone = tmp_path / "page-phone.png"
+    p.screenshot(path=str(phone), full_page=True)
+    _keep(phone)
+    assert elsewhere == []
+
+
+def test_docs_render_offline(page: tuple[object, list[str]], server: str, tmp_path: Path) -> None:
+    from playwright.sync_api import Page, expect
+
+    p, elsewhere = page
+    assert isinstance(p, Page)
+    p.goto(server + "/docs")
+    operation = p.locator(".opblock-summary-path", has_text="/segment")
+    expect(operation).to_be_visible()
+    expect(p.locator(".opblock-summary-path", has_text="/readyz")).to_be_visible()
+    shot = tmp_path / "docs.png"
+    p.screenshot(path=str(shot))
+    _keep(shot)
+    assert elsewhere == []
+    assert httpx.get(f"{server}/redoc").status_code == 404  # it would fetch a logo from a CDN
