@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import pytest_asyncio
 from PIL import Image
 
 from model.postprocess import to_mask, to_probability
@@ -27,7 +28,11 @@ BOAT = "boat.jpg"
 BOX_KEYS = ("left", "top", "width", "height")
 
 
-@pytest.fixture
+# One app for the whole module: starting one per test would be most of the module's time.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def client(u2netp_weights: Path) -> AsyncIterator[httpx.AsyncClient]:
     async with running(settings(u2netp_weights)) as (_, c):
         yield c
