@@ -158,9 +158,9 @@ async def _wait_for_disconnect(request: Request) -> None:
                     "schema": _BOX_SCHEMA,
                     "example": {
                         "image": {"width": 770, "height": 595},
-                        "box": {"left": 112, "top": 40, "width": 540, "height": 555},
-                        "foreground_ratio": 0.412305,
-                        "crop": {"left": 85, "top": 13, "width": 594, "height": 582},
+                        "box": {"left": 92, "top": 126, "width": 632, "height": 393},
+                        "foreground_ratio": 0.197606,
+                        "crop": {"left": 60, "top": 106, "width": 696, "height": 433},
                     },
                 },
             },
