@@ -33,10 +33,25 @@ SETTLED = 0.5 / STRETCH  # values this close to 0 or 1 are stretched to exactly 
 
 
 def _box(x: Tensor, r: int) -> Tensor:
-    """Mean over a (2r+1)² window, clipped at the borders, of each ``h×w`` plane of ``C×h×w``."""
-    k = 2 * r + 1
-    x = F.avg_pool2d(x[None], (k, 1), stride=1, padding=(r, 0), count_include_pad=False)
-    return F.avg_pool2d(x, (1, k), stride=1, padding=(0, r), count_include_pad=False)[0]
+    """Mean over a (2r+1)² window, clipped at the borders, of each ``h×w`` plane of ``C×h×w``.
+
+    Sums of shifted slices: for the small radii used here, several times faster than
+    ``avg_pool2d`` with ``count_include_pad=False``.
+    """
+    _, h, w = x.shape
+    padded = F.pad(x, (r, r, r, r))
+    rows = padded[:, 0:h]
+    for d in range(1, 2 * r + 1):
+        rows = rows + padded[:, d : d + h]
+    out = rows[:, :, 0:w]
+    for d in range(1, 2 * r + 1):
+        out = out + rows[:, :, d : d + w]
+
+    def counts(n: int) -> Tensor:
+        i = torch.arange(n, device=x.device)
+        return ((i + r).clamp(max=n - 1) - (i - r).clamp(min=0) + 1).to(x.dtype)
+
+    return out / (counts(h).view(-1, 1) * counts(w).view(1, -1))
 
 
 def _coefficients(guide: Tensor, p: Tensor, r: int, eps: float) -> Tensor:
@@ -64,7 +79,7 @@ def _coefficients(guide: Tensor, p: Tensor, r: int, eps: float) -> Tensor:
 
 
 def _stretch(x: Tensor) -> Tensor:
-    return x.sub(0.5).mul_(STRETCH).add_(0.5).clamp_(0, 1)
+    return x.mul(STRETCH).sub_(0.5 * STRETCH - 0.5).clamp_(0, 1)
 
 
 @torch.inference_mode()
@@ -96,25 +111,29 @@ def refine(prob: Tensor, image: Tensor, *, radius: int = RADIUS, eps: float = EP
     out = _stretch(prob.float())
     y0, y1, wy = (t.to(device) for t in resize_weights(lh, h))
     x0, x1, wx = (t.to(device) for t in resize_weights(lw, w))
-    # Nearest working pixel of each full-resolution one (the larger bilinear weight).
+    # Nearest working pixel of each full-resolution one (the larger bilinear weight): each
+    # working column stands for a run of full-resolution columns, ``first[j]`` and ``count[j]``.
     ny = torch.where(wy < 0.5, y0, y1)
     nx = torch.where(wx < 0.5, x0, x1)
-    rows = band.index_select(0, ny)  # h×lw
-    where = rows.index_select(1, nx).flatten().nonzero().squeeze(1)
-    if where.numel() == 0:
+    count = torch.bincount(nx, minlength=lw)
+    first = torch.cumsum(count, 0) - count
+    ys, js = band.index_select(0, ny).nonzero().unbind(1)  # full-res rows × working columns
+    if ys.numel() == 0:
         return out
+    # Expand each (row, working column) into its run of full-resolution columns.
+    runs = count[js]
+    ys = ys.repeat_interleave(runs)
+    starts = torch.cumsum(runs, 0) - runs
+    xs = torch.arange(ys.numel(), device=device) - (starts - first[js]).repeat_interleave(runs)
     # The coefficients interpolated between rows, for the rows that have band pixels only.
-    busy = rows.any(1).nonzero().squeeze(1)
+    busy, row_of = torch.unique_consecutive(ys, return_inverse=True)
     fy = wy[busy].view(1, -1, 1)
-    by_row = torch.zeros((4, h, lw), dtype=coef.dtype, device=device)
-    by_row[:, busy] = (
-        coef.index_select(1, y0[busy]) * (1 - fy) + coef.index_select(1, y1[busy]) * fy
-    )
-    ys, xs = where // w, where % w
+    by_row = coef.index_select(1, y0[busy]) * (1 - fy) + coef.index_select(1, y1[busy]) * fy
     flat = by_row.flatten(1)
-    base = ys * lw
+    base = row_of * lw
     fx = wx[xs]
     c = flat.index_select(1, base + x0[xs]) * (1 - fx) + flat.index_select(1, base + x1[xs]) * fx
+    where = ys * w + xs
     colour = image.reshape(-1, 3).index_select(0, where).T.float().div_(255)
     q = (c[:3] * colour).sum(0).add_(c[3])
     out.view(-1).index_copy_(0, where, _stretch(q))
