@@ -138,17 +138,3 @@ def refine(prob: Tensor, image: Tensor, *, radius: int = RADIUS, eps: float = EP
     q = (c[:3] * colour).sum(0).add_(c[3])
     out.view(-1).index_copy_(0, where, _stretch(q))
     return out
-    ys, xs = where // w, where % w
-    fy, fx = wy[ys], wx[xs]
-    flat = coef.flatten(1)
-
-    def corner(rows: Tensor, cols: Tensor) -> Tensor:
-        return flat.index_select(1, rows * lw + cols)
-
-    top = corner(y0[ys], x0[xs]) * (1 - fx) + corner(y0[ys], x1[xs]) * fx
-    bottom = corner(y1[ys], x0[xs]) * (1 - fx) + corner(y1[ys], x1[xs]) * fx
-    c = top * (1 - fy) + bottom * fy
-    colour = image.reshape(-1, 3).index_select(0, where).T.float().div_(255)
-    q = (c[:3] * colour).sum(0).add_(c[3])
-    out.view(-1).index_copy_(0, where, _stretch(q))
-    return out
