@@ -26,10 +26,11 @@ BOX_HEADERS = (
     "X-Foreground-Height",
     "X-Foreground-Ratio",
 )
-# Lanczos, with a box reduction first when shrinking more than 3×: Pillow's reducing_gap, which
-# keeps Lanczos's quality and costs a fraction of the time on a large photo.
+# Lanczos, after a box reduction by a whole factor while the image stays over twice the target
+# size (Pillow's reducing_gap=2): close to Lanczos over the whole image, and half the time of it
+# for a 12 MP cut-out scaled to 1024 (bench/README.md). A gap of 3 reduced nothing there.
 _RESAMPLE = Image.Resampling.LANCZOS
-_REDUCING_GAP = 3.0
+_REDUCING_GAP = 2.0
 
 
 def _save(im: Image.Image, fmt: Format, quality: int) -> bytes:

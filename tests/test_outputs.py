@@ -275,6 +275,36 @@ async def test_refine_is_the_refined_pipeline_map(
     assert ((mask == 255) != plain).any()
 
 
+@pytest.mark.parametrize("size", [(1, 1), (5, 1), (1, 700)])
+async def test_tiny_images_with_every_option(
+    client: httpx.AsyncClient, size: tuple[int, int]
+) -> None:
+    crop = (
+        Image.open(io.BytesIO(photo()))
+        .convert("RGB")
+        .crop((300, 200, 300 + size[0], 200 + size[1]))
+    )
+    buf = io.BytesIO()
+    crop.save(buf, "PNG")
+    r = await post_image(
+        client,
+        buf.getvalue(),
+        ctype="image/png",
+        output="cutout",
+        refine="true",
+        crop="true",
+        crop_margin="50%",
+        bg_color="ffffff",
+        format="jpeg",
+        max_side=3,
+        threshold=0,  # everything is foreground, so crop has a box
+    )
+    assert r.status_code == 200, r.text
+    w, h = opened(r).size
+    assert max(w, h) == min(3, max(size))
+    assert header_box(r) == {"left": 0, "top": 0, "width": w, "height": h}
+
+
 # -- refused -----------------------------------------------------------------------------------
 
 
