@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 from model.segmenter import Segmenter, resolve_device
 from service.batcher import Batcher
+from service.encode import BOX_HEADERS
 from service.errors import ServiceError, error_response
 from service.infer import Job, run_batch
 from service.metrics import Metrics
@@ -187,7 +188,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["*"],
-            expose_headers=["X-Request-ID", "Server-Timing", "Retry-After"],
+            expose_headers=["X-Request-ID", "Server-Timing", "Retry-After", *BOX_HEADERS],
         )
     _install_error_handlers(app)
     app.include_router(router)

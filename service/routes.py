@@ -82,6 +82,41 @@ _SEGMENT_DOC: dict[str, Any] = {
 }
 
 
+_RECT = {
+    "type": "object",
+    "properties": {k: {"type": "integer"} for k in ("left", "top", "width", "height")},
+    "required": ["left", "top", "width", "height"],
+}
+_BOX_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "output=box: the subject's box in the image's pixels (null when there is no "
+    "foreground), its share of the pixels, the image's size, and with crop=true the crop "
+    "rectangle (the whole image when there is no foreground)",
+    "properties": {
+        "image": {
+            "type": "object",
+            "properties": {"width": {"type": "integer"}, "height": {"type": "integer"}},
+        },
+        "box": {"anyOf": [_RECT, {"type": "null"}]},
+        "foreground_ratio": {"type": "number", "minimum": 0, "maximum": 1},
+        "crop": _RECT,
+    },
+    "required": ["image", "box", "foreground_ratio"],
+}
+_BOX_HEADER_DOCS = [
+    *(
+        (f"X-Foreground-{side}", f"the subject's box: {what}, in the answer's pixels", "integer")
+        for side, what in (
+            ("Left", "first column"),
+            ("Top", "first row"),
+            ("Width", "columns (0: no foreground)"),
+            ("Height", "rows (0: no foreground)"),
+        )
+    ),
+    ("X-Foreground-Ratio", "foreground pixels / all pixels of the image, 0 to 1", "number"),
+]
+
+
 def _request_id(request: Request) -> str:
     given = request.headers.get("x-request-id", "")
     return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
@@ -105,15 +140,39 @@ async def _wait_for_disconnect(request: Request) -> None:
     response_class=Response,
     responses={
         200: {
-            "description": "A PNG or WebP of the image's own size: a one-channel mask or soft "
-            "map, or an RGBA cut-out. Headers: X-Request-ID, Server-Timing.",
-            "content": {"image/png": {}, "image/webp": {}},
+            "description": "A PNG, WebP or JPEG of the image's own size (or of the crop, scaled "
+            "down to `max_side`): a one-channel mask or soft map, or a cut-out; with "
+            "`output=box`, JSON. Headers on every answer: X-Request-ID, Server-Timing, and the "
+            "subject's box in the answer's pixels (X-Foreground-Left, -Top, -Width, -Height; "
+            "0, 0, 0, 0 when there is no foreground) with X-Foreground-Ratio, the share of the "
+            "image's pixels that are foreground (0 to 1).",
+            "headers": {
+                name: {"description": desc, "schema": {"type": kind}}
+                for name, desc, kind in _BOX_HEADER_DOCS
+            },
+            "content": {
+                "image/png": {},
+                "image/webp": {},
+                "image/jpeg": {},
+                "application/json": {
+                    "schema": _BOX_SCHEMA,
+                    "example": {
+                        "image": {"width": 770, "height": 595},
+                        "box": {"left": 92, "top": 126, "width": 632, "height": 393},
+                        "foreground_ratio": 0.197606,
+                        "crop": {"left": 60, "top": 106, "width": 696, "height": 433},
+                    },
+                },
+            },
         },
         400: _error_doc("Empty image, no `image` field, or a malformed multipart body"),
         401: _error_doc("An API key is configured and the request has no valid one"),
         413: _error_doc("Too many bytes, or too many pixels (decompression bombs included)"),
         415: _error_doc("Not a decodable image, or an unsupported content type"),
-        422: _error_doc("A parameter is out of range, unknown or misspelt"),
+        422: _error_doc(
+            "A parameter is out of range, unknown or misspelt, or parameters that do not go "
+            "together (e.g. format=jpeg without an opaque bg_color); the message names them"
+        ),
         503: _error_doc(
             "The queue is full, the model is warming up, or the service is "
             "draining; see Retry-After"

@@ -456,7 +456,17 @@ async def test_api_key(u2netp_weights: Path) -> None:
 async def test_openapi_documents_parameters_and_errors(client: httpx.AsyncClient) -> None:
     spec = (await client.get("/openapi.json")).json()
     op = spec["paths"]["/segment"]["post"]
-    assert {p["name"] for p in op["parameters"]} == {"output", "threshold", "format"}
+    assert {p["name"] for p in op["parameters"]} == {
+        "output",
+        "threshold",
+        "format",
+        "crop",
+        "crop_margin",
+        "bg_color",
+        "quality",
+        "max_side",
+        "refine",
+    }
     assert {"200", "400", "413", "415", "422", "503", "504"} <= set(op["responses"])
     assert "multipart/form-data" in op["requestBody"]["content"]
     assert (await client.get("/docs")).status_code == 200

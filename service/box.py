@@ -1,0 +1,85 @@
+"""The subject's box and the crop geometry, in pixel coordinates (left, top, width, height).
+
+The box is the smallest rectangle holding every foreground pixel of the mask. It is computed in
+the image's grid, then carried into the answer's grid by the same crop and scaling as the image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.params import Margin
+
+__all__ = ["Box", "Subject", "crop_region", "fit_size", "subject"]
+
+
+@dataclass(frozen=True)
+class Box:
+    left: int
+    top: int
+    width: int
+    height: int
+
+    @property
+    def right(self) -> int:
+        return self.left + self.width
+
+    @property
+    def bottom(self) -> int:
+        return self.top + self.height
+
+    def within(self, region: Box, size: tuple[int, int]) -> Box:
+        """This box in the grid of ``region`` (a crop of this grid) scaled to ``size`` (w, h):
+        edges scaled outwards, so the box still holds every foreground pixel."""
+        sx, sy = size[0] / region.width, size[1] / region.height
+        left = max(0, math.floor((self.left - region.left) * sx))
+        top = max(0, math.floor((self.top - region.top) * sy))
+        right = min(size[0], math.ceil((self.right - region.left) * sx))
+        bottom = min(size[1], math.ceil((self.bottom - region.top) * sy))
+        return Box(left, top, max(0, right - left), max(0, bottom - top))
+
+    def as_dict(self) -> dict[str, int]:
+        return {"left": self.left, "top": self.top, "width": self.width, "height": self.height}
+
+
+@dataclass(frozen=True)
+class Subject:
+    """The foreground of one map: its box (None when there is none) and share of the pixels."""
+
+    box: Box | None
+    ratio: float
+
+
+def subject(levels: np.ndarray, cutoff: int) -> Subject:
+    """The foreground of an H×W uint8 map: its pixels at ``cutoff`` or above."""
+    fg = levels >= cutoff
+    rows = np.flatnonzero(fg.any(axis=1))
+    if rows.size == 0:
+        return Subject(None, 0.0)
+    cols = np.flatnonzero(fg[rows[0] : rows[-1] + 1].any(axis=0))
+    box = Box(int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1))
+    return Subject(box, float(np.count_nonzero(fg)) / fg.size)
+
+
+def crop_region(box: Box | None, margin: Margin, size: tuple[int, int]) -> Box:
+    """The part of an image of ``size`` (w, h) kept by cropping to ``box`` with ``margin``,
+    clipped to the image; the whole image when there is no box."""
+    if box is None:
+        return Box(0, 0, *size)
+    mx, my = margin.pixels(box.width), margin.pixels(box.height)
+    left, top = max(0, box.left - mx), max(0, box.top - my)
+    right, bottom = min(size[0], box.right + mx), min(size[1], box.bottom + my)
+    return Box(left, top, right - left, bottom - top)
+
+
+def fit_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """``size`` (w, h) scaled down, aspect kept, so that its longer side is at most
+    ``max_side``; never up."""
+    w, h = size
+    if max_side is None or max(w, h) <= max_side:
+        return size
+    scale = max_side / max(w, h)
+    return max(1, min(max_side, round(w * scale))), max(1, min(max_side, round(h * scale)))
