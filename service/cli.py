@@ -62,7 +62,8 @@ def _option(
     parser: argparse._ActionsContainer, name: str, dest: str, annotation: Any, help: str
 ) -> None:
     kind = _unwrap(annotation)
-    kwargs: dict[str, Any] = {"dest": dest, "default": None, "help": help}
+    # argparse formats help with %: a literal one (e.g. "10%") must be doubled.
+    kwargs: dict[str, Any] = {"dest": dest, "default": None, "help": help.replace("%", "%%")}
     if get_origin(kind) is Literal:
         kwargs["choices"] = [str(c) for c in get_args(kind)]
     elif kind is bool:

@@ -13,7 +13,7 @@ import time
 import tomllib
 from importlib import import_module
 from pathlib import Path
-from typing import get_args
+from typing import Literal, get_args, get_origin
 
 import httpx
 import numpy as np
@@ -59,9 +59,19 @@ def test_every_segment_parameter_is_an_option() -> None:
     for name, info in SegmentParams.model_fields.items():
         action = actions[f"param_{name}"]
         assert "--" + name.replace("_", "-") in action.option_strings
-        choices = get_args(info.annotation)
-        if choices:
-            assert action.choices == [str(c) for c in choices]
+        if get_origin(info.annotation) is Literal:
+            assert action.choices == [str(c) for c in get_args(info.annotation)]
+
+
+def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    """Descriptions are written for people and may hold a literal "%": help still prints."""
+    parser, _ = _parsers()
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["segment", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name in [*SegmentParams.model_fields, "engine", "threads"]:
+        assert "--" + name.replace("_", "-") in out
 
 
 def test_flags_win_over_variables(monkeypatch: pytest.MonkeyPatch) -> None:
