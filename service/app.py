@@ -128,6 +128,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics=rt.metrics,
     )
     rt.batcher.start()
+    rt.metrics.queue_capacity.set(s.max_queue)
     rt.budget = MemoryBudget(
         s.memory_budget_bytes,
         metrics=rt.metrics,

@@ -48,6 +48,9 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("u2serve_queue_depth", "Requests waiting in the queue", registry=r)
+        self.queue_capacity = Gauge(
+            "u2serve_queue_capacity", "Requests that may wait (U2SERVE_MAX_QUEUE)", registry=r
+        )
         self.rejected = Counter(
             "u2serve_rejected", "Requests refused before inference", ["reason"], registry=r
         )
