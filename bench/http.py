@@ -76,12 +76,15 @@ class Target:
     url: str
     proc: subprocess.Popen[bytes]
 
-    def request(self, photo: bytes, output: str) -> tuple[str, dict[str, str], dict[str, tuple]]:
-        """(path, form fields, files) for one multipart request asking for ``output``."""
+    def request(
+        self, photo: bytes, output: str, model: str = "u2net"
+    ) -> tuple[str, dict[str, str], dict[str, tuple]]:
+        """(path, form fields, files) for one multipart request asking for ``output``; ``model``
+        is for rembg, which picks it per request (u2serve serves the one it started with)."""
         if self.name == "u2serve":
             return "/segment", {"output": output}, {"image": ("photo", photo, "image/jpeg")}
         # rembg's POST route reads its options from form fields only.
-        fields = {"model": "u2net"} | ({"om": "true"} if output != "cutout" else {})
+        fields = {"model": model} | ({"om": "true"} if output != "cutout" else {})
         return "/api/remove", fields, {"file": ("photo", photo, "image/jpeg")}
 
 

@@ -265,3 +265,31 @@ def test_connections_over_the_limit_get_503_json(
             s.close()
     time.sleep(0.3)
     assert httpx.get(f"{url}/livez", timeout=5).status_code == 200
+
+
+# -- the budget on its own -----------------------------------------------------------------------
+
+
+def test_budget_admits_what_fits_and_gives_back() -> None:
+    from service.budget import MemoryBudget
+    from service.errors import ImageTooLarge, QueueFull
+    from service.metrics import Metrics
+
+    idle: list[int] = []
+    budget = MemoryBudget(
+        100, metrics=Metrics(), retry_after=lambda: 7, on_idle=lambda: idle.append(1)
+    )
+    with budget.hold(60):
+        with pytest.raises(QueueFull) as full, budget.hold(41):
+            pass
+        assert full.value.headers == {"Retry-After": "7"}
+        with budget.hold(40):
+            assert budget.held_bytes == 100
+        assert idle == []
+    assert budget.held_bytes == 0
+    assert idle == [1]  # memory is given back once nothing is held
+    with pytest.raises(ImageTooLarge), budget.hold(101):
+        pass
+    with pytest.raises(RuntimeError), budget.hold(50):
+        raise RuntimeError("a failed request releases its charge too")
+    assert budget.held_bytes == 0
