@@ -181,6 +181,21 @@ def test_a_60_mb_raw_body_gets_the_413_json(server: tuple[subprocess.Popen[bytes
     assert body["error"]["code"] == "image_too_large"
 
 
+def test_expect_100_continue_gets_413_without_sending_the_body(
+    server: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    _, url = server
+    sock = _raw_connection(url)
+    sock.sendall(
+        b"POST /segment HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
+        b"Content-Length: 60000000\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+    )
+    status, _, body = _read_answer(sock)  # no 100 Continue first: the body is never asked for
+    sock.close()
+    assert status == 413
+    assert json.loads(body)["error"]["code"] == "image_too_large"
+
+
 def _raw_connection(url: str) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
     return socket.create_connection((host, int(port)), timeout=30)
