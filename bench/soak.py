@@ -108,7 +108,10 @@ def soak(target: Target, blobs: list[bytes], args: argparse.Namespace) -> None:
             if time.monotonic() - t0 - last >= args.every and sampler.samples:
                 last = time.monotonic() - t0
                 t, done, now = sampler.samples[-1]
-                print(f"{target.name:8} {t:7.0f} s {done:6d} answered  RSS {now / MiB:7.0f} MiB")
+                print(
+                    f"{target.name:8} {t:7.0f} s {done:6d} answered  RSS {now / MiB:7.0f} MiB",
+                    flush=True,
+                )
         statuses = task.result()
 
     asyncio.run(main())

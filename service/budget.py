@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from service.errors import ImageTooLarge, QueueFull
 from service.metrics import Metrics
 
-__all__ = ["MemoryBudget", "give_back_memory", "request_cost"]
+__all__ = ["MemoryBudget", "give_back_memory", "request_cost", "upload_cost"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,14 @@ _BYTES_PER_PIXEL = {(False, False): 10, (False, True): 20, (True, False): 10, (T
 def request_cost(width: int, height: int, *, alpha: bool, cutout: bool) -> int:
     """Bytes charged to a request for an image of this size and the answer it asks for."""
     return width * height * _BYTES_PER_PIXEL[alpha, cutout]
+
+
+def upload_cost(declared_length: str | None, limit: int) -> int:
+    """Bytes charged while a request's body is read and held: twice its size (the buffer it
+    arrives in and the bytes taken out of it, or a multipart body and its image field), from
+    ``Content-Length``, or from the most it may be when it has none."""
+    size = int(declared_length) if declared_length and declared_length.isdigit() else limit
+    return 2 * min(size, limit)
 
 
 def _malloc_trim() -> Callable[[], None] | None:

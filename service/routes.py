@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.access import AccessRecord
 from service.app import Runtime, RuntimeDep
-from service.budget import request_cost
+from service.budget import MemoryBudget, request_cost, upload_cost
 from service.decode import FORMATS, decode, read_header
 from service.encode import Rendered, render
 from service.errors import (
@@ -32,7 +32,7 @@ from service.errors import (
 )
 from service.infer import Job
 from service.params import SegmentParams
-from service.upload import read_upload
+from service.upload import MULTIPART_OVERHEAD, read_upload
 
 __all__ = ["router"]
 
@@ -200,6 +200,22 @@ async def _segment(
     if s.api_key is not None:
         _check_api_key(request, s.api_key.get_secret_value())
     rt.batcher.check_capacity()  # refuse before spending work on the upload
+    # The body is charged from its declared length before it is read, the pixels from the
+    # image's header before they are decoded; both are held until the answer's bytes exist.
+    limit = s.max_upload_bytes + MULTIPART_OVERHEAD
+    with rt.budget.hold(upload_cost(request.headers.get("content-length"), limit)):
+        return await _upload_to_answer(request, rt, rt.budget, start, timing, record)
+
+
+async def _upload_to_answer(
+    request: Request,
+    rt: Runtime,
+    budget: MemoryBudget,
+    start: float,
+    timing: list[str],
+    record: AccessRecord,
+) -> Response:
+    s = rt.settings
     t = time.monotonic()
     try:
         data, params = await read_upload(request, s.max_upload_bytes, s.body_timeout_s)
@@ -218,12 +234,11 @@ async def _segment(
         rt.metrics.rejected.labels(reason=exc.code).inc()
         raise
     record.size = (header.width, header.height)
-    # Charged before a pixel is decoded, released once the answer's bytes exist: the arrays
-    # of _decode_to_answer are gone by then.
+    # The arrays of _decode_to_answer are gone when it returns, before the charge is released.
     cost = request_cost(
         header.width, header.height, alpha=header.alpha, cutout=params.output == "cutout"
     )
-    with rt.budget.hold(cost):
+    with budget.hold(cost):
         answer = await _decode_to_answer(request, rt, data, params, start, timing, record)
     return Response(answer.body, media_type=answer.media_type, headers=answer.headers)
 

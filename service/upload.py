@@ -20,9 +20,9 @@ from service.errors import (
 )
 from service.params import SegmentParams, parse_params
 
-__all__ = ["read_upload"]
+__all__ = ["MULTIPART_OVERHEAD", "read_upload"]
 
-_MULTIPART_OVERHEAD = 64 * 1024  # boundaries, headers and the small parameter fields
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries, headers and the small parameter fields
 
 
 async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
@@ -68,7 +68,7 @@ async def read_upload(
     query = request.query_params.multi_items()
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        body = await _read_body(request, max_bytes + _MULTIPART_OVERHEAD, timeout_s)
+        body = await _read_body(request, max_bytes + MULTIPART_OVERHEAD, timeout_s)
 
         async def replay() -> Message:
             return {"type": "http.request", "body": body, "more_body": False}

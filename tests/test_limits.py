@@ -142,9 +142,10 @@ def test_burst_of_large_images_stays_within_the_budget(
         if r.status_code == 503:
             assert r.json()["error"]["code"] == "overloaded"
             assert int(r.headers["retry-after"]) >= 1
-    # The charges (10 bytes a pixel for a mask) are set above the measured peak (8.6), so the
-    # process never goes past its baseline, the model's working memory and the budget; 32 MiB
-    # is for what is not charged: 24 uploads in flight, their parsing, the answers' bytes.
+    # The charges (10 bytes a pixel for a mask, twice the bytes of a body) are set above the
+    # measured peak (8.6), so the process never goes past its baseline, the model's working
+    # memory and the budget; 32 MiB is for what is not charged: the answers' bytes, headers,
+    # the connections' buffers and the allocator's slack.
     assert rss.peak - before <= model_bytes + BUDGET + 32 * MiB, (
         f"peak RSS {(rss.peak - before) / MiB:.0f} MiB over the {before / MiB:.0f} MiB before "
         f"the burst; model {model_bytes / MiB:.0f} MiB, budget {BUDGET / MiB:.0f} MiB"
