@@ -51,15 +51,15 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.progress = pid, progress
         self.samples: list[tuple[float, int, int]] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._t0 = time.monotonic()
 
     def run(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._halt.wait(1.0):
             self.samples.append((time.monotonic() - self._t0, self.progress[0], rss(self.pid)))
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 
