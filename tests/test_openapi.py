@@ -16,7 +16,7 @@ from .procs import free_port, start, wait_ready
 pytestmark = pytest.mark.integration
 
 
-def test_every_answer_is_documented_and_none_is_a_5xx(u2netp_weights: Path) -> None:
+def test_every_answer_is_documented_and_none_is_a_5xx(u2netp_weights: Path, tmp_path: Path) -> None:
     port = free_port()
     proc = start(
         {
@@ -48,6 +48,7 @@ def test_every_answer_is_documented_and_none_is_a_5xx(u2netp_weights: Path) -> N
                 "25",
                 "--generation-deterministic",
             ],
+            cwd=tmp_path,  # it keeps a .schemathesis folder of its own there
             capture_output=True,
             text=True,
             timeout=300,
