@@ -48,7 +48,7 @@ def commands(
         extra = shlex.split(target.removeprefix("u2serve"))
         return [*cmd, "-q", "--model", model, "--output", output, *extra], {}
     cmd = [str(ensure_rembg()), "p", "-m", model, *(["-om"] if output == "mask" else [])]
-    return [*cmd, str(folder), str(out)], {"U2NET_HOME": str(rembg_home())}
+    return [*cmd, str(folder), str(out)], {"U2NET_HOME": str(rembg_home(model))}
 
 
 def timed(cmd: list[str], env: dict[str, str], out: Path) -> tuple[float, int]:

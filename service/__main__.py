@@ -13,7 +13,9 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
+from service.access import JsonFormatter
 from service.app import Runtime, create_app
+from service.connections import GuardedHttpProtocol
 from service.settings import Settings
 
 log = logging.getLogger("u2serve")
@@ -56,9 +58,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"invalid setting {name}: {err['msg']} (got {err.get('input')!r})", file=sys.stderr
             )
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter()
+        if settings.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     for name in Settings.unknown_variables(os.environ):
         log.warning("%s is not a setting and is ignored (the README lists them all)", name)
     app = create_app(settings)
@@ -69,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=5,
         log_config=None,
+        # The service writes its own access line per /segment request (service/access.py);
+        # uvicorn's would add one per health probe, without request id or timings.
+        access_log=False,
+        http=type(
+            "HttpProtocol", (GuardedHttpProtocol,), {"header_timeout_s": settings.header_timeout_s}
+        ),
+        limit_concurrency=settings.max_connections,
     )
     server = _DrainingServer(config, app.state.runtime)
     server.run()

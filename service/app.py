@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 from model.segmenter import Segmenter, resolve_device
 from service.batcher import Batcher
+from service.budget import MemoryBudget, give_back_memory
 from service.encode import BOX_HEADERS
 from service.errors import ServiceError, error_response
 from service.infer import Job, run_batch
@@ -42,9 +43,23 @@ class Runtime:
     segmenter: Segmenter | None = None
     batcher: Batcher[Job, torch.Tensor] | None = None
     codec_pool: ThreadPoolExecutor | None = None
+    budget: MemoryBudget | None = None
     ready: bool = False
     draining: bool = False
     inflight: int = 0
+    _trimming: bool = False
+
+    def give_back_memory(self) -> None:
+        """Once nothing is held, return the freed heap to the OS, off the event loop."""
+        if self.codec_pool is not None and not self._trimming:
+            self._trimming = True
+            self.codec_pool.submit(self._trim)
+
+    def _trim(self) -> None:
+        try:
+            give_back_memory()
+        finally:
+            self._trimming = False
 
     def set_ready(self, ready: bool) -> None:
         self.ready = ready
@@ -114,6 +129,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics=rt.metrics,
     )
     rt.batcher.start()
+    rt.metrics.queue_capacity.set(s.max_queue)
+    rt.budget = MemoryBudget(
+        s.memory_budget_bytes,
+        metrics=rt.metrics,
+        retry_after=rt.batcher.retry_after,
+        on_idle=rt.give_back_memory,
+    )
     dtype = str(segmenter.dtype).removeprefix("torch.")
     engine = segmenter.engine.name
     rt.metrics.model_info.labels(segmenter.name, engine, str(segmenter.device), dtype).set(1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +13,7 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from service.errors import BadRequest, ImageTooLarge, UnsupportedImage
 
-__all__ = ["FORMATS", "DecodedImage", "decode"]
+__all__ = ["FORMATS", "DecodedImage", "Header", "decode", "read_header"]
 
 # What PIL may try: the formats browsers and cameras produce. Exotic plugins stay off.
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -31,6 +33,18 @@ class DecodedImage:
     def size(self) -> tuple[int, int]:
         """(width, height)."""
         return self.rgb.shape[1], self.rgb.shape[0]
+
+
+@dataclass(frozen=True)
+class Header:
+    """What an image's header says, read before any pixel is decoded."""
+
+    width: int
+    height: int
+    alpha: bool  # it may have transparency, so decoding keeps an alpha plane
+
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:
@@ -70,31 +84,73 @@ def _normalise_mode(im: Image.Image) -> Image.Image:
         return _cmyk_to_rgb(im)
     if im.mode == "P" and "transparency" in im.info:
         return im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        return im.convert("RGBA")
-    return im.convert("RGB")
+    if im.mode in _ALPHA_MODES:
+        return im if im.mode == "RGBA" else im.convert("RGBA")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """The image with only its header read; 400/413/415 as :func:`decode`."""
+    if not data:
+        raise BadRequest("the image is empty")
+    im: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
+    width, height = im.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"the image is {width}×{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+    if width < 1 or height < 1:
+        raise UnsupportedImage(f"the image has no pixels ({width}×{height})")
+    return im
+
+
+def read_header(data: bytes, *, max_pixels: int) -> Header:
+    """Size and transparency from the header alone (cheap), with :func:`decode`'s errors."""
+    with _decoding():
+        im = _open(data, max_pixels)
+        alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
+        return Header(im.size[0], im.size[1], alpha)
 
 
 def decode(data: bytes, *, max_pixels: int) -> DecodedImage:
     """Decode an uploaded image; 400 if empty, 415 if not a decodable image, 413 if too large."""
-    if not data:
-        raise BadRequest("the image is empty")
+    with _decoding():
+        im = _open(data, max_pixels)
+        im.load()
+        # In place and without same-mode conversions: each copy would be a full-size image.
+        ImageOps.exif_transpose(im, in_place=True)
+        im = _normalise_mode(im)
+    arr = np.array(im)  # a writable copy: torch.from_numpy refuses read-only buffers
+    del im  # PIL's own buffer (4 bytes a pixel) goes before the next full-size array
+    if arr.shape[2] == 3:
+        return DecodedImage(rgb=arr, alpha=None, model_rgb=arr)
+    rgb, alpha = np.ascontiguousarray(arr[..., :3]), np.ascontiguousarray(arr[..., 3])
+    del arr
+    return DecodedImage(rgb=rgb, alpha=alpha, model_rgb=_over_white(rgb, alpha))
+
+
+def _over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Colour composited over white, a band of rows at a time so that the 16-bit
+    intermediates stay small whatever the image's size."""
+    out = np.empty_like(rgb)
+    step = max(1, (1 << 20) // max(1, rgb.shape[1]))
+    for top in range(0, rgb.shape[0], step):
+        a = alpha[top : top + step, :, None].astype(np.uint16)
+        band = rgb[top : top + step] * a
+        band += _WHITE * (255 - a) + 127
+        band //= 255
+        out[top : top + step] = band
+    return out
+
+
+@contextmanager
+def _decoding() -> Iterator[None]:
+    """PIL's errors as the service's 413/415; PIL's own bomb warning silenced (our limit
+    applies before decoding)."""
     try:
         with warnings.catch_warnings():
-            # Our own pixel limit applies before decoding; PIL's warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
-            width, height = im.size
-            if width * height > max_pixels:
-                raise ImageTooLarge(
-                    f"the image is {width}×{height} = {width * height} pixels; "
-                    f"the limit is {max_pixels}"
-                )
-            if width < 1 or height < 1:
-                raise UnsupportedImage(f"the image has no pixels ({width}×{height})")
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            im = _normalise_mode(im)
+            yield
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
         if isinstance(exc, Image.DecompressionBombError):
             raise ImageTooLarge(str(exc)) from exc
@@ -103,10 +159,3 @@ def decode(data: bytes, *, max_pixels: int) -> DecodedImage:
         ) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise UnsupportedImage(f"the image could not be decoded: {exc}") from exc
-    arr = np.array(im)  # a writable copy: torch.from_numpy refuses read-only buffers
-    if im.mode == "RGB":
-        return DecodedImage(rgb=arr, alpha=None, model_rgb=arr)
-    rgb, alpha = np.ascontiguousarray(arr[..., :3]), np.ascontiguousarray(arr[..., 3])
-    a = alpha[..., None].astype(np.uint16)
-    over_white = (rgb * a + _WHITE * (255 - a) + 127) // 255
-    return DecodedImage(rgb=rgb, alpha=alpha, model_rgb=over_white.astype(np.uint8))

@@ -13,6 +13,7 @@ __all__ = [
     "InvalidParameter",
     "NotReady",
     "QueueFull",
+    "RequestTimeout",
     "ServiceError",
     "TimedOut",
     "Unauthorized",
@@ -40,6 +41,12 @@ class BadRequest(ServiceError):
 
 class Unauthorized(ServiceError):
     status, code = 401, "unauthorized"
+
+
+class RequestTimeout(ServiceError):
+    """The client did not send its request in time (a slow or stalled upload)."""
+
+    status, code = 408, "request_timeout"
 
 
 class ClientGone(ServiceError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 __all__ = ["Metrics"]
 
@@ -48,6 +48,9 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("u2serve_queue_depth", "Requests waiting in the queue", registry=r)
+        self.queue_capacity = Gauge(
+            "u2serve_queue_capacity", "Requests that may wait (U2SERVE_MAX_QUEUE)", registry=r
+        )
         self.rejected = Counter(
             "u2serve_rejected", "Requests refused before inference", ["reason"], registry=r
         )
@@ -58,3 +61,15 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("u2serve_ready", "1 when the service accepts work", registry=r)
+        self.memory_budget = Gauge(
+            "u2serve_memory_budget_bytes",
+            "Bytes that requests in flight may hold, decode to encode",
+            registry=r,
+        )
+        self.memory_held = Gauge(
+            "u2serve_memory_held_bytes",
+            "Bytes charged to the requests in flight now",
+            registry=r,
+        )
+        # process_resident_memory_bytes and friends, for alerts on the process's real memory.
+        ProcessCollector(registry=r)

@@ -8,6 +8,7 @@ import logging
 import re
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -16,9 +17,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.access import AccessRecord
 from service.app import Runtime, RuntimeDep
-from service.decode import FORMATS, decode
-from service.encode import render
+from service.budget import MemoryBudget, request_cost, upload_cost
+from service.decode import FORMATS, decode, read_header
+from service.encode import Rendered, render
 from service.errors import (
     ClientGone,
     Draining,
@@ -29,7 +32,7 @@ from service.errors import (
 )
 from service.infer import Job
 from service.params import SegmentParams
-from service.upload import read_upload
+from service.upload import MULTIPART_OVERHEAD, read_upload
 
 __all__ = ["router"]
 
@@ -39,16 +42,36 @@ router = APIRouter()
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string", "description": "stable, for programs"},
+                "message": {"type": "string", "description": "what was wrong, for people"},
+            },
+        }
+    },
+}
+
+
 def _error_doc(description: str) -> dict[str, Any]:
     return {
         "description": description,
         "content": {
-            "application/json": {"example": {"error": {"code": "...", "message": "what was wrong"}}}
+            "application/json": {
+                "schema": _ERROR_SCHEMA,
+                "example": {"error": {"code": "...", "message": "what was wrong"}},
+            }
         },
     }
 
 
 _PARAMS_SCHEMA = SegmentParams.model_json_schema()
+_IMAGE_SCHEMA: dict[str, Any] = {"type": "string", "format": "binary", "minLength": 1}
 _SEGMENT_DOC: dict[str, Any] = {
     "parameters": [
         {
@@ -63,20 +86,24 @@ _SEGMENT_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "description": "The image: a multipart field named `image` (parameters may then also "
-        "be form fields), or the raw body with an `image/*` content type. Formats: "
-        + ", ".join(FORMATS),
+        "be form fields, which take precedence over the query; each at most once in each "
+        "place), or the raw body with an `image/*` or "
+        "`application/octet-stream` content type. The bytes must be an image file in one of "
+        "these formats, else 415: " + ", ".join(FORMATS),
         "content": {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
                     "required": ["image"],
+                    "additionalProperties": False,
                     "properties": {
-                        "image": {"type": "string", "format": "binary"},
+                        "image": _IMAGE_SCHEMA,
                         **_PARAMS_SCHEMA["properties"],
                     },
                 }
             },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "image/*": {"schema": _IMAGE_SCHEMA},
+            "application/octet-stream": {"schema": _IMAGE_SCHEMA},
         },
     },
 }
@@ -167,15 +194,20 @@ async def _wait_for_disconnect(request: Request) -> None:
         },
         400: _error_doc("Empty image, no `image` field, or a malformed multipart body"),
         401: _error_doc("An API key is configured and the request has no valid one"),
-        413: _error_doc("Too many bytes, or too many pixels (decompression bombs included)"),
+        408: _error_doc("The request's headers or body did not arrive in time"),
+        413: _error_doc(
+            "Too many bytes, too many pixels (decompression bombs included), or an image that "
+            "alone needs more than the memory budget"
+        ),
         415: _error_doc("Not a decodable image, or an unsupported content type"),
         422: _error_doc(
-            "A parameter is out of range, unknown or misspelt, or parameters that do not go "
-            "together (e.g. format=jpeg without an opaque bg_color); the message names them"
+            "A parameter is out of range, unknown, misspelt or given twice, or parameters that "
+            "do not go together (e.g. format=jpeg without an opaque bg_color); the message "
+            "names them"
         ),
         503: _error_doc(
-            "The queue is full, the model is warming up, or the service is "
-            "draining; see Retry-After"
+            "The queue or the memory budget is full, too many connections, the model is "
+            "warming up, or the service is draining; see Retry-After"
         ),
         504: _error_doc("The request waited in the queue past its deadline"),
     },
@@ -184,57 +216,110 @@ async def _wait_for_disconnect(request: Request) -> None:
 async def segment(request: Request, rt: RuntimeDep) -> Response:
     start = time.monotonic()
     rid = _request_id(request)
+    record = AccessRecord(rid, request.client.host if request.client else "-")
     rt.inflight += 1
-    output = "unknown"
+    code: str | None = None
     timing: list[str] = []
     try:
-        response, output = await _segment(request, rt, start, timing)
+        response = await _segment(request, rt, start, timing, record)
     except ServiceError as exc:
-        response = exc.response()
+        response, code = exc.response(), exc.code
     except Exception:
         log.exception("request %s failed", rid)
         response = error_response(500, "internal_error", f"internal error (request {rid})")
+        code = "internal_error"
     finally:
         rt.inflight -= 1
     elapsed = time.monotonic() - start
     timing.append(f"total;dur={elapsed * 1000:.1f}")
     response.headers["X-Request-ID"] = rid
     response.headers["Server-Timing"] = ", ".join(timing)
-    if rt.draining:
+    if rt.draining or code == "request_timeout":
         response.headers["Connection"] = "close"
+    output = record.output if record.output != "-" else "unknown"
     rt.metrics.requests.labels(output=output, status=str(response.status_code)).inc()
     if response.status_code == 200:
         rt.metrics.request_duration.labels(output=output).observe(elapsed)
+    for part in timing:
+        stage, _, rest = part.partition(";dur=")
+        record.stages_ms[stage] = float(rest.split(";")[0])
+    record.emit(response.status_code, code, len(response.body))
     return response
 
 
 async def _segment(
-    request: Request, rt: Runtime, start: float, timing: list[str]
-) -> tuple[Response, str]:
+    request: Request, rt: Runtime, start: float, timing: list[str], record: AccessRecord
+) -> Response:
     s = rt.settings
     if rt.draining:
         rt.metrics.rejected.labels(reason="draining").inc()
         raise Draining("the service is shutting down", headers={"Retry-After": "1"})
-    if not rt.ready or rt.batcher is None or rt.codec_pool is None:
+    if not rt.ready or rt.batcher is None or rt.codec_pool is None or rt.budget is None:
         rt.metrics.rejected.labels(reason="not_ready").inc()
         raise NotReady("the model is still loading", headers={"Retry-After": "1"})
     if s.api_key is not None:
         _check_api_key(request, s.api_key.get_secret_value())
     rt.batcher.check_capacity()  # refuse before spending work on the upload
+    # The body is charged from its declared length before it is read, the pixels from the
+    # image's header before they are decoded; both are held until the answer's bytes exist.
+    limit = s.max_upload_bytes + MULTIPART_OVERHEAD
+    with rt.budget.hold(upload_cost(request.headers.get("content-length"), limit)):
+        return await _upload_to_answer(request, rt, rt.budget, start, timing, record)
+
+
+async def _upload_to_answer(
+    request: Request,
+    rt: Runtime,
+    budget: MemoryBudget,
+    start: float,
+    timing: list[str],
+    record: AccessRecord,
+) -> Response:
+    s = rt.settings
     t = time.monotonic()
     try:
-        data, params = await read_upload(request, s.max_upload_bytes)
+        data, params = await read_upload(request, s.max_upload_bytes, s.body_timeout_s)
     except ServiceError as exc:
         rt.metrics.rejected.labels(reason=exc.code).inc()
         raise
     timing.append(f"upload;dur={(time.monotonic() - t) * 1000:.1f}")
+    record.bytes_in = len(data)
+    record.output = params.output
     loop = asyncio.get_running_loop()
+    try:
+        header = await loop.run_in_executor(
+            rt.codec_pool, partial(read_header, data, max_pixels=s.max_pixels)
+        )
+    except ServiceError as exc:
+        rt.metrics.rejected.labels(reason=exc.code).inc()
+        raise
+    record.size = (header.width, header.height)
+    # The arrays of _decode_to_answer are gone when it returns, before the charge is released.
+    cost = request_cost(
+        header.width, header.height, alpha=header.alpha, cutout=params.output == "cutout"
+    )
+    with budget.hold(cost):
+        answer = await _decode_to_answer(request, rt, data, params, start, timing, record)
+    return Response(answer.body, media_type=answer.media_type, headers=answer.headers)
 
+
+async def _decode_to_answer(
+    request: Request,
+    rt: Runtime,
+    data: bytes,
+    params: SegmentParams,
+    start: float,
+    timing: list[str],
+    record: AccessRecord,
+) -> Rendered:
+    s = rt.settings
+    batcher, pool = rt.batcher, rt.codec_pool
+    if batcher is None or pool is None:  # checked by the caller; this tells mypy
+        raise NotReady("the model is still loading", headers={"Retry-After": "1"})
+    loop = asyncio.get_running_loop()
     t = time.monotonic()
     try:
-        image = await loop.run_in_executor(
-            rt.codec_pool, lambda: decode(data, max_pixels=s.max_pixels)
-        )
+        image = await loop.run_in_executor(pool, lambda: decode(data, max_pixels=s.max_pixels))
     except ServiceError as exc:
         rt.metrics.rejected.labels(reason=exc.code).inc()
         raise
@@ -245,7 +330,7 @@ async def _segment(
     job = Job(torch.from_numpy(image.model_rgb), params)
     disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
-        done = await rt.batcher.submit(
+        done = await batcher.submit(
             job,
             start + s.request_timeout_s,
             cancelled=disconnected,  # type: ignore[arg-type]
@@ -257,16 +342,15 @@ async def _segment(
         disconnected.cancel()
     timing.append(f"queue;dur={done.queue_s * 1000:.1f}")
     timing.append(f'infer;dur={done.infer_s * 1000:.1f};desc="batch of {done.batch_size}"')
+    record.batch_size = done.batch_size
 
     t = time.monotonic()
     levels: np.ndarray = done.result.numpy()
-    answer = await loop.run_in_executor(rt.codec_pool, render, levels, image, params)
+    answer = await loop.run_in_executor(pool, render, levels, image, params)
     encode_s = time.monotonic() - t
     timing.append(f"encode;dur={encode_s * 1000:.1f}")
     rt.metrics.stage_duration.labels(stage="encode").observe(encode_s)
-    return Response(
-        answer.body, media_type=answer.media_type, headers=answer.headers
-    ), params.output
+    return answer
 
 
 @router.get("/livez", summary="Liveness: the process is up and its event loop answers")

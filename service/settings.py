@@ -51,6 +51,25 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0, le=3600)
     warmup: bool = True
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    memory_budget_bytes: int = Field(
+        2 * 1024**3,
+        ge=1024**2,
+        description="bytes the requests in flight may hold, decode to encode (fits a 4 GiB "
+        "container with the model)",
+    )
+    body_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="longest time a request's body may take to arrive"
+    )
+    header_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="longest time from connecting (or the last answer) to a request's headers",
+    )
+    max_connections: int = Field(
+        256, ge=1, le=100_000, description="open connections; beyond that new ones get 503"
+    )
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -495,3 +495,27 @@ async def test_cors_preflight_for_configured_origins(u2netp_weights: Path) -> No
             headers={"content-type": "image/jpeg", "origin": "https://b.example"},
         )
         assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+
+
+async def test_a_parameter_given_twice_is_refused(client: httpx.AsyncClient) -> None:
+    """Found by schemathesis: one of the values was silently chosen."""
+    r = await client.post(
+        "/segment?threshold=0.2&threshold=oops",
+        content=photo(),
+        headers={"content-type": "image/jpeg"},
+    )
+    assert_error(r, 422, "invalid_parameter")
+    assert "more than once" in r.json()["error"]["message"]
+    # A bad query value is refused even when a form field of the same name is given.
+    r = await client.post(
+        "/segment?threshold=AAA",
+        files={"image": ("h.jpg", photo(), "image/jpeg")},
+        data={"threshold": "0.5"},
+    )
+    assert_error(r, 422, "invalid_parameter")
+
+
+async def test_multipart_without_boundary_is_400(client: httpx.AsyncClient) -> None:
+    """Found by schemathesis: a 500."""
+    r = await client.post("/segment", headers={"content-type": "multipart/form-data"})
+    assert_error(r, 400, "bad_request")

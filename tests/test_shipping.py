@@ -3,6 +3,8 @@ docker-compose and promtool."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +78,49 @@ def test_prometheus_config_is_accepted() -> None:
     promtool = require_system_tool("promtool")
     r = run(promtool, "check", "config", str(DOCKER / "prometheus.yml"))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_alert_rules_pass_their_unit_tests() -> None:
+    """Each alert fires on the series that should fire it, and not on the ones before."""
+    promtool = require_system_tool("promtool")
+    r = run(promtool, "check", "rules", str(DOCKER / "alerts.yml"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run(promtool, "test", "rules", str(DOCKER / "alerts.test.yml"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS" in r.stdout + r.stderr
+
+
+def _exported_metric_names() -> dict[str, str]:
+    """Every series name the service's registry can export (labelled families included),
+    with the family it belongs to."""
+    from service.metrics import Metrics
+
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}
+    return {
+        family.name + suffix: family.name
+        for family in Metrics().registry.collect()
+        for suffix in suffixes.get(family.type, [""])
+    }
+
+
+def _named_metrics(expr: str) -> set[str]:
+    return set(re.findall(r"\b((?:u2serve|process)_[a-z_]+)\b", expr))
+
+
+def test_every_dashboard_and_alert_query_names_an_exported_metric() -> None:
+    import yaml
+
+    exported = _exported_metric_names()
+    dashboard = json.loads((DOCKER / "grafana" / "u2serve.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    rules = yaml.safe_load((DOCKER / "alerts.yml").read_text())
+    exprs += [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    assert len(exprs) >= 15
+    for expr in exprs:
+        named = _named_metrics(expr)
+        assert named, f"no service metric in {expr!r}"
+        assert named <= exported.keys(), f"{sorted(named - exported.keys())} not exported: {expr!r}"
+    # And every metric the service exports is on the dashboard.
+    shown = {exported[n] for e in exprs for n in _named_metrics(e)}
+    missing = {f for f in exported.values() if f.startswith("u2serve_")} - shown
+    assert not missing, f"not on the dashboard or in an alert: {sorted(missing)}"

@@ -1,0 +1,132 @@
+"""Admission by memory: the bytes that accepted requests may hold at once, decode to encode.
+
+A request is charged for its decoded pixels before they exist (the size comes from the image's
+header), and releases the charge when its answer is encoded. The queue bounds how many requests
+wait; this bounds what they hold, so a burst of large images that are small on the wire cannot
+take the process past its container's memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from service.errors import ImageTooLarge, QueueFull
+from service.metrics import Metrics
+
+__all__ = ["MemoryBudget", "give_back_memory", "request_cost", "upload_cost"]
+
+log = logging.getLogger(__name__)
+
+# Peak bytes per pixel of one request, decode to encode, beyond the model's own working memory
+# (one batch's activations, a fixed amount): measured as the rise of the process's peak RSS for
+# one 39 MP flat PNG (U2NETP, CPU) less that for a 320×320 one: 8.6 for a mask (PIL's buffer,
+# its bytes and the array while decoding; the full-size float map while resizing), 18.8 for a
+# cut-out (its RGBA and PIL's encoder besides), 7.7 and 23.6 with transparency. Rounded up, so
+# that the charges bound the memory actually used (tests/test_limits.py holds a burst to it).
+_BYTES_PER_PIXEL = {(False, False): 10, (False, True): 20, (True, False): 10, (True, True): 26}
+
+
+def request_cost(width: int, height: int, *, alpha: bool, cutout: bool) -> int:
+    """Bytes charged to a request for an image of this size and the answer it asks for."""
+    return width * height * _BYTES_PER_PIXEL[alpha, cutout]
+
+
+def upload_cost(declared_length: str | None, limit: int) -> int:
+    """Bytes charged while a request's body is read and held: twice its size (the buffer it
+    arrives in and the bytes taken out of it, or a multipart body and its image field), from
+    ``Content-Length``, or from the most it may be when it has none."""
+    size = int(declared_length) if declared_length and declared_length.isdigit() else limit
+    return 2 * min(size, limit)
+
+
+def _malloc_trim() -> Callable[[], None] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS): nothing to call
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return lambda: trim(0)
+
+
+_TRIM = _malloc_trim()
+
+
+def give_back_memory() -> None:
+    """Return freed heap pages to the OS (glibc keeps them in its arenas otherwise)."""
+    if _TRIM is not None:
+        _TRIM()
+
+
+class MemoryBudget:
+    """Thread-safe: charges are taken on the event loop and may be released from any thread.
+
+    ``retry_after`` gives the seconds to tell a refused client. When the last charge is released,
+    ``on_idle`` runs (the service uses it to give freed memory back to the OS).
+    """
+
+    def __init__(
+        self,
+        limit_bytes: int,
+        *,
+        metrics: Metrics,
+        retry_after: Callable[[], int],
+        on_idle: Callable[[], None] | None = None,
+    ) -> None:
+        if limit_bytes < 1:
+            raise ValueError(f"the memory budget must be at least 1 byte, not {limit_bytes}")
+        self.limit_bytes = limit_bytes
+        self._held = 0
+        self._lock = threading.Lock()
+        self._metrics = metrics
+        self._retry_after = retry_after
+        self._on_idle = on_idle
+        metrics.memory_budget.set(limit_bytes)
+        metrics.memory_held.set(0)
+
+    @property
+    def held_bytes(self) -> int:
+        return self._held
+
+    def _take(self, cost: int) -> None:
+        if cost > self.limit_bytes:
+            self._metrics.rejected.labels(reason="image_too_large").inc()
+            raise ImageTooLarge(
+                f"decoding this image needs about {cost} bytes; the service's memory budget "
+                f"is {self.limit_bytes}"
+            )
+        with self._lock:
+            if self._held + cost > self.limit_bytes:
+                self._metrics.rejected.labels(reason="memory_full").inc()
+                raise QueueFull(
+                    f"the images in flight fill the memory budget ({self._held} of "
+                    f"{self.limit_bytes} bytes); retry later",
+                    headers={"Retry-After": str(self._retry_after())},
+                )
+            self._held += cost
+            self._metrics.memory_held.set(self._held)
+
+    def _give(self, cost: int) -> None:
+        with self._lock:
+            self._held -= cost
+            held = self._held
+            self._metrics.memory_held.set(held)
+        if held == 0 and self._on_idle is not None:
+            self._on_idle()
+
+    @contextmanager
+    def hold(self, cost: int) -> Iterator[None]:
+        """Charge ``cost`` bytes for the block: 413 if it alone exceeds the budget, 503 with
+        ``Retry-After`` if it does not fit beside what is held now."""
+        self._take(cost)
+        try:
+            yield
+        finally:
+            self._give(cost)

@@ -1,0 +1,68 @@
+"""The access log: one line per /segment request with what an operator searches by, as text or
+JSON; health probes stay out of it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from service.access import JsonFormatter
+
+from .test_api import photo, post_image, running, settings
+
+
+async def test_one_line_per_request_and_none_for_probes(
+    u2netp_weights: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="u2serve.access")
+    async with running(settings(u2netp_weights)) as (_, c):
+        caplog.clear()
+        ok = await c.post(
+            "/segment",
+            content=photo(),
+            params={"output": "cutout"},
+            headers={"content-type": "image/jpeg", "x-request-id": "find-me-1"},
+        )
+        bad = await post_image(c, b"not an image", ctype="image/png")
+        for probe in ("/livez", "/readyz", "/metrics"):
+            await c.get(probe)
+    lines = [r for r in caplog.records if r.name == "u2serve.access"]
+    assert len(lines) == 2  # the probes are not logged
+    first, second = (r.fields for r in lines)  # type: ignore[attr-defined]
+    assert first["request_id"] == "find-me-1" == ok.headers["x-request-id"]
+    assert first["status"] == 200
+    assert first["error"] is None
+    assert first["output"] == "cutout"
+    assert (first["width"], first["height"]) == (770, 595)
+    assert first["bytes_in"] == len(photo())
+    assert first["bytes_out"] == len(ok.content)
+    # The stage times are those of Server-Timing.
+    timing = {
+        part.split(";")[0]: float(part.split("dur=")[1].split(";")[0])
+        for part in ok.headers["server-timing"].split(", ")
+    }
+    assert {f"{k}_ms": v for k, v in timing.items()} == {
+        k: v for k, v in first.items() if k.endswith("_ms")
+    }
+    assert first["batch_size"] == 1
+    assert second["request_id"] == bad.headers["x-request-id"]
+    assert (second["status"], second["error"]) == (415, "unsupported_image")
+    assert "request_id=find-me-1 " in lines[0].getMessage()
+    assert "status=415 error=unsupported_image" in lines[1].getMessage()
+
+
+def test_json_lines() -> None:
+    fields = {"request_id": "r1", "status": 200, "error": None, "total_ms": 12.5}
+    access = logging.LogRecord("u2serve.access", logging.INFO, "", 0, "x", None, None)
+    access.fields = fields
+    other = logging.LogRecord("u2serve", logging.WARNING, "", 0, "draining %d", (3,), None)
+    fmt = JsonFormatter()
+    a, o = json.loads(fmt.format(access)), json.loads(fmt.format(other))
+    assert {k: a[k] for k in fields} == fields
+    assert (a["level"], a["logger"]) == ("info", "u2serve.access")
+    assert a["time"].endswith("Z")
+    assert o["message"] == "draining 3"
+    assert o["level"] == "warning"

@@ -1,0 +1,311 @@
+"""Load and hostile clients against a real server process: the memory budget under a burst of
+large images, memory given back after it, slow clients, oversized bodies, too many connections."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from .conftest import reference_dir
+from .procs import free_port, start, wait_ready
+
+pytestmark = pytest.mark.integration
+
+MiB = 1024 * 1024
+BUDGET = 300 * MiB
+TIMEOUT_S = 3.0  # body and header timeouts of the server under test
+MAX_CONNECTIONS = 6
+
+
+@pytest.fixture(scope="module")
+def server(u2netp_weights: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    port = free_port()
+    proc = start(
+        {
+            "U2SERVE_MODEL": "u2netp",
+            "U2SERVE_WEIGHTS": str(u2netp_weights),
+            "U2SERVE_DEVICE": "cpu",
+            "U2SERVE_MAX_BATCH_SIZE": "1",
+            "U2SERVE_MAX_BATCH_WAIT_MS": "0",
+            "U2SERVE_CODEC_THREADS": "2",
+            "U2SERVE_REQUEST_TIMEOUT_S": "120",  # the burst is answered 200 or 503, never 504
+            "U2SERVE_MEMORY_BUDGET_BYTES": str(BUDGET),
+            "U2SERVE_BODY_TIMEOUT_S": str(TIMEOUT_S),
+            "U2SERVE_HEADER_TIMEOUT_S": str(TIMEOUT_S),
+            "U2SERVE_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+        },
+        port,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+
+
+def _status(pid: int, key: str) -> int:
+    """A ``/proc/<pid>/status`` memory figure, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+class PeakRss:
+    """The process's peak RSS over a block: the kernel's high-water mark, reset at the start
+    (``clear_refs``), and a 5 ms poll of RSS besides in case the reset is not allowed."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _status(self.pid, "VmRSS"))
+
+    def __enter__(self) -> PeakRss:
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+            self._hwm = True
+        except OSError:
+            self._hwm = False
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._hwm:
+            self.peak = max(self.peak, _status(self.pid, "VmHWM"))
+
+
+def flat_png(width: int, height: int) -> bytes:
+    """A one-colour photo-sized PNG: tens of kB on the wire, width×height×3 bytes decoded."""
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (180, 120, 60)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def post(url: str, data: bytes, **params: str) -> httpx.Response:
+    return httpx.post(
+        f"{url}/segment",
+        content=data,
+        params=params,
+        headers={"content-type": "image/png"},
+        timeout=180,
+    )
+
+
+def settle_rss(pid: int, seconds: float = 1.0) -> int:
+    time.sleep(seconds)  # the service gives memory back once the last request is answered
+    return _status(pid, "VmRSS")
+
+
+def test_burst_of_large_images_stays_within_the_budget(
+    server: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    proc, url = server
+    image = flat_png(3264, 2448)  # 8 MP: charged 80 MB for a mask, so three fit in the budget
+    assert len(image) < 100_000
+    # One request first, so that lasting first-use allocations are in the baseline.
+    assert post(url, image).status_code == 200
+    before = settle_rss(proc.pid)
+    # The model's own working memory: the peak while it segments a small image.
+    with PeakRss(proc.pid) as model:
+        assert post(url, flat_png(320, 320)).status_code == 200
+    model_bytes = model.peak - before
+    n = 24  # held at once, their RGB alone (24 × 24 MB) would be twice the budget
+    with PeakRss(proc.pid) as rss, ThreadPoolExecutor(n) as pool:
+        responses = list(pool.map(lambda _: post(url, image), range(n)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(200) >= 2, codes
+    assert codes.count(503) >= 1, codes  # the burst was over the budget
+    for r in responses:
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "overloaded"
+            assert int(r.headers["retry-after"]) >= 1
+    # The charges (10 bytes a pixel for a mask, twice the bytes of a body) are set above the
+    # measured peak (8.6), so the process never goes past its baseline, the model's working
+    # memory and the budget; 32 MiB is for what is not charged: the answers' bytes, headers,
+    # the connections' buffers and the allocator's slack.
+    assert rss.peak - before <= model_bytes + BUDGET + 32 * MiB, (
+        f"peak RSS {(rss.peak - before) / MiB:.0f} MiB over the {before / MiB:.0f} MiB before "
+        f"the burst; model {model_bytes / MiB:.0f} MiB, budget {BUDGET / MiB:.0f} MiB"
+    )
+    assert httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+    metrics = httpx.get(f"{url}/metrics", timeout=5).text
+    assert 'u2serve_rejected_total{reason="memory_full"}' in metrics
+    assert "u2serve_memory_held_bytes 0.0" in metrics
+    # Memory is given back: within 48 MiB of where it was before the burst.
+    after = settle_rss(proc.pid)
+    assert after - before <= 48 * MiB, f"RSS {before / MiB:.0f} → {after / MiB:.0f} MiB"
+
+
+def test_an_image_over_the_whole_budget_is_413(
+    server: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    _, url = server
+    r = post(url, flat_png(5000, 4000), output="cutout")  # 20 MP × 20 bytes > 300 MiB
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "image_too_large"
+    assert "memory budget" in r.json()["error"]["message"]
+
+
+def test_a_60_mb_raw_body_gets_the_413_json(server: tuple[subprocess.Popen[bytes], str]) -> None:
+    """From a plain HTTP client that sends the whole body before it reads the answer."""
+    _, url = server
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/segment", body=b"\0" * 60_000_000, headers={"Content-Type": "image/png"})
+    r = conn.getresponse()
+    body = json.loads(r.read())
+    conn.close()
+    assert r.status == 413
+    assert body["error"]["code"] == "image_too_large"
+
+
+def test_expect_100_continue_gets_413_without_sending_the_body(
+    server: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    _, url = server
+    sock = _raw_connection(url)
+    sock.sendall(
+        b"POST /segment HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
+        b"Content-Length: 60000000\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+    )
+    status, _, body = _read_answer(sock)  # no 100 Continue first: the body is never asked for
+    sock.close()
+    assert status == 413
+    assert json.loads(body)["error"]["code"] == "image_too_large"
+
+
+def _raw_connection(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=30)
+
+
+def _read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_a_trickled_body_gets_408_while_others_are_served(
+    server: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    _, url = server
+    sock = _raw_connection(url)
+    sock.sendall(
+        b"POST /segment HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\n"
+        b"Content-Length: 100000\r\n\r\n"
+    )
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(0.5):
+            try:
+                sock.sendall(b"\xff")
+            except OSError:
+                return
+
+    t0 = time.monotonic()
+    threading.Thread(target=trickle, daemon=True).start()
+    photo = (reference_dir() / "images" / "horse.jpg").read_bytes()
+    served = httpx.post(
+        f"{url}/segment", content=photo, headers={"content-type": "image/jpeg"}, timeout=30
+    )
+    assert served.status_code == 200  # while the slow client holds its connection
+    status, headers, body = _read_answer(sock)
+    elapsed = time.monotonic() - t0
+    stop.set()
+    sock.close()
+    assert status == 408
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert headers["connection"] == "close"
+    assert TIMEOUT_S - 0.5 <= elapsed <= TIMEOUT_S + 2, elapsed
+
+
+def test_trickled_headers_get_408(server: tuple[subprocess.Popen[bytes], str]) -> None:
+    _, url = server
+    sock = _raw_connection(url)
+    t0 = time.monotonic()
+    sock.sendall(b"POST /segment HTTP/1.1\r\n")
+    for _ in range(int(TIMEOUT_S / 0.5) + 4):
+        try:
+            sock.sendall(b"X-Slow: y\r\n")
+        except OSError:
+            break
+        time.sleep(0.5)
+    status, _, body = _read_answer(sock)
+    sock.close()
+    assert status == 408
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert time.monotonic() - t0 <= TIMEOUT_S + 3
+
+
+def test_connections_over_the_limit_get_503_json(
+    server: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    _, url = server
+    idle = [_raw_connection(url) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.3)  # accepted by the server
+        r = httpx.get(f"{url}/livez", timeout=5)
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "overloaded"
+        assert r.headers["retry-after"] == "1"
+    finally:
+        for s in idle:
+            s.close()
+    time.sleep(0.3)
+    assert httpx.get(f"{url}/livez", timeout=5).status_code == 200
+
+
+# -- the budget on its own -----------------------------------------------------------------------
+
+
+def test_budget_admits_what_fits_and_gives_back() -> None:
+    from service.budget import MemoryBudget
+    from service.errors import ImageTooLarge, QueueFull
+    from service.metrics import Metrics
+
+    idle: list[int] = []
+    budget = MemoryBudget(
+        100, metrics=Metrics(), retry_after=lambda: 7, on_idle=lambda: idle.append(1)
+    )
+    with budget.hold(60):
+        with pytest.raises(QueueFull) as full, budget.hold(41):
+            pass
+        assert full.value.headers == {"Retry-After": "7"}
+        with budget.hold(40):
+            assert budget.held_bytes == 100
+        assert idle == []
+    assert budget.held_bytes == 0
+    assert idle == [1]  # memory is given back once nothing is held
+    with pytest.raises(ImageTooLarge), budget.hold(101):
+        pass
+    with pytest.raises(RuntimeError), budget.hold(50):
+        raise RuntimeError("a failed request releases its charge too")
+    assert budget.held_bytes == 0

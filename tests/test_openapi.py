@@ -1,0 +1,64 @@
+"""schemathesis over the service's own OpenAPI document, against a real server process: every
+generated request, valid or not, gets an answer the document describes, and never a 5xx."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+from .procs import free_port, start, wait_ready
+
+pytestmark = pytest.mark.integration
+
+
+def test_every_answer_is_documented_and_none_is_a_5xx(u2netp_weights: Path, tmp_path: Path) -> None:
+    port = free_port()
+    proc = start(
+        {
+            "U2SERVE_MODEL": "u2netp",
+            "U2SERVE_WEIGHTS": str(u2netp_weights),
+            "U2SERVE_DEVICE": "cpu",
+            "U2SERVE_MAX_BATCH_WAIT_MS": "0",
+            # Generated images are small but may be tall or wide: keep each one quick.
+            "U2SERVE_MAX_PIXELS": "4000000",
+        },
+        port,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        # The command line rather than its pytest plugin, which does not load under pytest 9;
+        # deterministic generation, so that a failure here fails every time.
+        run = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "schemathesis"),
+                "--config-file",
+                str(REPO / "tests" / "schemathesis.toml"),
+                "--no-color",
+                "run",
+                f"{url}/openapi.json",
+                "--checks",
+                "all",
+                "--max-examples",
+                "25",
+                "--generation-deterministic",
+            ],
+            cwd=tmp_path,  # it keeps a .schemathesis folder of its own there
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+    counts = re.search(r"(\d+) generated, (\d+) passed", run.stdout)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert counts is not None, run.stdout[-2000:]
+    assert int(counts[1]) >= 40, counts[0]  # every operation was exercised
+    assert counts[1] == counts[2]
