@@ -7,7 +7,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -55,3 +57,29 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], limit_s: float = 120) ->
         return f"server exited with {proc.returncode}:\n{out}"
 
     poll_ready(url, died, limit_s)
+
+
+def u2netp_env(weights: Path, **settings: str) -> dict[str, str]:
+    """A quick server: U2NETP on the CPU, each batch taken at once, plus ``settings``."""
+    base = {
+        "U2SERVE_MODEL": "u2netp",
+        "U2SERVE_WEIGHTS": str(weights),
+        "U2SERVE_DEVICE": "cpu",
+        "U2SERVE_MAX_BATCH_WAIT_MS": "0",
+    }
+    return base | settings
+
+
+@contextmanager
+def serving(env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A real server process with ``env``, ready; killed afterwards if still running."""
+    port = free_port()
+    proc = start(env, port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)  # also closes the pipe

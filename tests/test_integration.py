@@ -16,34 +16,21 @@ import pytest
 from PIL import Image
 
 from .conftest import reference_dir
-from .procs import free_port, start, wait_ready
+from .procs import free_port, serving, start, u2netp_env
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def server(u2netp_weights: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    port = free_port()
-    proc = start(
-        {
-            "U2SERVE_MODEL": "u2netp",
-            "U2SERVE_WEIGHTS": str(u2netp_weights),
-            "U2SERVE_DEVICE": "cpu",
-            "U2SERVE_MAX_BATCH_SIZE": "1",
-            "U2SERVE_MAX_BATCH_WAIT_MS": "0",
-            # The slower engine, so that requests are still queued when SIGTERM arrives.
-            "U2SERVE_ENGINE": "torch",
-        },
-        port,
+    env = u2netp_env(
+        u2netp_weights,
+        U2SERVE_MAX_BATCH_SIZE="1",
+        # The slower engine, so that requests are still queued when SIGTERM arrives.
+        U2SERVE_ENGINE="torch",
     )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
+    with serving(env) as (proc, url):
         yield proc, url
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=10)  # also closes the pipe
 
 
 def queue_depth(url: str) -> float:

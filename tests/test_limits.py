@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from .conftest import reference_dir
-from .procs import free_port, start, wait_ready
+from .procs import serving, u2netp_env
 
 pytestmark = pytest.mark.integration
 
@@ -31,31 +31,18 @@ MAX_CONNECTIONS = 6
 
 @pytest.fixture(scope="module")
 def server(u2netp_weights: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    port = free_port()
-    proc = start(
-        {
-            "U2SERVE_MODEL": "u2netp",
-            "U2SERVE_WEIGHTS": str(u2netp_weights),
-            "U2SERVE_DEVICE": "cpu",
-            "U2SERVE_MAX_BATCH_SIZE": "1",
-            "U2SERVE_MAX_BATCH_WAIT_MS": "0",
-            "U2SERVE_CODEC_THREADS": "2",
-            "U2SERVE_REQUEST_TIMEOUT_S": "120",  # the burst is answered 200 or 503, never 504
-            "U2SERVE_MEMORY_BUDGET_BYTES": str(BUDGET),
-            "U2SERVE_BODY_TIMEOUT_S": str(TIMEOUT_S),
-            "U2SERVE_HEADER_TIMEOUT_S": str(TIMEOUT_S),
-            "U2SERVE_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
-        },
-        port,
+    env = u2netp_env(
+        u2netp_weights,
+        U2SERVE_MAX_BATCH_SIZE="1",
+        U2SERVE_CODEC_THREADS="2",
+        U2SERVE_REQUEST_TIMEOUT_S="120",  # the burst is answered 200 or 503, never 504
+        U2SERVE_MEMORY_BUDGET_BYTES=str(BUDGET),
+        U2SERVE_BODY_TIMEOUT_S=str(TIMEOUT_S),
+        U2SERVE_HEADER_TIMEOUT_S=str(TIMEOUT_S),
+        U2SERVE_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
     )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
+    with serving(env) as (proc, url):
         yield proc, url
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=10)
 
 
 def _status(pid: int, key: str) -> int:

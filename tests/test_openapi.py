@@ -11,27 +11,18 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO
-from .procs import free_port, start, wait_ready
+from .procs import serving, u2netp_env
 
 pytestmark = pytest.mark.integration
 
 
 def test_every_answer_is_documented_and_none_is_a_5xx(u2netp_weights: Path, tmp_path: Path) -> None:
-    port = free_port()
-    proc = start(
-        {
-            "U2SERVE_MODEL": "u2netp",
-            "U2SERVE_WEIGHTS": str(u2netp_weights),
-            "U2SERVE_DEVICE": "cpu",
-            "U2SERVE_MAX_BATCH_WAIT_MS": "0",
-            # Generated images are small but may be tall or wide: keep each one quick.
-            "U2SERVE_MAX_PIXELS": "4000000",
-        },
-        port,
+    env = u2netp_env(
+        u2netp_weights,
+        # Generated images are small but may be tall or wide: keep each one quick.
+        U2SERVE_MAX_PIXELS="4000000",
     )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
+    with serving(env) as (_, url):
         # The command line rather than its pytest plugin, which does not load under pytest 9;
         # deterministic generation, so that a failure here fails every time.
         run = subprocess.run(
@@ -54,9 +45,6 @@ def test_every_answer_is_documented_and_none_is_a_5xx(u2netp_weights: Path, tmp_
             timeout=300,
             check=False,
         )
-    finally:
-        proc.kill()
-        proc.communicate(timeout=10)
     counts = re.search(r"(\d+) generated, (\d+) passed", run.stdout)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert counts is not None, run.stdout[-2000:]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 from PIL import Image
 
 from .conftest import reference_dir, require_system_tool
-from .procs import free_port, start, wait_ready
+from .procs import serving, u2netp_env
 
 pytestmark = pytest.mark.integration
 
@@ -42,28 +41,8 @@ _ALPHA_JS = """(img) => {
 
 @pytest.fixture(scope="module")
 def server(u2netp_weights: Path) -> Iterator[str]:
-    port = free_port()
-    proc = start(
-        {
-            "U2SERVE_MODEL": "u2netp",
-            "U2SERVE_WEIGHTS": str(u2netp_weights),
-            "U2SERVE_DEVICE": "cpu",
-            "U2SERVE_MAX_BATCH_WAIT_MS": "0",
-            "U2SERVE_API_KEY": API_KEY,
-        },
-        port,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
+    with serving(u2netp_env(u2netp_weights, U2SERVE_API_KEY=API_KEY)) as (_, url):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
 
 
 @pytest.fixture(scope="module")
