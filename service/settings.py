@@ -42,7 +42,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, le=3600)
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1)
-    codec_threads: int = Field(default_factory=lambda: max(2, os.cpu_count() or 1), ge=1, le=256)
+    # One core fewer than there are: the network's threads run in lockstep, and an encode that
+    # takes one of their cores stalls them all (bench/README.md, the thread split).
+    codec_threads: int = Field(
+        default_factory=lambda: max(1, len(os.sched_getaffinity(0)) - 1), ge=1, le=256
+    )
     threads: int | None = Field(
         None, ge=1, le=1024, description="CPU threads for the network; default: every core"
     )
