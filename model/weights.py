@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -23,6 +25,7 @@ __all__ = [
     "default_weights_dir",
     "default_weights_path",
     "load_state_dict",
+    "recorded_digest",
     "tensors_sha256",
     "verified_digest",
 ]
@@ -110,31 +113,53 @@ def verified_digest(path: str | Path, name: str) -> str:
     return _read_verified(path, name)[1]
 
 
+def recorded_digest(path: str | Path, name: str) -> str:
+    """The digest a weights file's tensors must have (pinned for the release, else recorded in
+    its header), read without loading or hashing the tensors.
+
+    For an engine that runs a model file derived from these weights and verified by its own
+    digest: the derived file was made from fully verified weights, so naming them is enough.
+    """
+    return _open(path, name, lambda f: None)[2]
+
+
 def _read_verified(path: str | Path, name: str) -> tuple[dict[str, torch.Tensor], str]:
-    spec = SPECS[name]
-    path = Path(path)
-    hint = f"Fetch and convert the released weights with: {spec.fetch_command}"
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} not found. {hint}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise WeightsError(
-            f"weights file {path} is unreadable or truncated ({exc}); expected a {name} "
-            f"safetensors file whose tensors hash to {spec.tensors_sha256}. {hint}"
-        ) from exc
-    if meta.get("model") != name:
-        raise WeightsError(
-            f"weights file {path} holds model {meta.get('model')!r}, not {name!r}. {hint}"
-        )
+    state, _, expected = _open(path, name, lambda f: {k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (not a dict)
+    assert state is not None
     digest = tensors_sha256(state)
-    from_release = meta.get("source_md5") == spec.onnx_md5
-    expected = spec.tensors_sha256 if from_release else meta.get("tensors_sha256")
     if digest != expected:
         raise WeightsError(
             f"weights file {path} is corrupt: its tensors hash to {digest}, expected {expected}. "
-            f"{hint}"
+            f"{_hint(name)}"
         )
     return state, digest
+
+
+def _hint(name: str) -> str:
+    return f"Fetch and convert the released weights with: {SPECS[name].fetch_command}"
+
+
+def _open(
+    path: str | Path, name: str, read: Callable[[Any], dict[str, torch.Tensor] | None]
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, str], str]:
+    """``read``'s result on the open file, its metadata, and the digest its tensors must have."""
+    spec = SPECS[name]
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} not found. {_hint(name)}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = read(f)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(
+            f"weights file {path} is unreadable or truncated ({exc}); expected a {name} "
+            f"safetensors file whose tensors hash to {spec.tensors_sha256}. {_hint(name)}"
+        ) from exc
+    if meta.get("model") != name:
+        raise WeightsError(
+            f"weights file {path} holds model {meta.get('model')!r}, not {name!r}. {_hint(name)}"
+        )
+    from_release = meta.get("source_md5") == spec.onnx_md5
+    expected = spec.tensors_sha256 if from_release else meta.get("tensors_sha256", "")
+    return state, meta, expected
