@@ -163,6 +163,19 @@ def ensure_rembg() -> Path:
     return exe
 
 
+Server = tuple[list[str], dict[str, str], str]  # command, environment, readiness path
+
+
+def u2serve_server(env: dict[str, str]) -> Server:
+    return [sys.executable, "-m", "service"], env, "/readyz"
+
+
+def rembg_server(model: str) -> Server:
+    """``rembg s``, installed here if needed, on the very ONNX file that u2serve verified."""
+    cmd = [str(ensure_rembg()), "s", "--no-ui", "--log_level", "warning"]
+    return cmd, {"U2NET_HOME": str(rembg_home(model))}, "/api"
+
+
 def rembg_home(model: str) -> Path:
     onnx = default_weights_dir() / f"{model}.onnx"
     if not onnx.is_file():
@@ -297,21 +310,15 @@ def main(argv: list[str] | None = None) -> None:
         "U2SERVE_REQUEST_TIMEOUT_S": "600",
         "U2SERVE_LOG_LEVEL": "warning",
     }
-    servers: dict[str, tuple[list[str], dict[str, str], str]] = {
-        "u2serve": ([sys.executable, "-m", "service"], env, "/readyz"),
-    }
+    servers = {"u2serve": u2serve_server(env)}
     names = list(args.targets)
     for variant in args.variant:
         vname, _, assignments = variant.partition(":")
         extra = dict(kv.split("=", 1) for kv in assignments.split(",") if kv)
-        servers[vname] = ([sys.executable, "-m", "service"], env | extra, "/readyz")
+        servers[vname] = u2serve_server(env | extra)
         names.append(vname)
     if "rembg" in args.targets:
-        servers["rembg"] = (
-            [str(ensure_rembg()), "s", "--no-ui", "--log_level", "warning"],
-            {"U2NET_HOME": str(rembg_home(args.model))},
-            "/api",
-        )
+        servers["rembg"] = rembg_server(args.model)
     print(
         f"# {time.strftime('%Y-%m-%d')}, {platform.node()}, {platform.machine()}, "
         f"{os.cpu_count()} cores; u2serve settings: "

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import collections
 import io
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from bench.http import Target, ensure_rembg, photo_set, rembg_home, running
+from bench.http import Target, photo_set, rembg_server, running, u2serve_server
 
 MiB = 1024 * 1024
 
@@ -145,13 +144,9 @@ def main(argv: list[str] | None = None) -> None:
         "U2SERVE_REQUEST_TIMEOUT_S": "600",
         "U2SERVE_LOG_LEVEL": "warning",
     }
-    servers = {"u2serve": ([sys.executable, "-m", "service"], env, "/readyz")}
+    servers = {"u2serve": u2serve_server(env)}
     if "rembg" in args.targets:
-        servers["rembg"] = (
-            [str(ensure_rembg()), "s", "--no-ui", "--log_level", "warning"],
-            {"U2NET_HOME": str(rembg_home(args.model))},
-            "/api",
-        )
+        servers["rembg"] = rembg_server(args.model)
     blobs = photos()
     print(
         f"# {len(blobs)} photos, masks and cut-outs alternating; model {args.model}; "
