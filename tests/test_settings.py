@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,9 @@ def test_dtype_and_device_resolution() -> None:
         assert resolve_device("auto") == cpu
         with pytest.raises(RuntimeError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_codec_threads_leave_a_core_to_the_network() -> None:
+    """Measured on 2 cores: a second codec thread stalls the network's lockstep threads."""
+    cores = len(os.sched_getaffinity(0))
+    assert Settings().codec_threads == max(1, cores - 1)

@@ -79,9 +79,10 @@ def resolve_engine(name: str, device: torch.device, dtype: torch.dtype) -> Engin
     """``auto``: PyTorch on a GPU (cuDNN, float16, batches); on the CPU, MNN in float32.
 
     On the CPU MNN computes U²-Net's 3×3 convolutions (94% of its FLOPs) with Winograd
-    transforms: measured 1.7× ONNX Runtime's speed for U2NET on a 2-core AMD EPYC with the same
-    maps to five decimals (bench/README.md), where PyTorch's oneDNN runs at ONNX Runtime's pace.
-    MNN runs float32 only here, so any other CPU dtype stays with PyTorch.
+    transforms and gives the same maps to five decimals. For U2NET it measured 1.68× ONNX
+    Runtime's speed on an AVX2-only AMD EPYC and 1.07× on an AVX-512 one, where PyTorch's oneDNN
+    ran at 0.79× (bench/README.md). MNN runs float32 only here, so any other CPU dtype stays
+    with PyTorch.
     """
     if name != "auto":
         engine_module(name)  # validates the name
