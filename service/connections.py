@@ -56,6 +56,41 @@ async def _too_many_connections(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+LINGER_S = 2.0  # longest wait for a client to stop sending after an early answer
+
+
+class _LingeringTransport:
+    """The connection's transport, whose ``close()`` lingers when a request is unfinished.
+
+    Answering before a request has fully arrived (408, 413) and then closing a socket that
+    still receives the client's bytes makes the kernel reset the connection, and a reset can
+    reach the client before it has read the answer. So, like nginx's lingering close, this
+    sends what is buffered, half-closes, and reads and discards what still comes, for up to
+    :data:`LINGER_S`, before closing for good.
+    """
+
+    def __init__(self, transport: asyncio.Transport, mid_request: Any) -> None:
+        self._transport = transport
+        self._mid_request = mid_request  # () -> bool: is a request partly received?
+        self.lingering = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        t = self._transport
+        if self.lingering or t.is_closing() or not self._mid_request() or not t.can_write_eof():
+            t.close()
+            return
+        self.lingering = True
+        t.write_eof()  # after the buffered answer
+        t.resume_reading()
+        asyncio.get_running_loop().call_later(LINGER_S, t.close)
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     """``header_timeout_s`` (set by the server on the class) runs from the connection's start,
     and from the end of each answer on a kept-alive connection, to the end of the next
@@ -64,9 +99,24 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     header_timeout_s: float = 30.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self._mid_request = False
+        self._lingering = _LingeringTransport(transport, lambda: self._mid_request)
+        super().connection_made(self._lingering)  # type: ignore[arg-type]
         self._header_timer: asyncio.TimerHandle | None = None
         self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering.lingering:
+            return  # the rest of a request already answered: discarded
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        self._mid_request = True
+        super().on_message_begin()
+
+    def on_message_complete(self) -> None:
+        self._mid_request = False
+        super().on_message_complete()
 
     def _arm_header_timer(self) -> None:
         self._cancel_header_timer()
@@ -99,7 +149,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
+        if self._mid_request and not self.transport.is_closing():
+            # Answered before its request fully arrived (413, 408, 401, ...): the rest of the
+            # body is not wanted, so the connection ends here, lingering (see above).
+            self.transport.close()
+        elif not self.transport.is_closing():
             self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
