@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     for name in Settings.unknown_variables(os.environ):
         log.warning("%s is not a setting and is ignored (the README lists them all)", name)
-    app = create_app(settings)
+    app = create_app(settings, owns_process=True)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -22,7 +22,7 @@ from starlette.responses import Response
 
 from model.segmenter import Segmenter, resolve_device
 from service.batcher import Batcher
-from service.budget import MemoryBudget, give_back_memory
+from service.budget import MemoryBudget, give_back_memory, map_large_buffers
 from service.encode import BOX_HEADERS
 from service.errors import ServiceError, error_response
 from service.infer import Job, run_batch
@@ -39,6 +39,7 @@ class Runtime:
     """What the routes need, owned by one app."""
 
     settings: Settings
+    owns_process: bool = False
     metrics: Metrics = field(default_factory=Metrics)
     segmenter: Segmenter | None = None
     batcher: Batcher[Job, torch.Tensor] | None = None
@@ -119,6 +120,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     s = rt.settings
     # Bad weights or a missing GPU stop the start-up here, with the loader's message.
     rt.segmenter = segmenter = await asyncio.to_thread(load_segmenter, s)
+    if rt.owns_process and not segmenter.engine.allocates_per_call and map_large_buffers():
+        log.info("large buffers are mapped, and unmapped when freed")
     max_batch = _batch_size(s, segmenter)
     rt.codec_pool = ThreadPoolExecutor(s.codec_threads, thread_name_prefix="u2serve-codec")
     rt.batcher = Batcher(
@@ -188,8 +191,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal_error", "internal error")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; the model is loaded when its lifespan starts, not here."""
+def create_app(settings: Settings | None = None, *, owns_process: bool = False) -> FastAPI:
+    """Build the app; the model is loaded when its lifespan starts, not here.
+
+    ``owns_process``: the app is its process's only one (``python -m service``), so it may set
+    process-wide state, the C allocator's policy for large buffers, that an embedding process
+    (tests, another ASGI host) keeps for itself.
+    """
     from service.pages import install_pages
     from service.routes import router
 
@@ -203,7 +211,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.state.runtime = Runtime(settings)
+    app.state.runtime = Runtime(settings, owns_process=owns_process)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

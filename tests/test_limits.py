@@ -6,8 +6,11 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import os
+import platform
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +21,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from .conftest import reference_dir
+from .conftest import REPO, reference_dir
 from .procs import serving, u2netp_env
 
 pytestmark = pytest.mark.integration
@@ -141,9 +144,10 @@ def test_burst_of_large_images_stays_within_the_budget(
     metrics = httpx.get(f"{url}/metrics", timeout=5).text
     assert 'u2serve_rejected_total{reason="memory_full"}' in metrics
     assert "u2serve_memory_held_bytes 0.0" in metrics
-    # Memory is given back: within 48 MiB of where it was before the burst.
+    # Memory is given back: the large buffers are mapped (service/budget.py), so the RSS settles
+    # where it was (measured +0.6 to +1.3 MiB in five runs; up to +61 MiB before they were).
     after = settle_rss(proc.pid)
-    assert after - before <= 48 * MiB, f"RSS {before / MiB:.0f} → {after / MiB:.0f} MiB"
+    assert after - before <= 16 * MiB, f"RSS {before / MiB:.0f} → {after / MiB:.0f} MiB"
 
 
 def test_an_image_over_the_whole_budget_is_413(
@@ -326,3 +330,39 @@ def test_budget_admits_what_fits_and_gives_back() -> None:
     with pytest.raises(RuntimeError), budget.hold(50):
         raise RuntimeError("a failed request releases its charge too")
     assert budget.held_bytes == 0
+
+
+_MAPPED_CHILD = """
+import numpy as np
+from service.budget import map_large_buffers
+
+print(map_large_buffers())
+np.ones(30 << 20, np.uint8)  # mapped and freed: glibc's moving threshold rises to 30 MiB
+block = np.ones(8 << 20, np.uint8)
+heap = next(line for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]"))
+lo, hi = (int(x, 16) for x in heap.split()[0].split("-"))
+print(not lo <= block.ctypes.data < hi)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc allocator setting")
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, "True\nTrue"),  # an 8 MiB block is mapped, not carved from the heap
+        ({"MALLOC_MMAP_THRESHOLD_": str(64 << 20)}, "False\nFalse"),  # the operator's wins
+        ({"GLIBC_TUNABLES": f"glibc.malloc.mmap_threshold={64 << 20}"}, "False\nFalse"),
+    ],
+)
+def test_large_buffers_are_mapped_unless_the_operator_set_a_threshold(
+    env: dict[str, str], expected: str
+) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _MAPPED_CHILD],
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_"))} | env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == expected

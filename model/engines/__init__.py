@@ -50,6 +50,10 @@ class Engine(Protocol):
     name: EngineName
     device: torch.device  # where inputs go and results come back
     dtype: torch.dtype  # the arithmetic of the network's body
+    # Whether forward takes its working memory from the process's C heap on every call (PyTorch
+    # on the CPU), rather than once at load (MNN's pools) or on a GPU: the service tunes the
+    # allocator for its image buffers only where the engine does not.
+    allocates_per_call: bool
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalised ``N×3×S×S`` float32 → fused map ``N×1×S×S`` float32 on ``device``."""

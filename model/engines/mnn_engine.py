@@ -168,6 +168,7 @@ class MNNEngine:
     must not be shared across threads, and callers (warm-up, batcher, CLI) use several."""
 
     name: EngineName = "mnn"
+    allocates_per_call = False  # MNN plans its buffers when the module is loaded or resized
 
     def __init__(self, path: Path, threads: int) -> None:
         self.device = torch.device("cpu")

@@ -19,6 +19,7 @@ class TorchEngine:
     def __init__(self, net: U2Net, options: EngineOptions) -> None:
         self.device = options.device
         self.dtype = options.dtype
+        self.allocates_per_call = self.device.type == "cpu"
         self.memory_format = (
             torch.channels_last if options.channels_last else torch.contiguous_format
         )
