@@ -8,7 +8,9 @@ scored as in the U²-Net paper (mean absolute error of the soft map, and the max
 thresholds of the F-measure with β² = 0.3 from the precision and recall averaged over the photos),
 plus the IoU of the masks at 0.5. Then the time of ``refine`` on a 12 MP photo (a reference photo
 upscaled), in ms per megapixel, against the time of the rest of such a request's work measured
-the same way (decode, model, mask, PNG encode).
+the same way (decode, model, mask, PNG encode), in this process with the service's allocator
+setting. Last, what a client sees: a real server answering that photo's mask with and without
+``refine=true``, alternating, and the median time of each.
 """
 
 from __future__ import annotations
@@ -20,15 +22,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import numpy as np
 import torch
 from PIL import Image
 
 from bench import REFERENCE
+from bench.http import running, u2serve_server
 from model.postprocess import to_mask
 from model.refine import EPS, RADIUS, refine
 from model.segmenter import Segmenter
 from model.weights import default_weights_path
+from service.budget import map_large_buffers
 
 _BETA2 = 0.3
 
@@ -117,7 +122,10 @@ def _best_ms(fn: object, repeat: int) -> float:
 
 
 def cost(seg: Segmenter, *, radius: int, eps: float, repeat: int) -> dict[str, float]:
-    """Milliseconds (best of ``repeat``) of each stage of a 12 MP mask request, and of refine."""
+    """Milliseconds (best of ``repeat``) of each stage of a 12 MP mask request, and of refine
+    as the service runs it: in place, with its allocator setting."""
+    if not seg.engine.allocates_per_call:
+        map_large_buffers()
     data = photo_12mp()
 
     def decode() -> torch.Tensor:
@@ -131,13 +139,44 @@ def cost(seg: Segmenter, *, radius: int, eps: float, repeat: int) -> dict[str, f
     def encode() -> None:
         Image.fromarray(mask, "L").save(io.BytesIO(), "PNG", compress_level=1)
 
+    refine_ms = []
+    for _ in range(repeat):
+        work = prob.clone()
+        t = time.perf_counter()
+        refine(work, rgb, radius=radius, eps=eps, out=work)
+        refine_ms.append((time.perf_counter() - t) * 1000)
     return {
         "megapixels": rgb.shape[0] * rgb.shape[1] / 1e6,
         "decode": _best_ms(decode, repeat),
         "model": _best_ms(lambda: seg.predict([rgb]), repeat),
         "encode": _best_ms(encode, repeat),
-        "refine": _best_ms(lambda: refine(prob, rgb, radius=radius, eps=eps), repeat),
+        "refine": min(refine_ms),
     }
+
+
+def http_cost(model: str, requests: int) -> tuple[float, float]:
+    """Median seconds of a real server's answer to the 12 MP photo's mask, without and with
+    ``refine=true``, requests alternating (after one warm-up request of each)."""
+    data = photo_12mp()
+    times: dict[bool, list[float]] = {False: [], True: []}
+    env = {"U2SERVE_MODEL": model, "U2SERVE_LOG_LEVEL": "warning"}
+    with (
+        running(*u2serve_server(env), name="u2serve", model=model) as target,
+        httpx.Client(base_url=target.url, timeout=120) as client,
+    ):
+        for i in range(requests + 1):
+            for refined in (False, True):
+                t = time.perf_counter()
+                r = client.post(
+                    "/segment",
+                    content=data,
+                    params={"refine": "true"} if refined else {},
+                    headers={"content-type": "image/jpeg"},
+                )
+                r.raise_for_status()
+                if i:
+                    times[refined].append(time.perf_counter() - t)
+    return statistics.median(times[False]), statistics.median(times[True])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--radius", type=int, default=RADIUS)
     p.add_argument("--eps", type=float, default=EPS)
     p.add_argument("--repeat", type=int, default=3, help="timing runs; the best is kept")
+    p.add_argument("--requests", type=int, default=10, help="HTTP requests of each kind")
     p.add_argument("--no-timing", action="store_true")
     args = p.parse_args(argv)
     seg = Segmenter(args.model, default_weights_path(args.model), device=args.device)
@@ -169,6 +209,11 @@ def main(argv: list[str] | None = None) -> None:
         f"({c['refine'] / c['megapixels']:.1f} ms/MP); decode {c['decode']:.0f} ms, model "
         f"{c['model']:.0f} ms, PNG mask {c['encode']:.0f} ms: refine adds "
         f"{100 * c['refine'] / rest:.1f}% to a mask request"
+    )
+    plain_s, refined_s = http_cost(args.model, args.requests)
+    print(
+        f"over HTTP, median of {args.requests}: mask {plain_s * 1000:.0f} ms, with refine "
+        f"{refined_s * 1000:.0f} ms: refine adds {100 * (refined_s / plain_s - 1):.1f}%"
     )
 
 

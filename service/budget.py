@@ -67,10 +67,12 @@ _LIBC = _glibc()
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's <malloc.h>
 # Left alone, glibc starts at 128 KiB and raises the threshold to the size of each mapped block
 # that is freed (up to 32 MiB), after which requests' image buffers come from the heap and stay
-# there, fragmented, after they are freed. 1 MiB: the buffers that matter are megabytes, and
-# bench.http (U2NETP, 1 and 12 MP, mask and cut-out, 1 and 4 clients) measured it within noise
-# of glibc's moving threshold (1.4% fewer images/s, geometric mean), where 128 KiB cost 6%.
-MMAP_THRESHOLD = 1024 * 1024
+# there, fragmented, after they are freed. 2 MiB: the buffers that matter are megabytes, while
+# working temporaries below it (model/refine.py keeps its own there) are reused from the heap
+# rather than faulted in afresh. bench.http (U2NETP, 1 and 12 MP, mask and cut-out, 1 and 4
+# clients) measured 1 MiB within noise of glibc's moving threshold (1.4% fewer images/s,
+# geometric mean), where 128 KiB cost 6%.
+MMAP_THRESHOLD = 2 * 1024 * 1024
 
 
 def give_back_memory() -> None:
@@ -86,7 +88,7 @@ def map_large_buffers(threshold: int = MMAP_THRESHOLD) -> bool:
     Decoded images, maps and encoded answers are megabytes each and live for one request: so
     mapped, what a burst of large images held is returned when it is answered (measured: the
     RSS after each of eight bursts of 24 requests for 8 MP images moved by up to 61 MiB with
-    glibc's moving threshold, by at most 1 MiB with this). Only for engines whose working memory
+    glibc's moving threshold, by at most 4 MiB with this). Only for engines whose working memory
     is allocated once: PyTorch's CPU kernels allocate tens of megabytes of activations per call,
     which would then be mapped and faulted in on every call (U2NET measured 1.4-1.7x slower).
     A threshold the operator set for glibc in the environment is left as it is (False).

@@ -24,11 +24,13 @@ def run_batch(segmenter: Segmenter, jobs: list[Job]) -> list[torch.Tensor]:
     """One H×W uint8 map on the CPU per job: the soft map for ``probability``, else the mask.
 
     Maps are reduced to 8 bits on the model's device, so only a quarter of the bytes come back.
-    ``refine`` is applied there too, to the full-resolution map, with the photo as guide.
+    ``refine`` is applied there too, to the full-resolution map, with the photo as guide, in
+    place (the unrefined map is not needed afterwards).
     """
     maps = segmenter.predict([job.image for job in jobs])
     maps = [
-        refine(m, job.image) if job.params.refine else m for m, job in zip(maps, jobs, strict=True)
+        refine(m, job.image, out=m) if job.params.refine else m
+        for m, job in zip(maps, jobs, strict=True)
     ]
     out = [
         to_probability(m)
