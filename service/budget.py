@@ -70,8 +70,9 @@ _M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's <malloc.h>
 # there, fragmented, after they are freed. 2 MiB: the buffers that matter are megabytes, while
 # working temporaries below it (model/refine.py keeps its own there) are reused from the heap
 # rather than faulted in afresh. bench.http (U2NETP, 1 and 12 MP, mask and cut-out, 1 and 4
-# clients) measured 1 MiB within noise of glibc's moving threshold (1.4% fewer images/s,
-# geometric mean), where 128 KiB cost 6%.
+# clients, 3 alternating rounds) measured it within noise of a threshold of 32 MiB, where glibc's
+# moving one ends up (1% fewer images/s, geometric mean of the eight cases, each within ±9%); an
+# earlier run put 1 MiB 1.4% and 128 KiB 6% behind glibc's moving threshold.
 MMAP_THRESHOLD = 2 * 1024 * 1024
 
 
