@@ -59,7 +59,8 @@ class _Throughput:
 
 
 class Batcher(Generic[T, R]):
-    """Collects items into batches for ``fn`` (blocking, run on a dedicated thread).
+    """Collects items into batches for ``fn`` (blocking, run on a dedicated thread: its own, or
+    ``executor``, a one-thread pool that its owner shuts down).
 
     ``fn`` must return one result per item, in order. If it raises, every item of that batch
     gets the error; a :class:`ServiceError` keeps its status, anything else becomes a 500.
@@ -73,6 +74,7 @@ class Batcher(Generic[T, R]):
         max_wait_s: float,
         max_queue: int,
         metrics: Metrics,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
@@ -88,7 +90,8 @@ class Batcher(Generic[T, R]):
         self._queue: collections.deque[_Pending[T, R]] = collections.deque()
         self._wakeup = asyncio.Event()
         self._throughput = _Throughput()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="u2serve-infer")
+        self._owns_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="u2serve-infer")
         self._task: asyncio.Task[None] | None = None
         self._busy = False
         self._closed = False
@@ -106,7 +109,8 @@ class Batcher(Generic[T, R]):
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        if self._owns_executor:
+            self._executor.shutdown(wait=True)
 
     @property
     def depth(self) -> int:
