@@ -72,7 +72,10 @@ _M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's <malloc.h>
 # rather than faulted in afresh. bench.http (U2NETP, 1 and 12 MP, mask and cut-out, 1 and 4
 # clients, 3 alternating rounds) measured it within noise of a threshold of 32 MiB, where glibc's
 # moving one ends up (1% fewer images/s, geometric mean of the eight cases, each within ±9%); an
-# earlier run put 1 MiB 1.4% and 128 KiB 6% behind glibc's moving threshold.
+# earlier run put 1 MiB 1.4% and 128 KiB 6% behind glibc's moving threshold. Under bench.soak
+# (concurrency 8, mixed sizes up to a flat 24 MP PNG) it ran 3.81-3.99 requests/s against
+# 4.06-4.27 at 32 MiB, in alternating runs on a machine drifting by 10%: it may cost up to 7%
+# there. 8 MiB ran 3.87-4.02, but left 16 MiB behind after the test suite's burst (2 MiB: 1-6).
 MMAP_THRESHOLD = 2 * 1024 * 1024
 
 
