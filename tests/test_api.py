@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import struct
+import threading
 import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from model.postprocess import to_mask, to_probability
+from model.segmenter import Segmenter
 from service.app import Runtime, create_app
 from service.settings import Settings
 
@@ -140,8 +142,6 @@ async def test_each_output_and_format(client: httpx.AsyncClient, output: str, fm
 
 async def test_maps_are_the_pipelines_maps(client: httpx.AsyncClient, u2netp_weights: Path) -> None:
     """What comes over HTTP is exactly the tensor pipeline's output, encoded losslessly."""
-    from model.segmenter import Segmenter
-
     (p,) = Segmenter("u2netp", u2netp_weights, device="cpu").predict(
         [load_rgb(reference_dir() / "images" / HORSE)]
     )
@@ -519,3 +519,38 @@ async def test_multipart_without_boundary_is_400(client: httpx.AsyncClient) -> N
     """Found by schemathesis: a 500."""
     r = await client.post("/segment", headers={"content-type": "multipart/form-data"})
     assert_error(r, 400, "bad_request")
+
+
+async def test_torch_work_runs_on_one_thread(
+    u2netp_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading, warm-up and batches share one thread: each further thread that starts OpenMP
+    work gets a team of its own, and the batch thread's operations ran twice as slow."""
+    import service.app
+
+    threads: dict[str, set[int]] = {"load": set(), "warmup": set(), "batch": set()}
+    load, run = service.app.load_segmenter, service.app.run_batch
+
+    def loading(s: Settings) -> Segmenter:
+        threads["load"].add(threading.get_ident())
+        seg = load(s)
+        warm = seg.warmup
+
+        def warmup(sizes: Any) -> None:
+            threads["warmup"].add(threading.get_ident())
+            warm(sizes)
+
+        monkeypatch.setattr(seg, "warmup", warmup)
+        return seg
+
+    def batch(seg: Segmenter, jobs: Any) -> Any:
+        threads["batch"].add(threading.get_ident())
+        return run(seg, jobs)
+
+    monkeypatch.setattr(service.app, "load_segmenter", loading)
+    monkeypatch.setattr(service.app, "run_batch", batch)
+    async with running(settings(u2netp_weights)) as (_, c):
+        for _ in range(3):
+            assert (await post_image(c, photo())).status_code == 200
+    assert len(threads["load"] | threads["warmup"] | threads["batch"]) == 1, threads
+    assert all(threads.values())
