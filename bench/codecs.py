@@ -23,11 +23,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import numpy as np
+import pyvips
 import torch
+import torch.nn.functional as F
 
 from bench.refine import photo_12mp
-from model.postprocess import resize_maps, to_mask, to_probability
+from model.postprocess import minmax, resize_maps, to_mask, to_probability
 from model.preprocess import preprocess
 from model.segmenter import Segmenter
 from model.weights import default_weights_path
@@ -49,6 +52,13 @@ ANSWERS: dict[str, dict[str, str]] = {
     "cut-out WebP lossless": {"output": "cutout", "format": "webp"},
 }
 MAX_PIXELS = 100_000_000
+
+
+def torch_map_back(raw: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """The map back to full size and the mask as they were before OpenCV's upscale."""
+    levels = minmax(raw).mul_(255).floor_()
+    out = F.interpolate(levels, size=hw, mode="bilinear", align_corners=False, antialias=True)
+    return (out[0, 0].div_(255) >= 0.5).to(torch.uint8).mul_(255)
 
 
 def _status_kib(field: str) -> int:
@@ -90,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory", action="store_true", help="also the peak memory of each stage")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    pyvips.concurrency_set(1)
     if args.memory:
         map_large_buffers()
     data = photo_12mp()
@@ -141,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     row(
         "320² map back to 12 MP, mask",
-        lambda: to_mask(resize_maps(raw, [hw])[0], 0.5),
+        lambda: torch_map_back(raw, hw),
         lambda: to_mask(resize_maps(raw, [hw])[0], 0.5),
     )
     cases = dict(ANSWERS)
@@ -168,7 +180,9 @@ def main(argv: list[str] | None = None) -> None:
         def chain(dec: str, codec: str, params: SegmentParams = params) -> None:
             img = decoder(dec).decode(data, header)
             assert img is not None
-            lv = to_mask(resize_maps(raw, [hw])[0], 0.5).numpy()
+            before = dec == "pillow"
+            lv = torch_map_back(raw, hw) if before else to_mask(resize_maps(raw, [hw])[0], 0.5)
+            lv = lv.numpy()
             render(lv, img, params, codec=codec)
 
         row(
