@@ -2,6 +2,7 @@
 
     python -m bench.encode                    # U2NET's mask of bench.refine's 12 MP photo
     python -m bench.encode --max-side 1024 --repeat 5
+    python -m bench.encode --codec pillow     # the reference encoder (the answers before)
 
 Runs ``service.encode.render`` (what the service runs in its codec pool for one answer) on the
 photo and its mask, for output=cutout as PNG, WebP, and JPEG on an opaque colour, each at full
@@ -22,6 +23,7 @@ from bench.refine import photo_12mp
 from model.postprocess import to_mask
 from model.segmenter import Segmenter
 from model.weights import default_weights_path
+from service.codecs import ENCODERS
 from service.decode import decode
 from service.encode import render
 from service.params import SegmentParams
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="u2net", choices=["u2net", "u2netp"])
     p.add_argument("--max-side", type=int, default=1024)
     p.add_argument("--repeat", type=int, default=3, help="runs per case; the best is kept")
+    p.add_argument("--codec", default="vips", choices=ENCODERS, help="the encoder (service.codecs)")
     args = p.parse_args(argv)
     image = decode(photo_12mp(), max_pixels=100_000_000)
     seg = Segmenter(args.model, default_weights_path(args.model), device="cpu")
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
             times = []
             for _ in range(args.repeat):
                 t = time.perf_counter()
-                answer = render(levels, image, params)
+                answer = render(levels, image, params, codec=args.codec)
                 times.append(time.perf_counter() - t)
             with Image.open(io.BytesIO(answer.body)) as im:
                 size = f"{im.width}×{im.height}"

@@ -31,17 +31,37 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Peak bytes per pixel of one request, decode to encode, beyond the model's own working memory
-# (one batch's activations, a fixed amount): measured as the rise of the process's peak RSS for
-# one 39 MP flat PNG (U2NETP, CPU) less that for a 320×320 one: 8.6 for a mask (PIL's buffer,
-# its bytes and the array while decoding; the full-size float map while resizing), 18.8 for a
-# cut-out (its RGBA and PIL's encoder besides), 7.7 and 23.6 with transparency. Rounded up, so
-# that the charges bound the memory actually used (tests/test_limits.py holds a burst to it).
-_BYTES_PER_PIXEL = {(False, False): 10, (False, True): 20, (True, False): 10, (True, True): 26}
+# (one batch's activations, a fixed amount). A request holds its photo throughout (RGB, 3; with
+# transparency also its alpha and the network's view over white, 7) and adds, stage by stage, at
+# its peak (`python -m bench.codecs --memory` and the same measurement per input kind, 12 MP;
+# before the codec layer → now):
+#   decoding          a JPEG 10.6 → 3.1 (libjpeg-turbo fills the array itself); a PNG 10.1,
+#                     with alpha 12.2 (Pillow, as before)
+#   the map back      6.1 (the full-size float map and the mask)
+#   encoding          the map 1 (PNG); a cut-out 13 → 2.1 (PNG, JPEG on a colour: libvips
+#                     composes strip by strip), 9.8 with max_side (Pillow's Lanczos needs the
+#                     RGBA), 11-13 on a colour with the photo's own partial transparency
+#                     (Pillow blends it); WebP 8.6 for a map, 19-21 for a cut-out (libwebp's
+#                     lossless encoder, either codec)
+# The charge is the largest stage with what is held, rounded up (the cut-out's was 20 and its
+# WebP's 23.8 was not counted; a map with transparency peaks at 13.1, not the 10 it had), so
+# the charges bound the memory actually used (tests/test_limits.py holds a burst to it).
+_BYTES_PER_PIXEL = {
+    # (alpha, cutout, webp): bytes
+    (False, False, False): 10,
+    (False, False, True): 13,
+    (False, True, False): 14,
+    (False, True, True): 24,
+    (True, False, False): 14,
+    (True, False, True): 17,
+    (True, True, False): 22,
+    (True, True, True): 29,
+}
 
 
-def request_cost(width: int, height: int, *, alpha: bool, cutout: bool) -> int:
+def request_cost(width: int, height: int, *, alpha: bool, cutout: bool, webp: bool = False) -> int:
     """Bytes charged to a request for an image of this size and the answer it asks for."""
-    return width * height * _BYTES_PER_PIXEL[alpha, cutout]
+    return width * height * _BYTES_PER_PIXEL[alpha, cutout, webp]
 
 
 def upload_cost(declared_length: str | None, limit: int) -> int:

@@ -296,7 +296,11 @@ async def _upload_to_answer(
     record.size = (header.width, header.height)
     # The arrays of _decode_to_answer are gone when it returns, before the charge is released.
     cost = request_cost(
-        header.width, header.height, alpha=header.alpha, cutout=params.output == "cutout"
+        header.width,
+        header.height,
+        alpha=header.alpha,
+        cutout=params.output == "cutout",
+        webp=params.format == "webp",
     )
     with budget.hold(cost):
         answer = await _decode_to_answer(request, rt, data, params, start, timing, record)

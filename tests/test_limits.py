@@ -154,7 +154,8 @@ def test_an_image_over_the_whole_budget_is_413(
     server: tuple[subprocess.Popen[bytes], str],
 ) -> None:
     _, url = server
-    r = post(url, flat_png(5000, 4000), output="cutout")  # 20 MP × 20 bytes > 300 MiB
+    # 20 MP × 24 bytes (a WebP cut-out) > 300 MiB
+    r = post(url, flat_png(5000, 4000), output="cutout", format="webp")
     assert r.status_code == 413, r.text
     assert r.json()["error"]["code"] == "image_too_large"
     assert "memory budget" in r.json()["error"]["message"]
