@@ -49,9 +49,11 @@ MAX_REDIRECTS = 5
 MAX_URL_LENGTH = 2048
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _USER_AGENT = b"u2serve (image by URL)"
-# The probe sees the body at these sizes and then eight times more each time, until it has
-# read the header: a handful of header reads for a body of any size.
-_FIRST_PROBE = 2048
+# The probe sees the first bytes that come, then the body each time it has grown eight times
+# (and by a kilobyte at least), until it has read the header: a handful of header reads for a
+# body of any size, and a PNG's 33 bytes of header judged as soon as they are there.
+_PROBE_GROWTH = 8
+_PROBE_STEP = 1024
 
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 """``(host, port)`` → the addresses the host name resolves to (raises ``OSError`` if none)."""
@@ -278,7 +280,7 @@ class UrlFetcher:
         if declared and declared.isdigit() and int(declared) > max_bytes:
             raise ImageTooLarge(f"the URL's image is {declared} bytes; the limit is {max_bytes}")
         body = bytearray()
-        next_probe = _FIRST_PROBE
+        next_probe = 1
         async for chunk in response.aiter_stream():
             body += chunk
             if len(body) > max_bytes:
@@ -286,5 +288,5 @@ class UrlFetcher:
             if probe is not None and len(body) >= next_probe:
                 if await probe(bytes(body)):
                     probe = None
-                next_probe = 8 * len(body)
+                next_probe = max(_PROBE_GROWTH * len(body), len(body) + _PROBE_STEP)
         return bytes(body)
