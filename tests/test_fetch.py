@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import struct
+import subprocess
 import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -18,9 +20,13 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from service.addresses import AllowList
 from service.app import Runtime, url_fetcher
+from service.errors import FetchFailed
+from service.fetch import UrlFetcher
 from service.settings import Settings
 
+from .conftest import require_system_tool
 from .test_api import assert_error, metric, photo, running, settings
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -45,8 +51,9 @@ class Upstream:
 
     Written on raw sockets so that it can misbehave: stall, send forever, never answer."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, tls: ssl.SSLContext | None = None) -> None:
         self.host = host
+        self.tls = tls
         self.port = 0
         self.connections = 0
         self.heads: list[bytes] = []
@@ -58,7 +65,7 @@ class Upstream:
         return f"http://{host}:{self.port}{path}"
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, self.host, 0)
+        self._server = await asyncio.start_server(self._accept, self.host, 0, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -484,6 +491,61 @@ async def test_the_service_is_healthy_after_every_attack(
     assert rt.budget is not None
     assert rt.budget.held_bytes == 0
     untouched()
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed key and certificate for the name photos.test."""
+    openssl = require_system_tool("openssl")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=photos.test"),
+            *("-addext", "subjectAltName=DNS:photos.test"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return key, cert
+
+
+async def test_tls_is_verified_for_the_url_host_on_the_pinned_address(
+    certificate: tuple[Path, Path],
+) -> None:
+    """The connection goes to the checked address, while SNI and the certificate's check use
+    the URL's host name: a certificate for another name fails."""
+    key, cert = certificate
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    names: list[str | None] = []
+    server_tls.sni_callback = lambda _sock, name, _ctx: names.append(name)  # type: ignore[assignment,misc,return-value]
+    client_tls = ssl.create_default_context(cafile=str(cert))
+    up = Upstream(ALLOWED, tls=server_tls)
+    await up.start()
+
+    async def resolver(host: str, port: int) -> Sequence[str]:
+        return [ALLOWED]  # every name: to the one server
+
+    fetcher = UrlFetcher(
+        AllowList.parse([ALLOWED]),
+        connect_timeout_s=2,
+        read_timeout_s=2,
+        total_timeout_s=5,
+        resolver=resolver,
+        ssl_context=client_tls,
+    )
+    try:
+        got = await fetcher.fetch(f"https://photos.test:{up.port}/photo.jpg", max_bytes=MAX_BYTES)
+        assert got.data == PHOTO
+        assert names == ["photos.test"]
+        assert f"Host: photos.test:{up.port}\r\n".encode() in up.heads[-1]
+        with pytest.raises(FetchFailed, match="certificate"):
+            await fetcher.fetch(f"https://other.test:{up.port}/photo.jpg", max_bytes=MAX_BYTES)
+        assert names[-1] == "other.test"
+        assert len(up.heads) == 1  # nothing was sent over the connection that failed its check
+    finally:
+        await up.stop()
 
 
 async def test_url_input_off(u2netp_weights: Path, upstreams: dict[str, Upstream]) -> None:
