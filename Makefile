@@ -5,9 +5,9 @@ PY := $(VENV)/bin/python
 MODELS ?= u2net u2netp
 
 # What the integration tests start for real: nginx, a Docker engine, docker-compose, promtool,
-# and the browser the page's test drives.
-SYSTEM_PACKAGES := nginx-light docker.io docker-compose debootstrap prometheus chromium
-SYSTEM_TOOLS := nginx dockerd docker-compose debootstrap promtool chromium
+# the browser the page's test drives, and openssl for the URL fetcher's TLS test's certificate.
+SYSTEM_PACKAGES := nginx-light docker.io docker-compose debootstrap prometheus chromium openssl
+SYSTEM_TOOLS := nginx dockerd docker-compose debootstrap promtool chromium openssl
 
 .PHONY: install weights serve test lint bench system-deps
 install: $(VENV)/.installed

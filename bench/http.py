@@ -222,11 +222,12 @@ def _batch_stats(target: Target) -> tuple[float, float]:
     if target.is_rembg:
         return 0.0, 0.0
     total = count = 0.0
+    # Summed over the models' series (one per loaded model).
     for line in httpx.get(f"{target.url}/metrics", timeout=5).text.splitlines():
-        if line.startswith("u2serve_batch_size_sum "):
-            total = float(line.split()[1])
-        elif line.startswith("u2serve_batch_size_count "):
-            count = float(line.split()[1])
+        if line.startswith("u2serve_batch_size_sum"):
+            total += float(line.split()[-1])
+        elif line.startswith("u2serve_batch_size_count"):
+            count += float(line.split()[-1])
     return total, count
 
 

@@ -23,6 +23,8 @@ class AccessRecord:
     request_id: str
     client: str = "-"
     output: str = "-"
+    model: str = "-"
+    source: str = "-"  # upload or url
     size: tuple[int, int] | None = None
     bytes_in: int = 0
     stages_ms: dict[str, float] = field(default_factory=dict)
@@ -35,6 +37,8 @@ class AccessRecord:
             "status": status,
             "error": code,
             "output": self.output,
+            "model": self.model,
+            "source": self.source,
             "width": self.size[0] if self.size else None,
             "height": self.size[1] if self.size else None,
             "bytes_in": self.bytes_in,

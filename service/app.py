@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 from fastapi import Depends, FastAPI, Request
@@ -21,17 +21,26 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from model.segmenter import Segmenter, resolve_device
-from service.batcher import Batcher
+from service.batcher import Batcher, QueueGroup
 from service.budget import MemoryBudget, give_back_memory, map_large_buffers
 from service.encode import BOX_HEADERS
 from service.errors import ServiceError, error_response
+from service.fetch import Resolver, UrlFetcher, system_resolver
 from service.infer import Job, run_batch
 from service.metrics import Metrics
 from service.settings import Settings
 
-__all__ = ["Runtime", "RuntimeDep", "create_app", "load_segmenter"]
+__all__ = ["Runtime", "RuntimeDep", "Served", "create_app", "load_segmenter", "url_fetcher"]
 
 log = logging.getLogger("u2serve")
+
+
+@dataclass(eq=False)
+class Served:
+    """One loaded model and the batcher that feeds it."""
+
+    segmenter: Segmenter
+    batcher: Batcher[Job, torch.Tensor]
 
 
 @dataclass(eq=False)
@@ -41,14 +50,26 @@ class Runtime:
     settings: Settings
     owns_process: bool = False
     metrics: Metrics = field(default_factory=Metrics)
-    segmenter: Segmenter | None = None
-    batcher: Batcher[Job, torch.Tensor] | None = None
+    models: dict[str, Served] = field(default_factory=dict)  # the default one first
+    fetcher: UrlFetcher | None = None
     codec_pool: ThreadPoolExecutor | None = None
     budget: MemoryBudget | None = None
     ready: bool = False
     draining: bool = False
     inflight: int = 0
     _trimming: bool = False
+
+    @property
+    def segmenter(self) -> Segmenter | None:
+        """The default model."""
+        default = self.models.get(self.settings.default_model)
+        return default.segmenter if default else None
+
+    @property
+    def batcher(self) -> Batcher[Job, torch.Tensor] | None:
+        """The default model's batcher."""
+        default = self.models.get(self.settings.default_model)
+        return default.batcher if default else None
 
     def give_back_memory(self) -> None:
         """Once nothing is held, return the freed heap to the OS, off the event loop."""
@@ -71,7 +92,7 @@ class Runtime:
         self.draining = True
         self.set_ready(False)
         end = time.monotonic() + limit_s
-        while self.inflight or (self.batcher is not None and not self.batcher.idle):
+        while self.inflight or any(not m.batcher.idle for m in self.models.values()):
             if time.monotonic() >= end:
                 log.warning("drain timed out with %d requests in flight", self.inflight)
                 return False
@@ -87,8 +108,10 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def load_segmenter(settings: Settings) -> Segmenter:
-    """The model the settings describe, verified and on its device (blocking; seconds)."""
+def load_segmenter(settings: Settings, model: str | None = None) -> Segmenter:
+    """One of the settings' models (the default one if None), verified and on its device
+    (blocking; seconds)."""
+    model = model or settings.default_model
     device = resolve_device(settings.device)
     if settings.require_gpu and device.type != "cuda":
         raise RuntimeError(
@@ -96,8 +119,8 @@ def load_segmenter(settings: Settings) -> Segmenter:
             f"(U2SERVE_DEVICE={settings.device})"
         )
     return Segmenter(
-        settings.model,
-        settings.weights_path,
+        model,
+        settings.weights_for(model),
         device=str(device),
         dtype=settings.dtype,
         engine=settings.engine,
@@ -114,6 +137,19 @@ def _batch_size(settings: Settings, segmenter: Segmenter) -> int:
     return 32 if segmenter.device.type == "cuda" else 1
 
 
+def url_fetcher(settings: Settings, resolver: Resolver = system_resolver) -> UrlFetcher | None:
+    """The fetcher for the ``url`` parameter, or None where URL input is off."""
+    if not settings.url_input:
+        return None
+    return UrlFetcher(
+        settings.allow_list,
+        connect_timeout_s=settings.url_connect_timeout_s,
+        read_timeout_s=settings.url_read_timeout_s,
+        total_timeout_s=settings.url_timeout_s,
+        resolver=resolver,
+    )
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     rt: Runtime = app.state.runtime
@@ -125,48 +161,60 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # (a 12 MP refine: 110 ms against 68 ms).
     infer = ThreadPoolExecutor(1, thread_name_prefix="u2serve-infer")
     loop = asyncio.get_running_loop()
+    segmenters: dict[str, Segmenter] = {}
     try:
         # Bad weights or a missing GPU stop the start-up here, with the loader's message.
-        rt.segmenter = segmenter = await loop.run_in_executor(infer, load_segmenter, s)
+        for name in s.served_models:
+            segmenters[name] = await loop.run_in_executor(infer, load_segmenter, s, name)
     except BaseException:
         infer.shutdown(wait=False)
         raise
-    if rt.owns_process and not segmenter.engine.allocates_per_call and map_large_buffers():
+    engines_allocate = any(seg.engine.allocates_per_call for seg in segmenters.values())
+    if rt.owns_process and not engines_allocate and map_large_buffers():
         log.info("large buffers are mapped, and unmapped when freed")
-    max_batch = _batch_size(s, segmenter)
     rt.codec_pool = ThreadPoolExecutor(s.codec_threads, thread_name_prefix="u2serve-codec")
-    rt.batcher = Batcher(
-        partial(run_batch, segmenter),
-        max_batch_size=max_batch,
-        max_wait_s=s.max_batch_wait_ms / 1000,
-        max_queue=s.max_queue,
-        metrics=rt.metrics,
-        executor=infer,
-    )
-    rt.batcher.start()
+    # One queue limit for every model: they wait for the same device, on the same thread.
+    group = QueueGroup(s.max_queue, rt.metrics)
+    for name, segmenter in segmenters.items():
+        max_batch = _batch_size(s, segmenter)
+        batcher = Batcher(
+            partial(run_batch, segmenter),
+            max_batch_size=max_batch,
+            max_wait_s=s.max_batch_wait_ms / 1000,
+            max_queue=s.max_queue,
+            metrics=rt.metrics,
+            executor=infer,
+            group=group,
+            model=name,
+        )
+        batcher.start()
+        rt.models[name] = Served(segmenter, batcher)
+        dtype = str(segmenter.dtype).removeprefix("torch.")
+        engine = segmenter.engine.name
+        rt.metrics.model_info.labels(name, engine, str(segmenter.device), dtype).set(1)
+        log.info(
+            "serving %s with %s on %s (%s), batches of up to %d",
+            name,
+            engine,
+            segmenter.device,
+            dtype,
+            max_batch,
+        )
     rt.metrics.queue_capacity.set(s.max_queue)
+    default = rt.models[s.default_model].batcher
     rt.budget = MemoryBudget(
         s.memory_budget_bytes,
         metrics=rt.metrics,
-        retry_after=rt.batcher.retry_after,
+        retry_after=default.retry_after,
         on_idle=rt.give_back_memory,
-    )
-    dtype = str(segmenter.dtype).removeprefix("torch.")
-    engine = segmenter.engine.name
-    rt.metrics.model_info.labels(segmenter.name, engine, str(segmenter.device), dtype).set(1)
-    log.info(
-        "serving %s with %s on %s (%s), batches of up to %d",
-        segmenter.name,
-        engine,
-        segmenter.device,
-        dtype,
-        max_batch,
     )
 
     async def warm_up() -> None:
         if s.warmup:
-            sizes = sorted({1, max_batch}) if segmenter.device.type == "cuda" else [1]
-            await loop.run_in_executor(infer, segmenter.warmup, sizes)
+            for served in rt.models.values():
+                seg, max_batch = served.segmenter, served.batcher.max_batch_size
+                sizes = sorted({1, max_batch}) if seg.device.type == "cuda" else [1]
+                await loop.run_in_executor(infer, seg.warmup, sizes)
         if not rt.draining:
             rt.set_ready(True)
 
@@ -177,7 +225,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await rt.drain(s.drain_timeout_s)
         warming.cancel()
         await asyncio.gather(warming, return_exceptions=True)
-        await rt.batcher.stop()
+        for served in rt.models.values():
+            await served.batcher.stop()
         infer.shutdown(wait=True)
         rt.codec_pool.shutdown(wait=True)
         log.info("stopped")
@@ -212,7 +261,7 @@ def create_app(settings: Settings | None = None, *, owns_process: bool = False) 
     (tests, another ASGI host) keeps for itself.
     """
     from service.pages import install_pages
-    from service.routes import router
+    from service.routes import document_segment, router
 
     settings = settings or Settings()
     app = FastAPI(
@@ -224,7 +273,7 @@ def create_app(settings: Settings | None = None, *, owns_process: bool = False) 
         docs_url=None,
         redoc_url=None,
     )
-    app.state.runtime = Runtime(settings, owns_process=owns_process)
+    app.state.runtime = Runtime(settings, owns_process=owns_process, fetcher=url_fetcher(settings))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -236,4 +285,15 @@ def create_app(settings: Settings | None = None, *, owns_process: bool = False) 
     _install_error_handlers(app)
     app.include_router(router)
     install_pages(app)
+    generated = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, with what these settings serve: the models, and ``url``."""
+        if app.openapi_schema is None:
+            document_segment(
+                generated(), models=settings.served_models, url_input=settings.url_input
+            )
+        return app.openapi_schema or generated()
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

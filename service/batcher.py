@@ -12,12 +12,12 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from service.errors import ClientGone, Draining, QueueFull, ServiceError, TimedOut
 from service.metrics import Metrics
 
-__all__ = ["Batcher", "Completed"]
+__all__ = ["Batcher", "Completed", "QueueGroup"]
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,37 @@ class _Throughput:
         return sum(n for n, _ in self._batches) / busy if busy > 0 else None
 
 
+class QueueGroup:
+    """The queue limit that several batchers (one per model) share: a request waits for a
+    model's batch only while fewer than ``max_queue`` wait for all of them together, because
+    they all wait for the same device."""
+
+    def __init__(self, max_queue: int, metrics: Metrics) -> None:
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, not {max_queue}")
+        self.max_queue = max_queue
+        self._metrics = metrics
+        self._members: list[Batcher[Any, Any]] = []
+
+    def join(self, batcher: Batcher[Any, Any]) -> None:
+        self._members.append(batcher)
+
+    @property
+    def depth(self) -> int:
+        return sum(b.depth for b in self._members)
+
+    def report(self) -> None:
+        self._metrics.queue_depth.set(self.depth)
+
+
 class Batcher(Generic[T, R]):
     """Collects items into batches for ``fn`` (blocking, run on a dedicated thread: its own, or
     ``executor``, a one-thread pool that its owner shuts down).
 
     ``fn`` must return one result per item, in order. If it raises, every item of that batch
     gets the error; a :class:`ServiceError` keeps its status, anything else becomes a 500.
+    ``group``: the queue limit shared with other batchers (default: one of its own);
+    ``model``: the label of its metrics.
     """
 
     def __init__(
@@ -75,6 +100,8 @@ class Batcher(Generic[T, R]):
         max_queue: int,
         metrics: Metrics,
         executor: ThreadPoolExecutor | None = None,
+        group: QueueGroup | None = None,
+        model: str = "default",
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
@@ -85,7 +112,10 @@ class Batcher(Generic[T, R]):
         self._fn = fn
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
-        self.max_queue = max_queue
+        self._group = group or QueueGroup(max_queue, metrics)
+        self._group.join(self)
+        self.max_queue = self._group.max_queue
+        self.model = model
         self._metrics = metrics
         self._queue: collections.deque[_Pending[T, R]] = collections.deque()
         self._wakeup = asyncio.Event()
@@ -125,13 +155,13 @@ class Batcher(Generic[T, R]):
         rate = self._throughput.per_second()
         if not rate:
             return 1
-        return max(1, math.ceil((len(self._queue) + self.max_batch_size) / rate))
+        return max(1, math.ceil((self._group.depth + self.max_batch_size) / rate))
 
     def check_capacity(self) -> None:
         """Raise 503 now if a new item would not fit, before the caller spends work on it."""
         if self._closed:
             raise Draining("the service is shutting down", headers={"Retry-After": "1"})
-        if len(self._queue) >= self.max_queue:
+        if self._group.depth >= self.max_queue:
             self._metrics.rejected.labels(reason="queue_full").inc()
             raise QueueFull(
                 f"the queue is full ({self.max_queue} waiting); retry later",
@@ -152,7 +182,7 @@ class Batcher(Generic[T, R]):
             item, deadline, asyncio.get_running_loop().create_future()
         )
         self._queue.append(pending)
-        self._metrics.queue_depth.set(len(self._queue))
+        self._group.report()
         self._wakeup.set()
         waiters: set[asyncio.Future[object]] = {pending.future}  # type: ignore[arg-type]
         if cancelled is not None:
@@ -183,7 +213,7 @@ class Batcher(Generic[T, R]):
     def _withdraw(self, pending: _Pending[T, R]) -> None:
         with contextlib.suppress(ValueError):  # the worker took it meanwhile
             self._queue.remove(pending)
-        self._metrics.queue_depth.set(len(self._queue))
+        self._group.report()
 
     # -- the worker --------------------------------------------------------------------------
     async def _collect(self) -> list[_Pending[T, R]]:
@@ -212,7 +242,7 @@ class Batcher(Generic[T, R]):
                 continue
             p.started = True
             batch.append(p)
-        self._metrics.queue_depth.set(len(self._queue))
+        self._group.report()
         return batch
 
     async def _run(self) -> None:
@@ -224,7 +254,7 @@ class Batcher(Generic[T, R]):
             self._busy = True
             start = time.monotonic()
             for p in batch:
-                self._metrics.queue_wait.observe(start - p.enqueued)
+                self._metrics.queue_wait.labels(model=self.model).observe(start - p.enqueued)
             try:
                 results = await loop.run_in_executor(
                     self._executor, self._fn, [p.item for p in batch]
@@ -246,5 +276,5 @@ class Batcher(Generic[T, R]):
                 elapsed = time.monotonic() - start
                 self._busy = False
                 self._throughput.add(len(batch), elapsed)
-                self._metrics.batch_size.observe(len(batch))
-                self._metrics.inference_duration.observe(elapsed)
+                self._metrics.batch_size.labels(model=self.model).observe(len(batch))
+                self._metrics.inference_duration.labels(model=self.model).observe(elapsed)

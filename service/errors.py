@@ -9,8 +9,11 @@ __all__ = [
     "BadRequest",
     "ClientGone",
     "Draining",
+    "FetchFailed",
+    "FetchTimeout",
     "ImageTooLarge",
     "InvalidParameter",
+    "InvalidUrl",
     "NotReady",
     "QueueFull",
     "RequestTimeout",
@@ -18,6 +21,7 @@ __all__ = [
     "TimedOut",
     "Unauthorized",
     "UnsupportedImage",
+    "UrlForbidden",
     "error_response",
 ]
 
@@ -39,8 +43,20 @@ class BadRequest(ServiceError):
     status, code = 400, "bad_request"
 
 
+class InvalidUrl(ServiceError):
+    """The ``url`` parameter is not an http(s) URL the service can fetch."""
+
+    status, code = 400, "invalid_url"
+
+
 class Unauthorized(ServiceError):
     status, code = 401, "unauthorized"
+
+
+class UrlForbidden(ServiceError):
+    """The URL, or a redirect, leads to an address the service may not reach."""
+
+    status, code = 403, "url_forbidden"
 
 
 class RequestTimeout(ServiceError):
@@ -79,8 +95,18 @@ class Draining(ServiceError):
     status, code = 503, "draining"
 
 
+class FetchFailed(ServiceError):
+    """The URL's server could not be reached, or answered something other than an image."""
+
+    status, code = 502, "fetch_failed"
+
+
 class TimedOut(ServiceError):
     status, code = 504, "timeout"
+
+
+class FetchTimeout(ServiceError):
+    status, code = 504, "fetch_timeout"
 
 
 def error_response(

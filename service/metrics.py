@@ -13,12 +13,16 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
-            "u2serve_requests", "Segmentation requests answered", ["output", "status"], registry=r
+            "u2serve_requests",
+            "Segmentation requests answered, by model, image source (upload or url), output and "
+            "status",
+            ["model", "source", "output", "status"],
+            registry=r,
         )
         self.request_duration = Histogram(
             "u2serve_request_duration_seconds",
-            "Time from request to response, per output",
-            ["output"],
+            "Time from request to response of successful requests, per model and output",
+            ["model", "output"],
             buckets=_LATENCY,
             registry=r,
         )
@@ -32,31 +36,39 @@ class Metrics:
         self.queue_wait = Histogram(
             "u2serve_queue_wait_seconds",
             "Time a request waited in the queue before its batch ran",
+            ["model"],
             buckets=_LATENCY,
             registry=r,
         )
         self.inference_duration = Histogram(
             "u2serve_inference_duration_seconds",
             "Time the model took for one batch, pre- and postprocessing included",
+            ["model"],
             buckets=_LATENCY,
             registry=r,
         )
         self.batch_size = Histogram(
             "u2serve_batch_size",
             "Images per batch",
+            ["model"],
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,
         )
-        self.queue_depth = Gauge("u2serve_queue_depth", "Requests waiting in the queue", registry=r)
+        self.queue_depth = Gauge(
+            "u2serve_queue_depth", "Requests waiting in the queue, every model's", registry=r
+        )
         self.queue_capacity = Gauge(
             "u2serve_queue_capacity", "Requests that may wait (U2SERVE_MAX_QUEUE)", registry=r
         )
         self.rejected = Counter(
-            "u2serve_rejected", "Requests refused before inference", ["reason"], registry=r
+            "u2serve_rejected",
+            "Requests refused before inference, by error code",
+            ["reason"],
+            registry=r,
         )
         self.model_info = Gauge(
             "u2serve_model_info",
-            "The model being served (value 1)",
+            "A model being served (value 1; one series per model)",
             ["model", "engine", "device", "dtype"],
             registry=r,
         )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import logging
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -23,18 +25,21 @@ from service.budget import MemoryBudget, request_cost, upload_cost
 from service.decode import FORMATS, decode, read_header
 from service.encode import Rendered, render
 from service.errors import (
+    BadRequest,
     ClientGone,
     Draining,
+    ImageTooLarge,
     NotReady,
     ServiceError,
     Unauthorized,
     error_response,
 )
+from service.fetch import MAX_REDIRECTS, MAX_URL_LENGTH
 from service.infer import Job
 from service.params import SegmentParams
 from service.upload import MULTIPART_OVERHEAD, read_upload
 
-__all__ = ["router"]
+__all__ = ["document_segment", "router"]
 
 log = logging.getLogger("u2serve")
 router = APIRouter()
@@ -144,6 +149,72 @@ _BOX_HEADER_DOCS = [
 ]
 
 
+def document_segment(schema: dict[str, Any], *, models: Sequence[str], url_input: bool) -> None:
+    """Add to ``POST /segment``'s document, in place, what depends on the settings: ``model``
+    (an enum of the loaded models) and, where URL input is on, ``url`` and its errors."""
+    path = schema["paths"]["/segment"]
+    # FastAPI shares _SEGMENT_DOC's objects between apps: this app's changes go to a copy.
+    path["post"] = op = copy.deepcopy(path["post"])
+    model: dict[str, Any] = {
+        "type": "string",
+        "enum": list(models),
+        "default": models[0],
+        "description": "the network: one of the models this service has loaded (U2NET: "
+        "full, most faithful; U2NETP: small and fast)",
+    }
+    url: dict[str, Any] = {
+        "type": "string",
+        "format": "uri",
+        "maxLength": MAX_URL_LENGTH,
+        "description": "fetch the image from this http(s) URL instead of sending it (the body "
+        "is then empty, or form fields); private, loopback and link-local addresses are "
+        f"refused (403), at most {MAX_REDIRECTS} redirects are followed",
+    }
+    extra: dict[str, dict[str, Any]] = {"model": model, **({"url": url} if url_input else {})}
+    for name, prop in extra.items():
+        op["parameters"].append(
+            {
+                "name": name,
+                "in": "query",
+                "required": False,
+                "description": prop["description"],
+                "schema": {k: v for k, v in prop.items() if k != "description"},
+            }
+        )
+    body = op["requestBody"]
+    multipart = body["content"]["multipart/form-data"]["schema"]
+    multipart["properties"].update(extra)
+    if not url_input:
+        return
+    body["required"] = False
+    body["description"] += (
+        ". Or no image at all but its `url`, as a query parameter (the body then empty) or a "
+        "field of a multipart or `application/x-www-form-urlencoded` body; not both"
+    )
+    del multipart["required"]
+    body["content"]["application/x-www-form-urlencoded"] = {
+        "schema": {
+            "type": "object",
+            "required": ["url"],
+            "additionalProperties": False,
+            "properties": {k: v for k, v in multipart["properties"].items() if k != "image"},
+        }
+    }
+    responses = op["responses"]
+    responses["400"]["description"] += ", or a `url` that is not an http(s) URL (invalid_url)"
+    responses["403"] = _error_doc(
+        "url_forbidden: the URL, or a redirect, leads to an address the service does not fetch "
+        "from (loopback, private, link-local, …) unless U2SERVE_URL_ALLOW lists it"
+    )
+    responses["502"] = _error_doc(
+        "fetch_failed: the URL's server could not be reached or resolved, answered an error "
+        "(its status is in the message), or redirected too often"
+    )
+    responses["504"]["description"] += (
+        ", or fetch_timeout: the URL's server did not connect, answer or finish in time"
+    )
+
+
 def _request_id(request: Request) -> str:
     given = request.headers.get("x-request-id", "")
     return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
@@ -236,10 +307,13 @@ async def segment(request: Request, rt: RuntimeDep) -> Response:
     response.headers["Server-Timing"] = ", ".join(timing)
     if rt.draining or code == "request_timeout":
         response.headers["Connection"] = "close"
-    output = record.output if record.output != "-" else "unknown"
-    rt.metrics.requests.labels(output=output, status=str(response.status_code)).inc()
+    output, model, source = (
+        v if v != "-" else "unknown" for v in (record.output, record.model, record.source)
+    )
+    status = str(response.status_code)
+    rt.metrics.requests.labels(model=model, source=source, output=output, status=status).inc()
     if response.status_code == 200:
-        rt.metrics.request_duration.labels(output=output).observe(elapsed)
+        rt.metrics.request_duration.labels(model=model, output=output).observe(elapsed)
     for part in timing:
         stage, _, rest = part.partition(";dur=")
         record.stages_ms[stage] = float(rest.split(";")[0])
@@ -278,13 +352,79 @@ async def _upload_to_answer(
     s = rt.settings
     t = time.monotonic()
     try:
-        data, params = await read_upload(request, s.max_upload_bytes, s.body_timeout_s)
+        got = await read_upload(
+            request,
+            s.max_upload_bytes,
+            s.body_timeout_s,
+            models=tuple(rt.models),
+            url_input=rt.fetcher is not None,
+        )
     except ServiceError as exc:
         rt.metrics.rejected.labels(reason=exc.code).inc()
         raise
     timing.append(f"upload;dur={(time.monotonic() - t) * 1000:.1f}")
-    record.bytes_in = len(data)
-    record.output = params.output
+    record.output = got.params.output
+    record.model = model = got.model or s.default_model
+    if got.url is None:
+        if got.image is None:  # read_upload gives one or the other; this tells mypy
+            raise BadRequest("no image")
+        record.source = "upload"
+        record.bytes_in = len(got.image)
+        return await _bytes_to_answer(
+            request, rt, budget, got.image, got.params, model, start, timing, record
+        )
+    record.source = "url"
+    # Charged as an upload of undeclared length is: the most its body may be, twice.
+    with budget.hold(upload_cost(None, s.max_upload_bytes)):
+        data = await _fetch(rt, got.url, timing)
+        record.bytes_in = len(data)
+        return await _bytes_to_answer(
+            request, rt, budget, data, got.params, model, start, timing, record
+        )
+
+
+async def _fetch(rt: Runtime, url: str, timing: list[str]) -> bytes:
+    """The image's bytes from ``url``, its header judged against the pixel limit as soon as
+    it has arrived."""
+    fetcher, pool = rt.fetcher, rt.codec_pool
+    if fetcher is None or pool is None:  # checked by the callers; this tells mypy
+        raise NotReady("the model is still loading", headers={"Retry-After": "1"})
+    loop = asyncio.get_running_loop()
+    max_pixels = rt.settings.max_pixels
+
+    async def probe(prefix: bytes) -> bool:
+        try:
+            await loop.run_in_executor(pool, partial(read_header, prefix, max_pixels=max_pixels))
+        except ImageTooLarge:
+            raise
+        except ServiceError:
+            return False  # not enough of the file yet, or no image: the whole body decides
+        return True
+
+    t = time.monotonic()
+    try:
+        fetched = await fetcher.fetch(url, max_bytes=rt.settings.max_upload_bytes, probe=probe)
+    except ServiceError as exc:
+        rt.metrics.rejected.labels(reason=exc.code).inc()
+        raise
+    fetch_s = time.monotonic() - t
+    timing.append(f"fetch;dur={fetch_s * 1000:.1f}")
+    rt.metrics.stage_duration.labels(stage="fetch").observe(fetch_s)
+    return fetched.data
+
+
+async def _bytes_to_answer(
+    request: Request,
+    rt: Runtime,
+    budget: MemoryBudget,
+    data: bytes,
+    params: SegmentParams,
+    model: str,
+    start: float,
+    timing: list[str],
+    record: AccessRecord,
+) -> Response:
+    s = rt.settings
     loop = asyncio.get_running_loop()
     try:
         header = await loop.run_in_executor(
@@ -303,7 +443,7 @@ async def _upload_to_answer(
         webp=params.format == "webp",
     )
     with budget.hold(cost):
-        answer = await _decode_to_answer(request, rt, data, params, start, timing, record)
+        answer = await _decode_to_answer(request, rt, data, params, model, start, timing, record)
     return Response(answer.body, media_type=answer.media_type, headers=answer.headers)
 
 
@@ -312,12 +452,13 @@ async def _decode_to_answer(
     rt: Runtime,
     data: bytes,
     params: SegmentParams,
+    model: str,
     start: float,
     timing: list[str],
     record: AccessRecord,
 ) -> Rendered:
     s = rt.settings
-    batcher, pool = rt.batcher, rt.codec_pool
+    batcher, pool = rt.models[model].batcher, rt.codec_pool
     if batcher is None or pool is None:  # checked by the caller; this tells mypy
         raise NotReady("the model is still loading", headers={"Retry-After": "1"})
     loop = asyncio.get_running_loop()
@@ -364,8 +505,8 @@ async def livez() -> dict[str, str]:
 
 @router.get(
     "/readyz",
-    summary="Readiness: 200 once the weights are loaded and warmed up, 503 before and while "
-    "draining",
+    summary="Readiness: 200 once every model's weights are loaded and warmed up, 503 before "
+    "and while draining",
     responses={503: _error_doc("Not ready yet, or draining")},
 )
 async def readyz(rt: RuntimeDep) -> Response:
@@ -373,16 +514,18 @@ async def readyz(rt: RuntimeDep) -> Response:
         return error_response(503, "draining", "the service is shutting down")
     if not rt.ready or rt.segmenter is None:
         return error_response(503, "not_ready", "the model is loading or warming up")
-    seg = rt.segmenter
-    return JSONResponse(
+    models = [
         {
-            "status": "ready",
-            "model": seg.name,
-            "engine": seg.engine.name,
-            "device": str(seg.device),
-            "dtype": str(seg.dtype).removeprefix("torch."),
+            "model": name,
+            "engine": m.segmenter.engine.name,
+            "device": str(m.segmenter.device),
+            "dtype": str(m.segmenter.dtype).removeprefix("torch."),
+            "max_batch_size": m.batcher.max_batch_size,
         }
-    )
+        for name, m in rt.models.items()
+    ]
+    # The default model's fields at the top, as before there were several; all in "models".
+    return JSONResponse({"status": "ready", **models[0], "models": models})
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -7,12 +7,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.weights import default_weights_dir
+from service.addresses import AllowList
 
-__all__ = ["Settings"]
+__all__ = ["ModelName", "Settings"]
+
+ModelName = Literal["u2net", "u2netp"]
 
 
 class Settings(BaseSettings):
@@ -22,8 +25,14 @@ class Settings(BaseSettings):
 
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535)
-    model: Literal["u2net", "u2netp"] = "u2net"
-    weights: Path | None = Field(None, description="default: <weights_dir>/<model>.safetensors")
+    model: ModelName = "u2net"
+    models: Annotated[list[ModelName], NoDecode] = Field(
+        default_factory=list,
+        description="models to load, comma-separated, the first the default; default: model",
+    )
+    weights: Path | None = Field(
+        None, description="default: <weights_dir>/<model>.safetensors; one model only"
+    )
     weights_dir: Path = Field(default_factory=default_weights_dir)
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N"
@@ -74,6 +83,24 @@ class Settings(BaseSettings):
         256, ge=1, le=100_000, description="open connections; beyond that new ones get 503"
     )
     log_format: Literal["text", "json"] = "text"
+    url_input: bool = Field(True, description="accept an image by URL (the url parameter)")
+    url_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="hosts or networks a URL may reach although private (loopback only when "
+        "listed), comma-separated",
+    )
+    url_connect_timeout_s: float = Field(
+        5.0, gt=0, le=600, description="longest wait for a URL's server to accept a connection"
+    )
+    url_read_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="longest silence from a URL's server while reading"
+    )
+    url_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        le=3600,
+        description="longest time for a whole fetch: resolving, redirects and the body",
+    )
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -81,6 +108,38 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [o.strip() for o in value.split(",") if o.strip()]
         return value
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(",") if m.strip()]
+        return value
+
+    @field_validator("url_allow", mode="before")
+    @classmethod
+    def _parse_allow(cls, value: object) -> object:
+        entries = value.split(",") if isinstance(value, str) else value
+        if isinstance(entries, list | tuple):
+            entries = [str(e).strip() for e in entries if str(e).strip()]
+            AllowList.parse(entries)  # a ValueError names the entry that is neither
+        return entries
+
+    @model_validator(mode="after")
+    def _one_set_of_models(self) -> Settings:
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"models: each model at most once, not {','.join(self.models)}")
+        if "model" in self.model_fields_set and self.models and self.model not in self.models:
+            raise ValueError(
+                f"model: {self.model} is not among models ({','.join(self.models)}); with "
+                "U2SERVE_MODELS, U2SERVE_MODEL may only name which of them is the default"
+            )
+        if self.weights is not None and len(self.served_models) > 1:
+            raise ValueError(
+                "weights: names one model's file; with several models each is read from "
+                "<weights_dir>/<model>.safetensors"
+            )
+        return self
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -96,5 +155,26 @@ class Settings(BaseSettings):
         )
 
     @property
+    def served_models(self) -> tuple[str, ...]:
+        """The models to load, the default first: ``models`` (with ``model``, when given too,
+        as the default), else ``model`` alone."""
+        if not self.models:
+            return (self.model,)
+        first = self.model if "model" in self.model_fields_set else self.models[0]
+        return (first, *(m for m in self.models if m != first))
+
+    @property
+    def default_model(self) -> str:
+        return self.served_models[0]
+
+    def weights_for(self, model: str) -> Path:
+        """The weights file of one of the served models."""
+        return self.weights or self.weights_dir / f"{model}.safetensors"
+
+    @property
+    def allow_list(self) -> AllowList:
+        return AllowList.parse(self.url_allow)
+
+    @property
     def weights_path(self) -> Path:
-        return self.weights or self.weights_dir / f"{self.model}.safetensors"
+        return self.weights_for(self.default_model)

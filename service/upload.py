@@ -1,9 +1,13 @@
-"""Reading the request: the image bytes (multipart field ``image`` or a raw image body) and the
-parameters (query string or form fields), within the byte limit."""
+"""Reading the request: the image (multipart field ``image``, a raw image body, or a ``url`` to
+fetch it from) and the parameters (query string or form fields), within the byte limit."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from urllib.parse import parse_qsl
 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -20,9 +24,21 @@ from service.errors import (
 )
 from service.params import SegmentParams, parse_params
 
-__all__ = ["MULTIPART_OVERHEAD", "read_upload"]
+__all__ = ["MULTIPART_OVERHEAD", "Submission", "read_upload"]
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, headers and the small parameter fields
+_FORM = "application/x-www-form-urlencoded"
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What a request asks for: the image's bytes or the URL to fetch them from, the model
+    (None: the default one) and the parameters of the answer."""
+
+    params: SegmentParams
+    image: bytes | None = None
+    url: str | None = None
+    model: str | None = None
 
 
 async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
@@ -61,12 +77,43 @@ def _once(items: list[tuple[str, str]]) -> dict[str, str]:
     return values
 
 
+def _submission(
+    given: dict[str, str],
+    image: bytes | None,
+    *,
+    models: Sequence[str],
+    url_input: bool,
+) -> Submission:
+    """Validate the parameters; ``url`` and ``model`` choose the source and the network, the
+    rest are :class:`SegmentParams`."""
+    values = dict(given)
+    url, model = values.pop("url", None), values.pop("model", None)
+    if url is not None and not url_input:
+        raise InvalidParameter("url: this service does not fetch images by URL")
+    if model is not None and model not in models:
+        loaded = ", ".join(models) or "none"
+        raise InvalidParameter(f"model: {model!r} is not loaded; this service has {loaded}")
+    params = parse_params(values)
+    if url is not None and image is not None:
+        raise InvalidParameter("image, url: give the image or its URL, not both")
+    return Submission(params, image, url, model)
+
+
 async def read_upload(
-    request: Request, max_bytes: int, timeout_s: float = 60.0
-) -> tuple[bytes, SegmentParams]:
-    """The image bytes and the validated parameters; 400/408/413/415/422 on anything else."""
+    request: Request,
+    max_bytes: int,
+    timeout_s: float = 60.0,
+    *,
+    models: Sequence[str] = (),
+    url_input: bool = False,
+) -> Submission:
+    """The image bytes or URL, and the validated parameters; 400/408/413/415/422 otherwise.
+
+    ``models``: the names ``model`` may take; ``url_input``: whether ``url`` is accepted.
+    """
     query = request.query_params.multi_items()
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    check = partial(_submission, models=models, url_input=url_input)
     if ctype == "multipart/form-data":
         body = await _read_body(request, max_bytes + MULTIPART_OVERHEAD, timeout_s)
 
@@ -93,19 +140,47 @@ async def read_upload(
                     fields.append((key, value))
         finally:
             await form.close()
-        if image is None:
-            raise BadRequest("the multipart body has no field named 'image'")
-        if len(image) > max_bytes:
-            raise ImageTooLarge(f"the image is {len(image)} bytes; the limit is {max_bytes}")
         # A form field takes precedence over the query parameter of the same name, but a bad
         # query parameter is refused all the same.
         given = _once(query)
-        parse_params(given)
-        return image, parse_params(given | _once(fields))
-    if ctype.startswith("image/") or ctype in ("application/octet-stream", ""):
-        params = parse_params(_once(query))  # cheap: validate before reading the body
-        return await _read_body(request, max_bytes, timeout_s), params
-    raise UnsupportedImage(
+        check(given, None)
+        submission = check(given | _once(fields), image)
+        if image is None and submission.url is None:
+            also = " (or 'url')" if url_input else ""
+            raise BadRequest(f"the multipart body has no field named 'image'{also}")
+        if image is not None and len(image) > max_bytes:
+            raise ImageTooLarge(f"the image is {len(image)} bytes; the limit is {max_bytes}")
+        return submission
+    if ctype == _FORM and url_input:
+        body = await _read_body(request, MULTIPART_OVERHEAD, timeout_s)
+        try:
+            fields = parse_qsl(body.decode("utf-8"), keep_blank_values=True)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise BadRequest(f"malformed form body: {exc}") from exc
+        given = _once(query)
+        check(given, None)
+        submission = check(given | _once(fields), None)
+        if submission.url is None:
+            raise BadRequest("a form-encoded body must hold the field 'url'")
+        return submission
+    if ctype.startswith("image/") or ctype in ("application/octet-stream", "") or url_input:
+        # Cheap: validate before reading the body.
+        submission = check(_once(query), None)
+        if submission.url is None and not (
+            ctype.startswith("image/") or ctype in ("application/octet-stream", "")
+        ):
+            raise _unsupported(ctype)
+        data = await _read_body(request, max_bytes, timeout_s)
+        if submission.url is None:
+            return Submission(submission.params, data, None, submission.model)
+        if data:
+            raise InvalidParameter("image, url: give the image or its URL, not both")
+        return submission
+    raise _unsupported(ctype)
+
+
+def _unsupported(ctype: str) -> UnsupportedImage:
+    return UnsupportedImage(
         f"content type {ctype!r} is not accepted: send the image as the multipart field "
         "'image', or as the raw body with an image/* content type"
     )

@@ -466,9 +466,14 @@ async def test_openapi_documents_parameters_and_errors(client: httpx.AsyncClient
         "quality",
         "max_side",
         "refine",
+        "model",
+        "url",
     }
-    assert {"200", "400", "413", "415", "422", "503", "504"} <= set(op["responses"])
+    assert {"200", "400", "403", "413", "415", "422", "502", "503", "504"} <= set(op["responses"])
     assert "multipart/form-data" in op["requestBody"]["content"]
+    assert "application/x-www-form-urlencoded" in op["requestBody"]["content"]
+    model = next(p for p in op["parameters"] if p["name"] == "model")
+    assert model["schema"]["enum"] == ["u2netp"]
     assert (await client.get("/docs")).status_code == 200
 
 
@@ -531,9 +536,9 @@ async def test_torch_work_runs_on_one_thread(
     threads: dict[str, set[int]] = {"load": set(), "warmup": set(), "batch": set()}
     load, run = service.app.load_segmenter, service.app.run_batch
 
-    def loading(s: Settings) -> Segmenter:
+    def loading(s: Settings, model: str | None = None) -> Segmenter:
         threads["load"].add(threading.get_ident())
-        seg = load(s)
+        seg = load(s, model)
         warm = seg.warmup
 
         def warmup(sizes: Any) -> None:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from service.batcher import Batcher
+from service.batcher import Batcher, QueueGroup
 from service.errors import ClientGone, InvalidParameter, QueueFull, TimedOut
 from service.metrics import Metrics
 
@@ -80,6 +80,38 @@ async def test_full_queue_is_refused_with_retry_after() -> None:
     assert int(exc.value.headers["Retry-After"]) >= 1
     fn.gate.set()
     assert [r.result for r in await asyncio.gather(first, *queued)] == [2, 4, 6]
+    await b.stop()
+
+
+async def test_batchers_of_a_group_share_one_queue_limit() -> None:
+    """One model's waiting requests count against another's: both wait for the same device."""
+    metrics = Metrics()
+    group = QueueGroup(2, metrics)
+    a_fn, b_fn = Recorder(), Recorder()
+    a_fn.gate.clear()
+    b_fn.gate.clear()
+    opts = {"max_batch_size": 1, "max_wait_s": 0, "max_queue": 2, "metrics": metrics}
+    a = Batcher(a_fn, group=group, model="a", **opts)  # type: ignore[arg-type]
+    b = Batcher(b_fn, group=group, model="b", **opts)  # type: ignore[arg-type]
+    a.start()
+    b.start()
+    busy = asyncio.ensure_future(a.submit(1, far()))  # taken by a's worker, not waiting
+    await asyncio.sleep(0.05)
+    waiting = [asyncio.ensure_future(x.submit(i, far())) for x, i in ((a, 2), (b, 3))]
+    await asyncio.sleep(0.05)  # b's worker took 3: one waits in a's queue
+    waiting.append(asyncio.ensure_future(b.submit(4, far())))
+    await asyncio.sleep(0)
+    assert group.depth == 2
+    with pytest.raises(QueueFull):
+        await a.submit(5, far())
+    with pytest.raises(QueueFull):
+        await b.submit(6, far())
+    a_fn.gate.set()
+    b_fn.gate.set()
+    assert [r.result for r in await asyncio.gather(busy, *waiting)] == [2, 4, 6, 8]
+    assert a_fn.batches == [[1], [2]]
+    assert b_fn.batches == [[3], [4]]
+    await a.stop()
     await b.stop()
 
 

@@ -4,9 +4,11 @@ Playwright), against a real server process, with every request off the server re
 from __future__ import annotations
 
 import base64
+import http.server
 import io
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,9 +41,35 @@ _ALPHA_JS = """(img) => {
 }"""
 
 
+PHOTO_HOST = "127.0.0.2"  # where the photo by URL is served; the service's allow list has it
+
+
+@pytest.fixture(scope="module")
+def photo_url() -> Iterator[str]:
+    """A real HTTP server on 127.0.0.2 that serves the reference photos."""
+    folder = str(reference_dir() / "images")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: object, **kw: object) -> None:
+            super().__init__(*args, directory=folder, **kw)  # type: ignore[arg-type]
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer((PHOTO_HOST, 0), Quiet)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{PHOTO_HOST}:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 @pytest.fixture(scope="module")
 def server(u2netp_weights: Path) -> Iterator[str]:
-    with serving(u2netp_env(u2netp_weights, U2SERVE_API_KEY=API_KEY)) as (_, url):
+    env = u2netp_env(u2netp_weights, U2SERVE_API_KEY=API_KEY, U2SERVE_URL_ALLOW=PHOTO_HOST)
+    with serving(env) as (_, url):
         yield url
 
 
@@ -102,7 +130,7 @@ def _alpha(png: bytes) -> np.ndarray:
 
 
 def test_page_segments_a_photo_like_the_api(
-    page: tuple[object, list[str]], server: str, tmp_path: Path
+    page: tuple[object, list[str]], server: str, photo_url: str, tmp_path: Path
 ) -> None:
     from playwright.sync_api import Page, expect
 
@@ -129,7 +157,7 @@ def test_page_segments_a_photo_like_the_api(
     expect(p.get_by_label("API key")).to_be_focused()
 
     p.get_by_label("API key").fill(API_KEY)
-    p.get_by_role("button", name="Segment").click()
+    p.get_by_role("button", name="Segment", exact=True).click()
     result = p.locator(".result").first
     expect(result).to_have_attribute("data-state", "done")
     shown = result.locator("img.output")
@@ -152,6 +180,27 @@ def test_page_segments_a_photo_like_the_api(
     assert seen.size == expected.size
     np.testing.assert_array_equal(seen.reshape(expected.shape), expected)
     assert 0 < (expected > 0).mean() < 1  # a real cut-out, not all or nothing
+
+    # The model is one of the options, offered from the service's own document.
+    expect(p.get_by_label("model", exact=True)).to_have_value("u2netp")
+    # An image by URL: fetched by the service (the page loads nothing from elsewhere), with
+    # the same options, so the same cut-out comes back.
+    p.get_by_label("Or an image's URL").fill(f"{photo_url}/{HORSE}")
+    p.get_by_role("button", name="Segment the URL").click()
+    fetched = p.locator(".result").first
+    expect(fetched).to_have_attribute("data-state", "done")
+    expect(fetched.locator(".timing")).to_contain_text("fetch")
+    expect(fetched.locator("a.download")).to_have_attribute("download", "horse.png")
+    seen = np.frombuffer(
+        base64.b64decode(fetched.locator("img.output").evaluate(_ALPHA_JS)), np.uint8
+    )
+    np.testing.assert_array_equal(seen.reshape(expected.shape), expected)
+    # A URL the service may not fetch from: its refusal is shown.
+    p.get_by_label("Or an image's URL").fill(f"{server}/static/favicon.svg")
+    p.get_by_label("Or an image's URL").press("Enter")
+    refused = p.locator(".result").first
+    expect(refused).to_have_attribute("data-state", "error")
+    expect(refused.get_by_role("alert")).to_contain_text("url_forbidden")
 
     # A file that is no image: the service's own message is shown.
     bad = tmp_path / "notes.txt"

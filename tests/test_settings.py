@@ -79,3 +79,45 @@ def test_codec_threads_leave_a_core_to_the_network() -> None:
     """Measured on 2 cores: a second codec thread stalls the network's lockstep threads."""
     cores = len(os.sched_getaffinity(0))
     assert Settings().codec_threads == max(1, cores - 1)
+
+
+def test_models_the_first_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().served_models == ("u2net",)
+    assert Settings(model="u2netp").served_models == ("u2netp",)
+    monkeypatch.setenv("U2SERVE_MODELS", "u2netp, u2net")
+    s = Settings()
+    assert (s.served_models, s.default_model) == (("u2netp", "u2net"), "u2netp")
+    assert s.weights_for("u2net") == s.weights_dir / "u2net.safetensors"
+    # U2SERVE_MODEL still names the default, which must be one of them.
+    monkeypatch.setenv("U2SERVE_MODEL", "u2net")
+    assert Settings().served_models == ("u2net", "u2netp")
+    monkeypatch.setenv("U2SERVE_MODELS", "u2netp")
+    with pytest.raises(ValidationError, match="not among models"):
+        Settings()
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"models": "u2net,u2net"}, "at most once"),
+        ({"models": "u2net,isnet"}, "u2netp"),
+        ({"models": "u2net,u2netp", "weights": "x.safetensors"}, "one model's file"),
+        ({"url_allow": "10.0.0.0/8, http://bucket/"}, "neither an address"),
+        ({"url_timeout_s": 0}, "greater than 0"),
+    ],
+)
+def test_invalid_model_and_url_settings(kw: dict[str, object], match: str) -> None:
+    with pytest.raises(ValidationError, match=match):
+        Settings(**kw)  # type: ignore[arg-type]
+
+
+def test_url_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Settings()
+    assert s.url_input
+    assert not s.allow_list  # nothing private is reachable by default
+    monkeypatch.setenv("U2SERVE_URL_ALLOW", "bucket.internal, 10.0.0.0/8,127.0.0.2")
+    monkeypatch.setenv("U2SERVE_URL_INPUT", "false")
+    s = Settings()
+    assert not s.url_input
+    assert s.url_allow == ["bucket.internal", "10.0.0.0/8", "127.0.0.2"]
+    assert s.allow_list.hosts == {"bucket.internal"}

@@ -5,6 +5,8 @@
 
 // Parameters that deserve a better control than their schema alone suggests: name → widget.
 const WIDGETS = { bg_color: "color" };
+// Parameters that say where the image comes from, not what to make of it: their own controls.
+const SOURCES = new Set(["url"]);
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const controls = [];  // { name, value(): string | null, fallback: string | null }
@@ -135,7 +137,11 @@ async function loadOptions() {
     const spec = await r.json();
     const op = spec.paths["/segment"].post;
     const params = (op.parameters || []).filter((p) => p.in === "query");
-    for (const p of params) $("#options").append(buildControl(p));
+    for (const p of params) {
+      if (!SOURCES.has(p.name)) $("#options").append(buildControl(p));
+    }
+    // The URL field only where the service fetches images by URL.
+    $("#by-url").hidden = !params.some((p) => p.name === "url");
     status.remove();
   } catch (err) {
     status.textContent = `Could not read the options (${err.message}); the defaults apply.`;
@@ -170,8 +176,8 @@ function timings(header) {
 const EXTENSIONS = { "image/png": ".png", "image/webp": ".webp", "image/jpeg": ".jpg",
   "application/json": ".json" };
 
-function outputName(file, type) {
-  const stem = file.name.replace(/\.[^.]*$/, "") || "image";
+function outputName(name, type) {
+  const stem = name.replace(/\.[^.]*$/, "") || "image";
   return stem + (EXTENSIONS[type.split(";")[0]] || "");
 }
 
@@ -183,17 +189,39 @@ async function errorMessage(r) {
   return `HTTP ${r.status} ${r.statusText}`;
 }
 
-async function segmentOne(file, q, key) {
+// The last part of a URL's path, as a name for its result ("image" when there is none).
+function urlName(url) {
+  try {
+    return decodeURIComponent(new URL(url).pathname.split("/").pop()) || "image";
+  } catch (_) {
+    return "image";
+  }
+}
+
+// `source`: a File, or { url } for an image the service fetches itself.
+async function segmentOne(source, q, key) {
   const card = $("#result-template").content.firstElementChild.cloneNode(true);
-  $(".name", card).textContent = file.name;
+  const byUrl = !(source instanceof Blob);
+  const name = byUrl ? urlName(source.url) : source.name;
+  $(".name", card).textContent = byUrl ? source.url : name;
   const original = $(".original", card);
-  original.onerror = () => { original.closest("figure").hidden = true; };  // not a picture
-  original.src = URL.createObjectURL(file);
-  original.alt = `${file.name}, as picked`;
+  if (byUrl) {
+    // Not loaded here: the page fetches nothing from elsewhere (and its policy forbids it).
+    original.closest("figure").hidden = true;
+  } else {
+    original.onerror = () => { original.closest("figure").hidden = true; };  // not a picture
+    original.src = URL.createObjectURL(source);
+    original.alt = `${name}, as picked`;
+  }
   $("#results").prepend(card);
 
-  const body = new FormData();
-  body.append("image", file, file.name);
+  let body;
+  if (byUrl) {
+    body = new URLSearchParams({ url: source.url });  // sent form-encoded
+  } else {
+    body = new FormData();
+    body.append("image", source, name);
+  }
   const headers = key ? { Authorization: `Bearer ${key}` } : {};
   const fail = (message) => {
     card.dataset.state = "error";
@@ -221,12 +249,12 @@ async function segmentOne(file, q, key) {
   const url = URL.createObjectURL(blob);
   const link = $(".download", card);
   link.href = url;
-  link.download = outputName(file, blob.type);
+  link.download = outputName(name, blob.type);
   link.textContent = `Download ${link.download}`;
   link.hidden = false;
   if (blob.type.startsWith("image/")) {
     const out = $(".output", card);
-    out.alt = `${file.name}, segmented (${q.toString() || "defaults"})`;
+    out.alt = `${name}, segmented (${q.toString() || "defaults"})`;
     await new Promise((resolve) => {
       out.onload = resolve;
       out.onerror = resolve;
@@ -245,21 +273,22 @@ async function segmentOne(file, q, key) {
 
 async function run(files) {
   if (!files.length) return;
-  const button = $("#run");
+  const buttons = [$("#run"), $("#run-url")];
   const status = $("#status");
-  button.disabled = true;
+  for (const b of buttons) b.disabled = true;
   const q = query();
   const key = $("#api-key").value.trim();
   let ok = 0;
   try {
     // One at a time: the service batches concurrent clients, but a page should not flood it.
     for (const [i, file] of [...files].entries()) {
-      status.textContent = `Segmenting ${file.name} (${i + 1} of ${files.length})…`;
+      const name = file instanceof Blob ? file.name : file.url;
+      status.textContent = `Segmenting ${name} (${i + 1} of ${files.length})…`;
       if (await segmentOne(file, q, key)) ok += 1;
     }
     status.textContent = `${ok} of ${files.length} done.`;
   } finally {
-    button.disabled = false;
+    for (const b of buttons) b.disabled = false;
   }
 }
 
@@ -271,6 +300,15 @@ function init() {
     run(input.files);
   });
   input.addEventListener("change", () => run(input.files));
+  const url = $("#image-url");
+  const byUrl = () => { if (url.value.trim()) run([{ url: url.value.trim() }]); };
+  $("#run-url").addEventListener("click", byUrl);
+  url.addEventListener("keydown", (e) => {
+    if (e.key === "Enter") {
+      e.preventDefault();  // not the form's submit, which segments the picked files
+      byUrl();
+    }
+  });
   // Dropping anywhere on the page works; the drop zone only shows where.
   document.addEventListener("dragover", (e) => {
     e.preventDefault();
