@@ -71,9 +71,11 @@ def one_input(data: bytes) -> None:
     ctype = _CTYPES[data[0] % len(_CTYPES)]
     query = _QUERIES[(data[0] // len(_CTYPES)) % len(_QUERIES)]
     try:
-        image, _ = _LOOP.run_until_complete(
+        image = _LOOP.run_until_complete(
             read_upload(_request(ctype, query, data[1:]), MAX_BYTES, 5.0)
-        )
+        ).image
+        if image is None:  # an image_id: nothing to decode here
+            return
         header = read_header(image, max_pixels=MAX_PIXELS)
         decoded = decode(image, max_pixels=MAX_PIXELS)
     except ServiceError:

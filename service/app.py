@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Annotated
 
-import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -23,9 +22,10 @@ from starlette.responses import Response
 from model.segmenter import Segmenter, resolve_device
 from service.batcher import Batcher
 from service.budget import MemoryBudget, give_back_memory, map_large_buffers
+from service.cache import Caches, open_caches
 from service.encode import BOX_HEADERS
 from service.errors import ServiceError, error_response
-from service.infer import Job, run_batch
+from service.infer import Job, Segmented, run_batch
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -42,8 +42,11 @@ class Runtime:
     owns_process: bool = False
     metrics: Metrics = field(default_factory=Metrics)
     segmenter: Segmenter | None = None
-    batcher: Batcher[Job, torch.Tensor] | None = None
+    batcher: Batcher[Job, Segmented] | None = None
     codec_pool: ThreadPoolExecutor | None = None
+    # The thread every torch operation runs on (see _lifespan): batches, and cache hits' resize.
+    infer_pool: ThreadPoolExecutor | None = None
+    caches: Caches | None = None
     budget: MemoryBudget | None = None
     ready: bool = False
     draining: bool = False
@@ -123,7 +126,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # has more such threads than CPUs it stops spinning between parallel regions, so the batch
     # thread's operations took twice as long when the model had been loaded on another thread
     # (a 12 MP refine: 110 ms against 68 ms).
-    infer = ThreadPoolExecutor(1, thread_name_prefix="u2serve-infer")
+    rt.infer_pool = infer = ThreadPoolExecutor(1, thread_name_prefix="u2serve-infer")
     loop = asyncio.get_running_loop()
     try:
         # Bad weights or a missing GPU stop the start-up here, with the loader's message.
@@ -144,6 +147,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         executor=infer,
     )
     rt.batcher.start()
+    rt.caches = open_caches(s, rt.metrics)
+    log.info(
+        "maps and kept uploads: %s",
+        "in Redis (U2SERVE_CACHE_URL)"
+        if s.cache_url
+        else f"in this process, up to {s.cache_map_bytes / 2**20:g} MiB of maps and "
+        f"{s.cache_upload_bytes / 2**20:g} MiB of uploads",
+    )
     rt.metrics.queue_capacity.set(s.max_queue)
     rt.budget = MemoryBudget(
         s.memory_budget_bytes,
@@ -178,6 +189,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         warming.cancel()
         await asyncio.gather(warming, return_exceptions=True)
         await rt.batcher.stop()
+        await rt.caches.close()
         infer.shutdown(wait=True)
         rt.codec_pool.shutdown(wait=True)
         log.info("stopped")
@@ -231,7 +243,13 @@ def create_app(settings: Settings | None = None, *, owns_process: bool = False) 
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["*"],
-            expose_headers=["X-Request-ID", "Server-Timing", "Retry-After", *BOX_HEADERS],
+            expose_headers=[
+                "X-Request-ID",
+                "X-Image-Id",
+                "Server-Timing",
+                "Retry-After",
+                *BOX_HEADERS,
+            ],
         )
     _install_error_handlers(app)
     app.include_router(router)

@@ -19,18 +19,22 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.access import AccessRecord
 from service.app import Runtime, RuntimeDep
+from service.batcher import Batcher, Completed
 from service.budget import MemoryBudget, request_cost, upload_cost
-from service.decode import FORMATS, decode, read_header
+from service.cache import digest, map_key, new_image_id, owner_of
+from service.decode import FORMATS, Header, decode, read_header
 from service.encode import Rendered, render
 from service.errors import (
+    BadRequest,
     ClientGone,
     Draining,
+    ImageNotFound,
     NotReady,
     ServiceError,
     Unauthorized,
     error_response,
 )
-from service.infer import Job
+from service.infer import Job, Segmented, finish
 from service.params import SegmentParams
 from service.upload import MULTIPART_OVERHEAD, read_upload
 
@@ -276,31 +280,70 @@ async def _upload_to_answer(
     record: AccessRecord,
 ) -> Response:
     s = rt.settings
+    caches, pool, segmenter = rt.caches, rt.codec_pool, rt.segmenter
+    if caches is None or pool is None or segmenter is None:  # checked by the caller (mypy)
+        raise NotReady("the model is still loading", headers={"Retry-After": "1"})
     t = time.monotonic()
     try:
-        data, params = await read_upload(request, s.max_upload_bytes, s.body_timeout_s)
+        upload = await read_upload(request, s.max_upload_bytes, s.body_timeout_s)
     except ServiceError as exc:
         rt.metrics.rejected.labels(reason=exc.code).inc()
         raise
-    timing.append(f"upload;dur={(time.monotonic() - t) * 1000:.1f}")
-    record.bytes_in = len(data)
+    params = upload.params
     record.output = params.output
+    owner = owner_of(s.api_key.get_secret_value() if s.api_key else None)
+    image_id = upload.image_id
+    data = upload.image if image_id is None else await _kept_upload(rt, image_id, owner)
+    if data is None:  # read_upload gives an image or an id; this tells mypy
+        raise BadRequest("no image")
+    timing.append(f"upload;dur={(time.monotonic() - t) * 1000:.1f}")
+    record.bytes_in = len(upload.image or b"")
     loop = asyncio.get_running_loop()
     try:
-        header = await loop.run_in_executor(
-            rt.codec_pool, partial(read_header, data, max_pixels=s.max_pixels)
+        header, photo = await loop.run_in_executor(
+            pool, partial(_inspect, data, max_pixels=s.max_pixels)
         )
     except ServiceError as exc:
         rt.metrics.rejected.labels(reason=exc.code).inc()
         raise
     record.size = (header.width, header.height)
+    keeping = None
+    if image_id is None:  # a new upload, kept under a new id while the answer is made
+        image_id = new_image_id()
+        keeping = asyncio.ensure_future(caches.uploads.put(image_id, owner, data))
     # The arrays of _decode_to_answer are gone when it returns, before the charge is released.
     cost = request_cost(
         header.width, header.height, alpha=header.alpha, cutout=params.output == "cutout"
     )
     with budget.hold(cost):
-        answer = await _decode_to_answer(request, rt, data, params, start, timing, record)
-    return Response(answer.body, media_type=answer.media_type, headers=answer.headers)
+        key = map_key(segmenter.identity, photo)
+        answer = await _decode_to_answer(request, rt, data, params, start, timing, record, key)
+    headers = dict(answer.headers)
+    if keeping is None or await keeping:  # an upload that could not be kept has no id
+        headers["X-Image-Id"] = image_id
+    return Response(answer.body, media_type=answer.media_type, headers=headers)
+
+
+def _inspect(data: bytes, *, max_pixels: int) -> tuple[Header, str]:
+    """The image's header (cheap, with decode's errors) and the bytes' digest, off the loop."""
+    return read_header(data, max_pixels=max_pixels), digest(data)
+
+
+async def _kept_upload(rt: Runtime, image_id: str, owner: str) -> bytes:
+    """The bytes kept under an image id for this API key; 404 telling the client to upload
+    again when there are none (unknown, expired, evicted, another key's, or Redis is down)."""
+    if rt.caches is not None:
+        data = await rt.caches.uploads.get(image_id, owner)
+        if data is not None:
+            rt.metrics.image_id_requests.labels(result="found").inc()
+            return data
+    rt.metrics.image_id_requests.labels(result="not_found").inc()
+    rt.metrics.rejected.labels(reason=ImageNotFound.code).inc()
+    raise ImageNotFound(
+        f"no image with this id here: ids are kept for {rt.settings.cache_upload_ttl_s} s "
+        "after their last use (fewer when the cache is full) and only for the API key that "
+        "uploaded them; upload the image again"
+    )
 
 
 async def _decode_to_answer(
@@ -311,28 +354,69 @@ async def _decode_to_answer(
     start: float,
     timing: list[str],
     record: AccessRecord,
+    key: str,
 ) -> Rendered:
     s = rt.settings
-    batcher, pool = rt.batcher, rt.codec_pool
-    if batcher is None or pool is None:  # checked by the caller; this tells mypy
+    batcher, pool, caches, segmenter = rt.batcher, rt.codec_pool, rt.caches, rt.segmenter
+    if batcher is None or pool is None or caches is None or segmenter is None:  # mypy
         raise NotReady("the model is still loading", headers={"Retry-After": "1"})
     loop = asyncio.get_running_loop()
+    lookup = asyncio.ensure_future(caches.maps.get(key))  # while the photo is decoded
     t = time.monotonic()
     try:
         image = await loop.run_in_executor(pool, lambda: decode(data, max_pixels=s.max_pixels))
     except ServiceError as exc:
+        lookup.cancel()
         rt.metrics.rejected.labels(reason=exc.code).inc()
         raise
     decode_s = time.monotonic() - t
     timing.append(f"decode;dur={decode_s * 1000:.1f}")
     rt.metrics.stage_duration.labels(stage="decode").observe(decode_s)
 
-    job = Job(torch.from_numpy(image.model_rgb), params)
+    t = time.monotonic()
+    cached = await lookup
+    side = segmenter.spec.input_size
+    rgb = torch.from_numpy(image.model_rgb)
+    storing = None
+    if cached is not None and len(cached) == side * side:
+        # A hit: no queue and no network; the map's second half runs as a miss's does.
+        record.cache = "hit"
+        timing.append(f'cache;dur={(time.monotonic() - t) * 1000:.1f};desc="hit"')
+        t = time.monotonic()
+        levels = torch.frombuffer(bytearray(cached), dtype=torch.uint8).view(side, side)
+        infer_pool = rt.infer_pool
+        result = await loop.run_in_executor(infer_pool, finish, segmenter, levels, rgb, params)
+        timing.append(f"resize;dur={(time.monotonic() - t) * 1000:.1f}")
+    else:
+        record.cache = "miss"
+        timing.append(f'cache;dur={(time.monotonic() - t) * 1000:.1f};desc="miss"')
+        done = await _infer(request, rt, batcher, Job(rgb, params), start)
+        timing.append(f"queue;dur={done.queue_s * 1000:.1f}")
+        timing.append(f'infer;dur={done.infer_s * 1000:.1f};desc="batch of {done.batch_size}"')
+        record.batch_size = done.batch_size
+        result = done.result.map
+        storing = asyncio.ensure_future(caches.maps.put(key, done.result.levels.numpy().tobytes()))
+
+    t = time.monotonic()
+    levels_np: np.ndarray = result.numpy()
+    answer = await loop.run_in_executor(pool, render, levels_np, image, params)
+    encode_s = time.monotonic() - t
+    timing.append(f"encode;dur={encode_s * 1000:.1f}")
+    rt.metrics.stage_duration.labels(stage="encode").observe(encode_s)
+    if storing is not None:  # kept before the answer, so that any replica may be asked next
+        await storing
+    return answer
+
+
+async def _infer(
+    request: Request, rt: Runtime, batcher: Batcher[Job, Segmented], job: Job, start: float
+) -> Completed[Segmented]:
+    """Through the queue and the network; withdrawn if the client goes away while queued."""
     disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
-        done = await batcher.submit(
+        return await batcher.submit(
             job,
-            start + s.request_timeout_s,
+            start + rt.settings.request_timeout_s,
             cancelled=disconnected,  # type: ignore[arg-type]
         )
     except ClientGone:
@@ -340,17 +424,6 @@ async def _decode_to_answer(
         raise
     finally:
         disconnected.cancel()
-    timing.append(f"queue;dur={done.queue_s * 1000:.1f}")
-    timing.append(f'infer;dur={done.infer_s * 1000:.1f};desc="batch of {done.batch_size}"')
-    record.batch_size = done.batch_size
-
-    t = time.monotonic()
-    levels: np.ndarray = done.result.numpy()
-    answer = await loop.run_in_executor(pool, render, levels, image, params)
-    encode_s = time.monotonic() - t
-    timing.append(f"encode;dur={encode_s * 1000:.1f}")
-    rt.metrics.stage_duration.labels(stage="encode").observe(encode_s)
-    return answer
 
 
 @router.get("/livez", summary="Liveness: the process is up and its event loop answers")

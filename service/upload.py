@@ -1,9 +1,11 @@
-"""Reading the request: the image bytes (multipart field ``image`` or a raw image body) and the
-parameters (query string or form fields), within the byte limit."""
+"""Reading the request: the image bytes (multipart field ``image`` or a raw image body), or the
+id of an image uploaded before (``image_id``, in the query or a form field, with an empty or
+form-encoded body), and the parameters (query string or form fields), within the byte limit."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -11,6 +13,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.types import Message
 
+from service.cache import valid_image_id
 from service.errors import (
     BadRequest,
     ImageTooLarge,
@@ -20,7 +23,9 @@ from service.errors import (
 )
 from service.params import SegmentParams, parse_params
 
-__all__ = ["MULTIPART_OVERHEAD", "read_upload"]
+__all__ = ["IMAGE_ID", "MULTIPART_OVERHEAD", "Upload", "read_upload"]
+
+IMAGE_ID = "image_id"
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, headers and the small parameter fields
 
@@ -61,14 +66,40 @@ def _once(items: list[tuple[str, str]]) -> dict[str, str]:
     return values
 
 
-async def read_upload(
-    request: Request, max_bytes: int, timeout_s: float = 60.0
-) -> tuple[bytes, SegmentParams]:
-    """The image bytes and the validated parameters; 400/408/413/415/422 on anything else."""
+@dataclass(frozen=True)
+class Upload:
+    """What a request sent: the image's bytes, or the id of one uploaded before; never both."""
+
+    params: SegmentParams
+    image: bytes | None
+    image_id: str | None
+
+
+def _image_id(query: dict[str, str], fields: dict[str, str]) -> str | None:
+    """``image_id`` taken out of the query and the form fields (the form's wins), checked."""
+    given = fields.pop(IMAGE_ID, None)
+    in_query = query.pop(IMAGE_ID, None)
+    image_id = given if given is not None else in_query
+    if image_id is not None and not valid_image_id(image_id):
+        raise InvalidParameter(
+            "image_id: not an image id; give the X-Image-Id of an earlier answer, or the image"
+        )
+    return image_id
+
+
+def _both() -> InvalidParameter:
+    return InvalidParameter("image_id: give the image or the id of one sent before, not both")
+
+
+async def read_upload(request: Request, max_bytes: int, timeout_s: float = 60.0) -> Upload:
+    """The image bytes (or an image id) and the validated parameters; 400/408/413/415/422 on
+    anything else."""
     query = request.query_params.multi_items()
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "multipart/form-data":
-        body = await _read_body(request, max_bytes + MULTIPART_OVERHEAD, timeout_s)
+    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        # A form-encoded body carries only fields (an image id and parameters): small.
+        limit = max_bytes if ctype == "multipart/form-data" else 0
+        body = await _read_body(request, limit + MULTIPART_OVERHEAD, timeout_s)
 
         async def replay() -> Message:
             return {"type": "http.request", "body": body, "more_body": False}
@@ -93,19 +124,29 @@ async def read_upload(
                     fields.append((key, value))
         finally:
             await form.close()
-        if image is None:
-            raise BadRequest("the multipart body has no field named 'image'")
-        if len(image) > max_bytes:
+        given, form_fields = _once(query), _once(fields)
+        image_id = _image_id(given, form_fields)
+        if image is None and image_id is None:
+            raise BadRequest("the body has no field named 'image' (nor an 'image_id')")
+        if image is not None and image_id is not None:
+            raise _both()
+        if image is not None and len(image) > max_bytes:
             raise ImageTooLarge(f"the image is {len(image)} bytes; the limit is {max_bytes}")
         # A form field takes precedence over the query parameter of the same name, but a bad
         # query parameter is refused all the same.
-        given = _once(query)
         parse_params(given)
-        return image, parse_params(given | _once(fields))
+        return Upload(parse_params(given | form_fields), image, image_id)
     if ctype.startswith("image/") or ctype in ("application/octet-stream", ""):
-        params = parse_params(_once(query))  # cheap: validate before reading the body
-        return await _read_body(request, max_bytes, timeout_s), params
+        given = _once(query)
+        image_id = _image_id(given, {})
+        params = parse_params(given)  # cheap: validate before reading the body
+        data = await _read_body(request, max_bytes, timeout_s)
+        if image_id is None:
+            return Upload(params, data, None)
+        if data:
+            raise _both()
+        return Upload(params, None, image_id)
     raise UnsupportedImage(
         f"content type {ctype!r} is not accepted: send the image as the multipart field "
-        "'image', or as the raw body with an image/* content type"
+        "'image', or as the raw body with an image/* content type (or an image_id)"
     )
