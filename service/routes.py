@@ -36,7 +36,7 @@ from service.errors import (
 )
 from service.infer import Job, Segmented, finish
 from service.params import SegmentParams
-from service.upload import MULTIPART_OVERHEAD, read_upload
+from service.upload import IMAGE_ID, MULTIPART_OVERHEAD, read_upload
 
 __all__ = ["router"]
 
@@ -76,16 +76,32 @@ def _error_doc(description: str) -> dict[str, Any]:
 
 _PARAMS_SCHEMA = SegmentParams.model_json_schema()
 _IMAGE_SCHEMA: dict[str, Any] = {"type": "string", "format": "binary", "minLength": 1}
+_IMAGE_ID_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "pattern": r"^[A-Za-z0-9_-]{22}$",
+    "description": "instead of the image: the X-Image-Id of an earlier answer, to ask for "
+    "another answer for the same photo without uploading it again (the body empty, or "
+    "form-encoded fields); 404 image_not_found when the service no longer has it",
+}
 _SEGMENT_DOC: dict[str, Any] = {
     "parameters": [
+        *(
+            {
+                "name": name,
+                "in": "query",
+                "required": False,
+                "description": prop.get("description", ""),
+                "schema": {k: v for k, v in prop.items() if k != "description"},
+            }
+            for name, prop in _PARAMS_SCHEMA["properties"].items()
+        ),
         {
-            "name": name,
+            "name": IMAGE_ID,
             "in": "query",
             "required": False,
-            "description": prop.get("description", ""),
-            "schema": {k: v for k, v in prop.items() if k != "description"},
-        }
-        for name, prop in _PARAMS_SCHEMA["properties"].items()
+            "description": _IMAGE_ID_SCHEMA["description"],
+            "schema": {k: v for k, v in _IMAGE_ID_SCHEMA.items() if k != "description"},
+        },
     ],
     "requestBody": {
         "required": True,
@@ -93,7 +109,8 @@ _SEGMENT_DOC: dict[str, Any] = {
         "be form fields, which take precedence over the query; each at most once in each "
         "place), or the raw body with an `image/*` or "
         "`application/octet-stream` content type. The bytes must be an image file in one of "
-        "these formats, else 415: " + ", ".join(FORMATS),
+        "these formats, else 415: " + ", ".join(FORMATS) + ". Or no image: `image_id` (a "
+        "query parameter with an empty body, or a form field) names one sent before.",
         "content": {
             "multipart/form-data": {
                 "schema": {
@@ -104,6 +121,14 @@ _SEGMENT_DOC: dict[str, Any] = {
                         "image": _IMAGE_SCHEMA,
                         **_PARAMS_SCHEMA["properties"],
                     },
+                }
+            },
+            "application/x-www-form-urlencoded": {
+                "schema": {
+                    "type": "object",
+                    "required": [IMAGE_ID],
+                    "additionalProperties": False,
+                    "properties": {IMAGE_ID: _IMAGE_ID_SCHEMA, **_PARAMS_SCHEMA["properties"]},
                 }
             },
             "image/*": {"schema": _IMAGE_SCHEMA},
@@ -176,10 +201,18 @@ async def _wait_for_disconnect(request: Request) -> None:
             "`output=box`, JSON. Headers on every answer: X-Request-ID, Server-Timing, and the "
             "subject's box in the answer's pixels (X-Foreground-Left, -Top, -Width, -Height; "
             "0, 0, 0, 0 when there is no foreground) with X-Foreground-Ratio, the share of the "
-            "image's pixels that are foreground (0 to 1).",
+            "image's pixels that are foreground (0 to 1); X-Image-Id, to ask for another "
+            "answer for the same photo without uploading it again.",
             "headers": {
                 name: {"description": desc, "schema": {"type": kind}}
                 for name, desc, kind in _BOX_HEADER_DOCS
+            }
+            | {
+                "X-Image-Id": {
+                    "description": "the photo's id, for image_id (absent when the upload could "
+                    "not be kept)",
+                    "schema": {"type": "string"},
+                }
             },
             "content": {
                 "image/png": {},
@@ -199,6 +232,10 @@ async def _wait_for_disconnect(request: Request) -> None:
         400: _error_doc("Empty image, no `image` field, or a malformed multipart body"),
         401: _error_doc("An API key is configured and the request has no valid one"),
         408: _error_doc("The request's headers or body did not arrive in time"),
+        404: _error_doc(
+            "image_not_found: the image_id is unknown, expired, evicted or another API key's; "
+            "upload the image again"
+        ),
         413: _error_doc(
             "Too many bytes, too many pixels (decompression bombs included), or an image that "
             "alone needs more than the memory budget"

@@ -171,7 +171,7 @@ async def test_headers_request_id_and_server_timing(client: httpx.AsyncClient) -
     assert len(r.headers["x-request-id"]) == 32
     stages = [part.split(";")[0] for part in r.headers["server-timing"].split(", ")]
     assert stages == ["upload", "decode", "cache", "queue", "infer", "encode", "total"]
-    assert 'cache;dur=' in r.headers["server-timing"]
+    assert "cache;dur=" in r.headers["server-timing"]
     assert 'desc="miss"' in r.headers["server-timing"]
     r = await client.post(
         "/segment",

@@ -5,6 +5,8 @@
 
 // Parameters that deserve a better control than their schema alone suggests: name → widget.
 const WIDGETS = { bg_color: "color" };
+// Not an option: the page sends it itself, to ask again for a photo it has sent.
+const NOT_OPTIONS = new Set(["image_id"]);
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const controls = [];  // { name, value(): string | null, fallback: string | null }
@@ -134,7 +136,7 @@ async function loadOptions() {
     if (!r.ok) throw new Error(`HTTP ${r.status}`);
     const spec = await r.json();
     const op = spec.paths["/segment"].post;
-    const params = (op.parameters || []).filter((p) => p.in === "query");
+    const params = (op.parameters || []).filter((p) => p.in === "query" && !NOT_OPTIONS.has(p.name));
     for (const p of params) $("#options").append(buildControl(p));
     status.remove();
   } catch (err) {
@@ -183,27 +185,52 @@ async function errorMessage(r) {
   return `HTTP ${r.status} ${r.statusText}`;
 }
 
-async function segmentOne(file, q, key) {
+// The photos shown, newest first: { file, card, checker }; each card keeps its photo's id
+// (X-Image-Id) in data-image-id. Changing an option re-renders them from their ids: the service
+// keeps each upload and its map, so the photo is not sent again and the network does not run.
+let shown = [];
+
+function newCard(file) {
   const card = $("#result-template").content.firstElementChild.cloneNode(true);
   $(".name", card).textContent = file.name;
   const original = $(".original", card);
   original.onerror = () => { original.closest("figure").hidden = true; };  // not a picture
   original.src = URL.createObjectURL(file);
   original.alt = `${file.name}, as picked`;
-  $("#results").prepend(card);
+  return card;
+}
 
-  const body = new FormData();
-  body.append("image", file, file.name);
+async function send(item, q, key) {
   const headers = key ? { Authorization: `Bearer ${key}` } : {};
+  const id = item.card.dataset.imageId;
+  if (id) {
+    // Only the id and the options: an empty body, a few hundred bytes in all.
+    const again = new URLSearchParams(q);
+    again.set("image_id", id);
+    const r = await fetch(`segment?${again}`, { method: "POST", headers });
+    // The service no longer has it (expired, evicted, restarted): upload it after all.
+    if (r.status !== 404 && r.status !== 410) return r;
+    delete item.card.dataset.imageId;
+  }
+  const body = new FormData();
+  body.append("image", item.file, item.file.name);
+  return fetch(`segment?${q}`, { method: "POST", body, headers });
+}
+
+async function segmentOne(item, q, key) {
+  const { file } = item;
+  const card = item.card;
+  card.dataset.state = "pending";
+  const error = $(".error", card);
+  error.hidden = true;
   const fail = (message) => {
     card.dataset.state = "error";
-    const error = $(".error", card);
     error.textContent = message;
     error.hidden = false;
   };
   let r;
   try {
-    r = await fetch(`segment?${q}`, { method: "POST", body, headers });
+    r = await send(item, q, key);
   } catch (err) {
     fail(`the service could not be reached (${err.message})`);
     return false;
@@ -217,6 +244,9 @@ async function segmentOne(file, q, key) {
     }
     return false;
   }
+  const id = r.headers.get("X-Image-Id");
+  if (id) card.dataset.imageId = id;
+  else delete card.dataset.imageId;
   const blob = await r.blob();
   const url = URL.createObjectURL(blob);
   const link = $(".download", card);
@@ -224,7 +254,9 @@ async function segmentOne(file, q, key) {
   link.download = outputName(file, blob.type);
   link.textContent = `Download ${link.download}`;
   link.hidden = false;
+  const old = $("pre", card);
   if (blob.type.startsWith("image/")) {
+    if (old) old.replaceWith(item.checker);
     const out = $(".output", card);
     out.alt = `${file.name}, segmented (${q.toString() || "defaults"})`;
     await new Promise((resolve) => {
@@ -237,7 +269,7 @@ async function segmentOne(file, q, key) {
   } else {
     const pre = document.createElement("pre");
     pre.textContent = await blob.text();
-    $(".checker", card).replaceWith(pre);
+    (old || $(".checker", card)).replaceWith(pre);
   }
   card.dataset.state = "done";
   return true;
@@ -245,6 +277,19 @@ async function segmentOne(file, q, key) {
 
 async function run(files) {
   if (!files.length) return;
+  const items = [...files].map((file) => {
+    const card = newCard(file);
+    $("#results").prepend(card);
+    return { file, card, checker: $(".checker", card) };
+  });
+  shown = [...items.slice().reverse(), ...shown];
+  await segmentAll(items, "Segmenting");
+}
+
+let running = null;
+let again = false;
+
+async function segmentAll(items, verb) {
   const button = $("#run");
   const status = $("#status");
   button.disabled = true;
@@ -253,13 +298,34 @@ async function run(files) {
   let ok = 0;
   try {
     // One at a time: the service batches concurrent clients, but a page should not flood it.
-    for (const [i, file] of [...files].entries()) {
-      status.textContent = `Segmenting ${file.name} (${i + 1} of ${files.length})…`;
-      if (await segmentOne(file, q, key)) ok += 1;
+    for (const [i, item] of items.entries()) {
+      status.textContent = `${verb} ${item.file.name} (${i + 1} of ${items.length})…`;
+      if (await segmentOne(item, q, key)) ok += 1;
     }
-    status.textContent = `${ok} of ${files.length} done.`;
+    status.textContent = `${ok} of ${items.length} done.`;
   } finally {
     button.disabled = false;
+  }
+}
+
+// An option changed: show every photo again with the new options, from their ids. Changes made
+// while that runs are taken up by one more pass at its end.
+async function rerender() {
+  if (running) {
+    again = true;
+    return;
+  }
+  const items = shown.filter((item) => item.card.isConnected);
+  if (!items.length) return;
+  running = segmentAll(items, "Updating");
+  try {
+    await running;
+  } finally {
+    running = null;
+  }
+  if (again) {
+    again = false;
+    await rerender();
   }
 }
 
@@ -271,6 +337,8 @@ function init() {
     run(input.files);
   });
   input.addEventListener("change", () => run(input.files));
+  // Any option's change (a select, a box, a colour, a number once typed or a slider let go).
+  $("#options").addEventListener("change", () => rerender());
   // Dropping anywhere on the page works; the drop zone only shows where.
   document.addEventListener("dragover", (e) => {
     e.preventDefault();
