@@ -5,9 +5,10 @@ PY := $(VENV)/bin/python
 MODELS ?= u2net u2netp
 
 # What the integration tests start for real: nginx, a Docker engine, docker-compose, promtool,
-# and the browser the page's test drives.
-SYSTEM_PACKAGES := nginx-light docker.io docker-compose debootstrap prometheus chromium
-SYSTEM_TOOLS := nginx dockerd docker-compose debootstrap promtool chromium
+# the browser the page's test drives, and Redis for the shared map cache.
+SYSTEM_PACKAGES := nginx-light docker.io docker-compose debootstrap prometheus chromium \
+	redis-server
+SYSTEM_TOOLS := nginx dockerd docker-compose debootstrap promtool chromium redis-server redis-cli
 
 .PHONY: install weights serve test lint bench system-deps
 install: $(VENV)/.installed
