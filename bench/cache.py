@@ -56,10 +56,21 @@ def timed(client: httpx.Client, request: httpx.Request) -> tuple[float, httpx.Re
     return seconds, r
 
 
+def stages(r: httpx.Response) -> dict[str, float]:
+    """Server-Timing's milliseconds by stage."""
+    out = {}
+    for part in r.headers.get("server-timing", "").split(", "):
+        name, _, rest = part.partition(";dur=")
+        if rest:
+            out[name] = float(rest.split(";")[0])
+    return out
+
+
 def one_photo(
-    client: httpx.Client, data: bytes, cached: bool
+    client: httpx.Client, data: bytes, cached: bool, seen: list[dict[str, float]]
 ) -> tuple[float, list[float], int, int]:
-    """(first answer's seconds, later answers' seconds, bytes sent for the first, the second)."""
+    """(first answer's seconds, later answers' seconds, bytes sent for the first, the second);
+    the later answers' stages are added to ``seen``."""
     files = {"image": ("photo", data, "application/octet-stream")}
     first_req = client.build_request("POST", "/segment", files=files)
     first_s, r = timed(client, first_req)
@@ -73,10 +84,16 @@ def one_photo(
         req.read()
         if i == 0:
             second_bytes = wire_bytes(req)
-        seconds, _ = timed(client, req)
+        seconds, r = timed(client, req)
         later.append(seconds)
+        seen.append(stages(r))
     first_req.read()
     return first_s, later, wire_bytes(first_req), second_bytes
+
+
+def pixels(path: Path) -> int:
+    with Image.open(path) as im:
+        return im.size[0] * im.size[1]
 
 
 def geomean(xs: list[float]) -> float:
@@ -111,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{'uncached':>8} {'ratio':>6} {'sent 1st':>9} {'sent 2nd':>8}"
     )
     firsts, ratios, vs_uncached, seconds_sent = [], [], [], []
+    breakdown: dict[tuple[str, bool], list[dict[str, float]]] = {}
     servers = {
         "cached": u2serve_server(env),
         "uncached": u2serve_server(env | {"U2SERVE_CACHE_MAP_BYTES": "0"}),
@@ -126,12 +144,12 @@ def main(argv: list[str] | None = None) -> None:
                 # Each round sends the photo with other trailing bytes (readers ignore them),
                 # so that its first answer is a miss on the cached server too.
                 data = path.read_bytes() + f"round {round_}".encode()
-                with Image.open(path) as im:
-                    mp = im.size[0] * im.size[1] / 1e6
+                mp = pixels(path) / 1e6
                 order = [(True, c_client), (False, u_client)]
                 results = {}
                 for is_cached, client in order if (i + round_) % 2 == 0 else order[::-1]:
-                    results[is_cached] = one_photo(client, data, is_cached)
+                    seen = breakdown.setdefault((path.name, is_cached), [])
+                    results[is_cached] = one_photo(client, data, is_cached, seen)
                 first, later, sent1, sent2 = results[True]
                 _, u_later, _, _ = results[False]
                 ratio = first / statistics.fmean(later)
@@ -152,6 +170,15 @@ def main(argv: list[str] | None = None) -> None:
             f"(lowest {min(vs_uncached):.1f}x); bytes sent for the second answer: at most "
             f"{max(seconds_sent)}"
         )
+        largest = max(photos, key=pixels).name
+        for is_cached in (True, False):
+            seen = breakdown[(largest, is_cached)]
+            names = [n for n in seen[0] if n != "total"]
+            mean = {n: statistics.fmean(x.get(n, 0.0) for x in seen) for n in names}
+            print(
+                f"# {largest}, later answers, {'cached' if is_cached else 'uncached'}, mean ms "
+                "by stage: " + ", ".join(f"{n} {v:.0f}" for n, v in mean.items())
+            )
         print(
             f"# RSS: cached {rss_mib(cached.proc.pid):.0f} MiB, "
             f"uncached {rss_mib(uncached.proc.pid):.0f} MiB "
