@@ -21,6 +21,9 @@ def test_every_answer_is_documented_and_none_is_a_5xx(u2netp_weights: Path, tmp_
         u2netp_weights,
         # Generated images are small but may be tall or wide: keep each one quick.
         U2SERVE_MAX_PIXELS="4000000",
+        # No access log: the server's output goes to a pipe nobody reads while the test runs,
+        # and a few hundred lines fill it (64 KiB), after which the server blocks on writing.
+        U2SERVE_LOG_LEVEL="warning",
     )
     with serving(env) as (_, url):
         # The command line rather than its pytest plugin, which does not load under pytest 9;
