@@ -286,3 +286,40 @@ async def test_a_maps_key_names_what_decides_it(u2netp_weights: Path) -> None:
     keys = {map_key(i, photo_digest) for i in ids}
     assert len(keys) == 3
     assert all(k.endswith(photo_digest) for k in keys)
+
+
+DEVICES = [("cpu", "mnn", "float32"), ("cpu", "torch", "float32")] + (
+    [("cuda", "torch", "float16"), ("cuda", "torch", "float32")]
+    if __import__("torch").cuda.is_available()
+    else []
+)
+
+
+@pytest.mark.parametrize(("device", "engine", "dtype"), DEVICES)
+async def test_a_hit_is_the_map_of_a_miss_on_every_device(
+    u2netp_weights: Path, device: str, engine: str, dtype: str
+) -> None:
+    """A batch's maps against ``finish`` from its levels as the cache returns them (on the CPU,
+    moved back to the device): the same, for shrinking and enlarging, with and without refine.
+    Runs on CUDA too whenever a GPU is present."""
+    import torch
+
+    from service.infer import Job, finish, run_batch
+    from service.params import SegmentParams
+
+    seg = Segmenter("u2netp", u2netp_weights, device=device, engine=engine, dtype=dtype)
+    with Image.open(io.BytesIO(photo(HORSE))) as im:
+        rgb = im.convert("RGB")
+    images = [
+        torch.from_numpy(np.array(rgb.resize(size))) for size in ((770, 595), (150, 90), (1, 40))
+    ]
+    for params in (
+        SegmentParams(),
+        SegmentParams(output="probability"),
+        SegmentParams(refine=True, threshold=0.3),
+    ):
+        done = run_batch(seg, [Job(image, params) for image in images])
+        for image, d in zip(images, done, strict=True):
+            cached = torch.frombuffer(bytearray(d.levels.numpy().tobytes()), dtype=torch.uint8)
+            hit = finish(seg, cached.view(320, 320), image, params)
+            assert torch.equal(hit, d.map), (params, image.shape)
