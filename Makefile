@@ -5,9 +5,12 @@ PY := $(VENV)/bin/python
 MODELS ?= u2net u2netp
 
 # What the integration tests start for real: nginx, a Docker engine, docker-compose, promtool,
-# the browser the page's test drives, and openssl for the URL fetcher's TLS test's certificate.
-SYSTEM_PACKAGES := nginx-light docker.io docker-compose debootstrap prometheus chromium openssl
-SYSTEM_TOOLS := nginx dockerd docker-compose debootstrap promtool chromium openssl
+# the browser the page's test drives, openssl for the URL fetcher's TLS test's certificate, and
+# Redis for the shared map cache.
+SYSTEM_PACKAGES := nginx-light docker.io docker-compose debootstrap prometheus chromium openssl \
+	redis-server
+SYSTEM_TOOLS := nginx dockerd docker-compose debootstrap promtool chromium openssl redis-server \
+	redis-cli
 
 .PHONY: install weights serve test lint bench system-deps
 install: $(VENV)/.installed

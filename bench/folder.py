@@ -29,12 +29,17 @@ from bench.http import REFERENCE, REPO, ensure_rembg, rembg_home
 
 
 def make_folder(root: Path, repeat: int) -> int:
-    """``repeat`` copies of the reference photos under distinct names; how many there are."""
+    """``repeat`` copies of the reference photos under distinct names; how many there are.
+
+    Each copy after the first has a few bytes appended after the image's end (readers ignore
+    them), so that its bytes differ: ``u2serve segment`` keeps maps by the bytes' digest, and
+    byte-identical copies would be answered from its map cache instead of being computed."""
     root.mkdir(parents=True)
     n = 0
     for i in range(repeat):
         for photo in sorted(REFERENCE.iterdir()):
-            shutil.copyfile(photo, root / f"{i:02d}-{photo.name}")
+            data = photo.read_bytes() + (f"copy {i}".encode() if i else b"")
+            (root / f"{i:02d}-{photo.name}").write_bytes(data)
             n += 1
     return n
 

@@ -71,10 +71,15 @@ def one_input(data: bytes) -> None:
     ctype = _CTYPES[data[0] % len(_CTYPES)]
     query = _QUERIES[(data[0] // len(_CTYPES)) % len(_QUERIES)]
     try:
-        image = _LOOP.run_until_complete(
+        got = _LOOP.run_until_complete(
             read_upload(_request(ctype, query, data[1:]), MAX_BYTES, 5.0)
-        ).image
-        assert image is not None  # without url input, always the bytes
+        )
+        image = got.image
+        if image is None:
+            # Without url input, no bytes means an image_id (a form may hold one): nothing to
+            # decode here.
+            assert got.image_id is not None
+            return
         header = read_header(image, max_pixels=MAX_PIXELS)
         decoded = decode(image, max_pixels=MAX_PIXELS)
     except ServiceError:

@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
         "U2SERVE_MAX_QUEUE": "1024",
         "U2SERVE_REQUEST_TIMEOUT_S": "600",
         "U2SERVE_LOG_LEVEL": "warning",
+        # The same photos are sent again and again: every answer is computed, as rembg's are.
+        "U2SERVE_CACHE_MAP_BYTES": "0",
     }
     servers = {"u2serve": u2serve_server(env)}
     names = list(args.targets)

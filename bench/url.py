@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
             "U2SERVE_MODEL": args.model,
             "U2SERVE_URL_ALLOW": HOST,
             "U2SERVE_LOG_LEVEL": "warning",
+            # The upload and the URL are the same bytes: without this the second of each pair
+            # would be a map cache hit, and the comparison would be of the network, not the way in.
+            "U2SERVE_CACHE_MAP_BYTES": "0",
         }
         cmd, env, ready = u2serve_server(env)
         try:

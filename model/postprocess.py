@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["minmax", "resize_map", "resize_maps", "to_mask", "to_probability"]
+__all__ = [
+    "from_levels",
+    "minmax",
+    "resize_map",
+    "resize_maps",
+    "to_levels",
+    "to_mask",
+    "to_probability",
+]
 
 
 def minmax(maps: Tensor) -> Tensor:
@@ -54,11 +62,25 @@ def to_mask(p: Tensor, threshold: float) -> Tensor:
     return torch.ge(p, threshold).view(torch.uint8).mul_(255)
 
 
-def resize_maps(maps: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
-    """Network maps ``N×1×S×S`` → one ``H×W`` float map in [0, 1] per image, on their device.
+def to_levels(maps: Tensor) -> Tensor:
+    """Network maps ``N×1×S×S`` → ``N×S×S`` uint8, on their device: the authors' 8-bit step.
 
     The authors' script turns the S×S map into 8 bits (PIL's float-to-L conversion truncates)
-    before resizing it; doing the same is what brings the maps within ~1e-4 of theirs.
+    before resizing it; doing the same is what brings the maps within ~1e-4 of theirs. Everything
+    an answer needs from the network is in these levels, which is what makes them worth caching.
     """
-    levels = minmax(maps).mul_(255).floor_()
-    return [resize_map(levels[i], hw).div_(255) for i, hw in enumerate(sizes)]
+    return minmax(maps).mul_(255).floor_().to(torch.uint8)[:, 0]
+
+
+def from_levels(levels: Tensor, size: tuple[int, int]) -> Tensor:
+    """One ``S×S`` uint8 map → ``H×W`` float in [0, 1], on its device.
+
+    The levels are whole numbers, exact in float32, so this gives the same values whether they
+    come straight from the network or from a cache."""
+    return resize_map(levels[None].float(), size).div_(255)
+
+
+def resize_maps(maps: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """Network maps ``N×1×S×S`` → one ``H×W`` float map in [0, 1] per image, on their device."""
+    levels = to_levels(maps)
+    return [from_levels(levels[i], hw) for i, hw in enumerate(sizes)]

@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 
 from model.engines import Engine, EngineOptions, load_engine, resolve_engine
-from model.postprocess import resize_maps
+from model.postprocess import from_levels, to_levels
 from model.preprocess import preprocess
-from model.weights import SPECS, WeightsSpec
+from model.weights import SPECS, WeightsSpec, recorded_digest
 
 __all__ = ["DTYPES", "Segmenter", "resolve_device", "resolve_dtype"]
 
@@ -72,6 +72,7 @@ class Segmenter:
         self.engine: Engine = load_engine(
             resolve_engine(engine, options.device, options.dtype), Path(weights), name, options
         )
+        self.weights_digest = recorded_digest(weights, name)
 
     @property
     def device(self) -> torch.device:
@@ -89,13 +90,40 @@ class Segmenter:
         """Normalised ``N×3×S×S`` input → the fused map, ``N×1×S×S`` float32."""
         return self.engine.forward(x)
 
+    @property
+    def identity(self) -> str:
+        """Everything that decides the 8-bit maps, as one string: two segmenters with the same
+        identity give the same levels for the same image, so it keys cached maps.
+
+        The model, its weights' digest, the engine and the digest of the engine's own model
+        file (a converted or quantised file is another network), the device type (a GPU's
+        convolutions round differently from a CPU's) and the dtype. Threads and batch sizes
+        are left out: the engines' outputs do not depend on them.
+        """
+        engine = self.engine.name + (
+            f"@{self.engine.artifact_digest}" if self.engine.artifact_digest else ""
+        )
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"{self.name}/{self.weights_digest}/{engine}/{self.device.type}/{dtype}"
+
     @torch.inference_mode()
+    def levels(self, images: Sequence[Tensor]) -> Tensor:
+        """The network's maps after the authors' 8-bit step, ``N×S×S`` uint8 on the device."""
+        x = preprocess(images, self.spec, self.device)
+        return to_levels(self.forward(x))
+
+    @torch.inference_mode()
+    def expand(self, levels: Tensor, size: tuple[int, int]) -> Tensor:
+        """One ``S×S`` uint8 map (on any device) → the ``H×W`` probability map on the device."""
+        return from_levels(levels.to(self.device), size)
+
     def predict(self, images: Sequence[Tensor]) -> list[Tensor]:
         """Probability maps in [0, 1], ``H×W`` float32, on the model's device."""
         if not images:
             return []
-        x = preprocess(images, self.spec, self.device)
-        return resize_maps(self.forward(x), [(im.shape[0], im.shape[1]) for im in images])
+        levels = self.levels(images)
+        sizes = [(im.shape[0], im.shape[1]) for im in images]
+        return [self.expand(lv, hw) for lv, hw in zip(levels, sizes, strict=True)]
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run each batch size once, so first requests do not pay for allocation or tuning."""

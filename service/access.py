@@ -24,11 +24,12 @@ class AccessRecord:
     client: str = "-"
     output: str = "-"
     model: str = "-"
-    source: str = "-"  # upload or url
+    source: str = "-"  # upload, url or image_id
     size: tuple[int, int] | None = None
     bytes_in: int = 0
     stages_ms: dict[str, float] = field(default_factory=dict)
     batch_size: int | None = None
+    cache: str = "-"  # the map cache: hit or miss
 
     def fields(self, status: int, code: str | None, bytes_out: int) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -43,6 +44,7 @@ class AccessRecord:
             "height": self.size[1] if self.size else None,
             "bytes_in": self.bytes_in,
             "bytes_out": bytes_out,
+            "cache": self.cache,
         }
         out.update({f"{stage}_ms": round(ms, 1) for stage, ms in self.stages_ms.items()})
         if self.batch_size is not None:

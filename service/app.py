@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Annotated, Any
 
-import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -23,10 +22,11 @@ from starlette.responses import Response
 from model.segmenter import Segmenter, resolve_device
 from service.batcher import Batcher, QueueGroup
 from service.budget import MemoryBudget, give_back_memory, map_large_buffers
+from service.cache import Caches, open_caches
 from service.encode import BOX_HEADERS
 from service.errors import ServiceError, error_response
 from service.fetch import Resolver, UrlFetcher, system_resolver
-from service.infer import Job, run_batch
+from service.infer import Job, Segmented, run_batch
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -40,7 +40,7 @@ class Served:
     """One loaded model and the batcher that feeds it."""
 
     segmenter: Segmenter
-    batcher: Batcher[Job, torch.Tensor]
+    batcher: Batcher[Job, Segmented]
 
 
 @dataclass(eq=False)
@@ -53,6 +53,9 @@ class Runtime:
     models: dict[str, Served] = field(default_factory=dict)  # the default one first
     fetcher: UrlFetcher | None = None
     codec_pool: ThreadPoolExecutor | None = None
+    # The thread every torch operation runs on (see _lifespan): batches, and cache hits' resize.
+    infer_pool: ThreadPoolExecutor | None = None
+    caches: Caches | None = None
     budget: MemoryBudget | None = None
     ready: bool = False
     draining: bool = False
@@ -66,7 +69,7 @@ class Runtime:
         return default.segmenter if default else None
 
     @property
-    def batcher(self) -> Batcher[Job, torch.Tensor] | None:
+    def batcher(self) -> Batcher[Job, Segmented] | None:
         """The default model's batcher."""
         default = self.models.get(self.settings.default_model)
         return default.batcher if default else None
@@ -159,7 +162,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # has more such threads than CPUs it stops spinning between parallel regions, so the batch
     # thread's operations took twice as long when the model had been loaded on another thread
     # (a 12 MP refine: 110 ms against 68 ms).
-    infer = ThreadPoolExecutor(1, thread_name_prefix="u2serve-infer")
+    rt.infer_pool = infer = ThreadPoolExecutor(1, thread_name_prefix="u2serve-infer")
     loop = asyncio.get_running_loop()
     segmenters: dict[str, Segmenter] = {}
     try:
@@ -192,6 +195,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         dtype = str(segmenter.dtype).removeprefix("torch.")
         engine = segmenter.engine.name
         rt.metrics.model_info.labels(name, engine, str(segmenter.device), dtype).set(1)
+        # Each model's series exist from the start, so a hit ratio's rate() has both.
+        rt.metrics.map_cache_hits.labels(model=name)
+        rt.metrics.map_cache_misses.labels(model=name)
         log.info(
             "serving %s with %s on %s (%s), batches of up to %d",
             name,
@@ -200,6 +206,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             dtype,
             max_batch,
         )
+    rt.caches = open_caches(s, rt.metrics)
+    log.info(
+        "maps and kept uploads: %s",
+        "in Redis (U2SERVE_CACHE_URL)"
+        if s.cache_url
+        else f"in this process, up to {s.cache_map_bytes / 2**20:g} MiB of maps and "
+        f"{s.cache_upload_bytes / 2**20:g} MiB of uploads",
+    )
     rt.metrics.queue_capacity.set(s.max_queue)
     default = rt.models[s.default_model].batcher
     rt.budget = MemoryBudget(
@@ -227,6 +241,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.gather(warming, return_exceptions=True)
         for served in rt.models.values():
             await served.batcher.stop()
+        await rt.caches.close()
         infer.shutdown(wait=True)
         rt.codec_pool.shutdown(wait=True)
         log.info("stopped")
@@ -280,7 +295,13 @@ def create_app(settings: Settings | None = None, *, owns_process: bool = False) 
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["*"],
-            expose_headers=["X-Request-ID", "Server-Timing", "Retry-After", *BOX_HEADERS],
+            expose_headers=[
+                "X-Request-ID",
+                "X-Image-Id",
+                "Server-Timing",
+                "Retry-After",
+                *BOX_HEADERS,
+            ],
         )
     _install_error_handlers(app)
     app.include_router(router)

@@ -43,6 +43,7 @@ _SETTING_FLAGS = (
     "threads",
     "codec_threads",
     "max_pixels",
+    "cache_map_bytes",
     "log_level",
 )
 # Exit statuses beyond 0/1/2: interrupted by the user, like a shell's 128 + SIGINT.
@@ -177,6 +178,7 @@ def _interrupt(signum: int, frame: types.FrameType | None) -> NoReturn:
 def _segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from model.weights import WeightsError
     from service.app import _batch_size, load_segmenter
+    from service.cache.memory import MemoryMapCache
     from service.folder import Summary, outstanding, plan, segment_files
 
     params = _params(args, parser)
@@ -208,6 +210,7 @@ def _segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 batch_size=_batch_size(settings, segmenter),
                 threads=settings.codec_threads,
                 progress=not args.quiet,
+                cache=MemoryMapCache(settings.cache_map_bytes),
             )
     except KeyboardInterrupt:
         summary.interrupted = True

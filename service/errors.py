@@ -11,6 +11,7 @@ __all__ = [
     "Draining",
     "FetchFailed",
     "FetchTimeout",
+    "ImageNotFound",
     "ImageTooLarge",
     "InvalidParameter",
     "InvalidUrl",
@@ -69,6 +70,12 @@ class ClientGone(ServiceError):
     """Nobody is listening for this answer any more (nginx's 499)."""
 
     status, code = 499, "client_closed_request"
+
+
+class ImageNotFound(ServiceError):
+    """An ``image_id`` that this service does not have (any more, or for this API key)."""
+
+    status, code = 404, "image_not_found"
 
 
 class ImageTooLarge(ServiceError):

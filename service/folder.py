@@ -1,7 +1,10 @@
 """Files and folders of photos through the model in-process (``u2serve segment``).
 
 The same stages as a request, without HTTP: ``decode`` → ``run_batch`` → ``render``, so a file's
-output is byte for byte what ``POST /segment`` answers for it with the same parameters. Reading and
+output is byte for byte what ``POST /segment`` answers for it with the same parameters. As in the
+service, each photo's network map is kept in an in-process map cache (``U2SERVE_CACHE_MAP_BYTES``)
+under its bytes' digest: a photo that comes again (the same file under two names, or in two
+folders) skips the network, and the summary counts those hits. Reading and
 decoding the next photos, and encoding and writing the last ones, run in a thread pool while the
 model works on the current batch; at most a few photos are in flight, whatever the folder's size.
 An output is written to a hidden temporary name and renamed when complete, so an interrupted run
@@ -26,10 +29,12 @@ import torch
 from tqdm import tqdm
 
 from model.segmenter import Segmenter
+from service.cache import digest, map_key
+from service.cache.memory import MemoryMapCache
 from service.decode import DecodedImage, decode
 from service.encode import MEDIA_TYPES, render
 from service.errors import ServiceError
-from service.infer import Job, run_batch
+from service.infer import Job, finish, run_batch
 from service.params import SegmentParams
 
 __all__ = [
@@ -77,14 +82,17 @@ class Summary:
     failed: list[tuple[Path, str]] = field(default_factory=list)
     seconds: float = 0.0
     interrupted: bool = False
+    cache_hits: int = 0  # photos whose map came from the map cache
+    cache_lookups: int = 0
 
     def line(self) -> str:
         rate = self.written / self.seconds if self.seconds > 0 else 0.0
+        ratio = self.cache_hits / self.cache_lookups if self.cache_lookups else 0.0
         return (
             f"{self.written} written, {self.skipped} skipped (already done), "
             f"{len(self.failed)} failed, {self.ignored} ignored (not images by name) "
-            f"in {self.seconds:.1f} s ({rate:.2f} images/s)"
-            + ("; interrupted" if self.interrupted else "")
+            f"in {self.seconds:.1f} s ({rate:.2f} images/s); map cache: {self.cache_hits} hits "
+            f"of {self.cache_lookups} ({ratio:.0%})" + ("; interrupted" if self.interrupted else "")
         )
 
 
@@ -153,8 +161,10 @@ def outstanding(
     return todo
 
 
-def _read(path: Path, max_pixels: int) -> DecodedImage:
-    return decode(path.read_bytes(), max_pixels=max_pixels)
+def _read(path: Path, max_pixels: int) -> tuple[DecodedImage, str]:
+    """The decoded photo, and its bytes' digest (the map cache's key)."""
+    data = path.read_bytes()
+    return decode(data, max_pixels=max_pixels), digest(data)
 
 
 def _write(task: Task, levels: np.ndarray, image: DecodedImage, params: SegmentParams) -> Path:
@@ -189,8 +199,10 @@ def segment_files(
     batch_size: int = 1,
     threads: int = 2,
     progress: bool = True,
+    cache: MemoryMapCache | None = None,
 ) -> Summary:
-    """Segment every task (see ``outstanding``), recording what happened in ``summary``.
+    """Segment every task (see ``outstanding``), recording what happened in ``summary``; maps
+    are kept in ``cache`` (a new one of 64 MiB if none is given).
 
     A ``KeyboardInterrupt`` stops it: photos not yet decoded are dropped, outputs being written
     are finished, and ``summary.interrupted`` is set."""
@@ -208,7 +220,9 @@ def segment_files(
         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, "
         "{rate_noinv_fmt}{postfix}]",
     )
-    ahead: deque[tuple[Task, Future[DecodedImage]]] = deque()
+    maps = cache if cache is not None else MemoryMapCache(64 * 1024**2)
+    side = segmenter.spec.input_size
+    ahead: deque[tuple[Task, Future[tuple[DecodedImage, str]]]] = deque()
     writing: dict[Future[Path], Task] = {}
     pending = iter(tasks)
 
@@ -243,26 +257,46 @@ def segment_files(
     try:
         fill()
         while ahead:
-            batch: list[tuple[Task, DecodedImage]] = []
+            batch: list[tuple[Task, DecodedImage, str]] = []
             while ahead and len(batch) < batch_size:
                 task, fut = ahead.popleft()
                 try:
-                    batch.append((task, fut.result()))
+                    image, photo = fut.result()
                 except Exception as exc:  # one bad file is reported and skipped, not fatal
                     fail(task, exc)
+                    fill()
+                    continue
                 fill()
+                key = map_key(segmenter.identity, photo)
+                cached = maps.lookup(key)
+                summary.cache_lookups += 1
+                if cached is None:
+                    batch.append((task, image, key))
+                    continue
+                # The same photo again: its map's second half only, as the service does on a hit.
+                summary.cache_hits += 1
+                levels = torch.frombuffer(bytearray(cached), dtype=torch.uint8).view(side, side)
+                rgb = torch.from_numpy(image.model_rgb)
+                try:
+                    result = finish(segmenter, levels, rgb, params)
+                except Exception as exc:
+                    fail(task, exc)
+                    continue
+                writing[pool.submit(_write, task, result.numpy(), image, params)] = task
             if not batch:
+                reap(limit=2 * threads)
                 continue
-            jobs = [Job(torch.from_numpy(image.model_rgb), params) for _, image in batch]
+            jobs = [Job(torch.from_numpy(image.model_rgb), params) for _, image, _ in batch]
             try:
-                maps = run_batch(segmenter, jobs)
+                results = run_batch(segmenter, jobs)
             except Exception as exc:
                 log.exception("inference failed for a batch of %d", len(batch))
-                for task, _ in batch:
+                for task, _, _ in batch:
                     fail(task, exc)
                 continue
-            for (task, image), levels in zip(batch, maps, strict=True):
-                writing[pool.submit(_write, task, levels.numpy(), image, params)] = task
+            for (task, image, key), done in zip(batch, results, strict=True):
+                maps.keep(key, done.levels.numpy().tobytes())
+                writing[pool.submit(_write, task, done.map.numpy(), image, params)] = task
             reap(limit=2 * threads)
         reap(limit=0)
     except KeyboardInterrupt:

@@ -14,8 +14,8 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
             "u2serve_requests",
-            "Segmentation requests answered, by model, image source (upload or url), output and "
-            "status",
+            "Segmentation requests answered, by model, image source (upload, url or image_id), "
+            "output and status",
             ["model", "source", "output", "status"],
             registry=r,
         )
@@ -81,6 +81,50 @@ class Metrics:
         self.memory_held = Gauge(
             "u2serve_memory_held_bytes",
             "Bytes charged to the requests in flight now",
+            registry=r,
+        )
+        self.map_cache_hits = Counter(
+            "u2serve_map_cache_hits",
+            "Requests whose network map came from the map cache (no network pass), by model",
+            ["model"],
+            registry=r,
+        )
+        self.map_cache_misses = Counter(
+            "u2serve_map_cache_misses",
+            "Requests whose network map was not in the map cache, by model",
+            ["model"],
+            registry=r,
+        )
+        self.map_cache_bytes = Gauge(
+            "u2serve_map_cache_bytes",
+            "Bytes of maps in the in-process map cache (0 with Redis)",
+            registry=r,
+        )
+        self.map_cache_evictions = Counter(
+            "u2serve_map_cache_evictions",
+            "Maps dropped from the in-process map cache to stay within its bytes",
+            registry=r,
+        )
+        self.upload_cache_bytes = Gauge(
+            "u2serve_upload_cache_bytes",
+            "Bytes of uploads kept in this process for image ids (0 with Redis)",
+            registry=r,
+        )
+        self.upload_cache_evictions = Counter(
+            "u2serve_upload_cache_evictions",
+            "Kept uploads dropped before their time to stay within their bytes",
+            registry=r,
+        )
+        self.image_id_requests = Counter(
+            "u2serve_image_id_requests",
+            "Requests that gave an image_id instead of an image, by whether it was found",
+            ["result"],
+            registry=r,
+        )
+        self.cache_fallbacks = Counter(
+            "u2serve_cache_fallbacks",
+            "Cache calls that failed or timed out (Redis), each answered without the cache",
+            ["operation"],
             registry=r,
         )
         # process_resident_memory_bytes and friends, for alerts on the process's real memory.

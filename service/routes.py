@@ -21,13 +21,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.access import AccessRecord
 from service.app import Runtime, RuntimeDep
+from service.batcher import Batcher, Completed
 from service.budget import MemoryBudget, request_cost, upload_cost
-from service.decode import FORMATS, decode, read_header
+from service.cache import digest, map_key, new_image_id, owner_of
+from service.decode import FORMATS, Header, decode, read_header
 from service.encode import Rendered, render
 from service.errors import (
     BadRequest,
     ClientGone,
     Draining,
+    ImageNotFound,
     ImageTooLarge,
     NotReady,
     ServiceError,
@@ -35,9 +38,9 @@ from service.errors import (
     error_response,
 )
 from service.fetch import MAX_REDIRECTS, MAX_URL_LENGTH
-from service.infer import Job
+from service.infer import Job, Segmented, finish
 from service.params import SegmentParams
-from service.upload import MULTIPART_OVERHEAD, read_upload
+from service.upload import IMAGE_ID, MULTIPART_OVERHEAD, read_upload
 
 __all__ = ["document_segment", "router"]
 
@@ -77,16 +80,32 @@ def _error_doc(description: str) -> dict[str, Any]:
 
 _PARAMS_SCHEMA = SegmentParams.model_json_schema()
 _IMAGE_SCHEMA: dict[str, Any] = {"type": "string", "format": "binary", "minLength": 1}
+_IMAGE_ID_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "pattern": r"^[A-Za-z0-9_-]{22}$",
+    "description": "instead of the image: the X-Image-Id of an earlier answer, to ask for "
+    "another answer for the same photo without uploading it again (the body empty, or "
+    "form-encoded fields); 404 image_not_found when the service no longer has it",
+}
 _SEGMENT_DOC: dict[str, Any] = {
     "parameters": [
+        *(
+            {
+                "name": name,
+                "in": "query",
+                "required": False,
+                "description": prop.get("description", ""),
+                "schema": {k: v for k, v in prop.items() if k != "description"},
+            }
+            for name, prop in _PARAMS_SCHEMA["properties"].items()
+        ),
         {
-            "name": name,
+            "name": IMAGE_ID,
             "in": "query",
             "required": False,
-            "description": prop.get("description", ""),
-            "schema": {k: v for k, v in prop.items() if k != "description"},
-        }
-        for name, prop in _PARAMS_SCHEMA["properties"].items()
+            "description": _IMAGE_ID_SCHEMA["description"],
+            "schema": {k: v for k, v in _IMAGE_ID_SCHEMA.items() if k != "description"},
+        },
     ],
     "requestBody": {
         "required": True,
@@ -94,7 +113,10 @@ _SEGMENT_DOC: dict[str, Any] = {
         "be form fields, which take precedence over the query; each at most once in each "
         "place), or the raw body with an `image/*` or "
         "`application/octet-stream` content type. The bytes must be an image file in one of "
-        "these formats, else 415: " + ", ".join(FORMATS),
+        "these formats, else 415: " + ", ".join(FORMATS) + ". Or no image: `image_id` (a "
+        "query parameter with an empty body, or a field of a multipart or "
+        "`application/x-www-form-urlencoded` body) names one sent before; the image and "
+        "`image_id` together are a 422",
         "content": {
             "multipart/form-data": {
                 "schema": {
@@ -103,8 +125,17 @@ _SEGMENT_DOC: dict[str, Any] = {
                     "additionalProperties": False,
                     "properties": {
                         "image": _IMAGE_SCHEMA,
+                        IMAGE_ID: _IMAGE_ID_SCHEMA,
                         **_PARAMS_SCHEMA["properties"],
                     },
+                }
+            },
+            "application/x-www-form-urlencoded": {
+                "schema": {
+                    "type": "object",
+                    "required": [IMAGE_ID],
+                    "additionalProperties": False,
+                    "properties": {IMAGE_ID: _IMAGE_ID_SCHEMA, **_PARAMS_SCHEMA["properties"]},
                 }
             },
             "image/*": {"schema": _IMAGE_SCHEMA},
@@ -151,7 +182,8 @@ _BOX_HEADER_DOCS = [
 
 def document_segment(schema: dict[str, Any], *, models: Sequence[str], url_input: bool) -> None:
     """Add to ``POST /segment``'s document, in place, what depends on the settings: ``model``
-    (an enum of the loaded models) and, where URL input is on, ``url`` and its errors."""
+    (an enum of the loaded models) and, where URL input is on, ``url`` and its errors (the
+    form-encoded body then holds ``url`` or ``image_id``)."""
     path = schema["paths"]["/segment"]
     # FastAPI shares _SEGMENT_DOC's objects between apps: this app's changes go to a copy.
     path["post"] = op = copy.deepcopy(path["post"])
@@ -183,23 +215,20 @@ def document_segment(schema: dict[str, Any], *, models: Sequence[str], url_input
         )
     body = op["requestBody"]
     multipart = body["content"]["multipart/form-data"]["schema"]
+    form = body["content"]["application/x-www-form-urlencoded"]["schema"]
     multipart["properties"].update(extra)
+    form["properties"].update(extra)
     if not url_input:
         return
     body["required"] = False
     body["description"] += (
         ". Or no image at all but its `url`, as a query parameter (the body then empty) or a "
-        "field of a multipart or `application/x-www-form-urlencoded` body; not both"
+        "field of a multipart or `application/x-www-form-urlencoded` body. Exactly one of the "
+        "image, `url` and `image_id`: two of them are a 422"
     )
     del multipart["required"]
-    body["content"]["application/x-www-form-urlencoded"] = {
-        "schema": {
-            "type": "object",
-            "required": ["url"],
-            "additionalProperties": False,
-            "properties": {k: v for k, v in multipart["properties"].items() if k != "image"},
-        }
-    }
+    del form["required"]
+    form["oneOf"] = [{"required": ["url"]}, {"required": [IMAGE_ID]}]
     responses = op["responses"]
     responses["400"]["description"] += ", or a `url` that is not an http(s) URL (invalid_url)"
     responses["403"] = _error_doc(
@@ -243,10 +272,18 @@ async def _wait_for_disconnect(request: Request) -> None:
             "`output=box`, JSON. Headers on every answer: X-Request-ID, Server-Timing, and the "
             "subject's box in the answer's pixels (X-Foreground-Left, -Top, -Width, -Height; "
             "0, 0, 0, 0 when there is no foreground) with X-Foreground-Ratio, the share of the "
-            "image's pixels that are foreground (0 to 1).",
+            "image's pixels that are foreground (0 to 1); X-Image-Id, to ask for another "
+            "answer for the same photo without uploading it again.",
             "headers": {
                 name: {"description": desc, "schema": {"type": kind}}
                 for name, desc, kind in _BOX_HEADER_DOCS
+            }
+            | {
+                "X-Image-Id": {
+                    "description": "the photo's id, for image_id (absent when the upload could "
+                    "not be kept)",
+                    "schema": {"type": "string"},
+                }
             },
             "content": {
                 "image/png": {},
@@ -263,9 +300,16 @@ async def _wait_for_disconnect(request: Request) -> None:
                 },
             },
         },
-        400: _error_doc("Empty image, no `image` field, or a malformed multipart body"),
+        400: _error_doc(
+            "Empty image, no `image` field (nor `url` or `image_id`), or a malformed multipart "
+            "or form body"
+        ),
         401: _error_doc("An API key is configured and the request has no valid one"),
         408: _error_doc("The request's headers or body did not arrive in time"),
+        404: _error_doc(
+            "image_not_found: the image_id is unknown, expired, evicted or another API key's; "
+            "upload the image again"
+        ),
         413: _error_doc(
             "Too many bytes, too many pixels (decompression bombs included), or an image that "
             "alone needs more than the memory budget"
@@ -273,8 +317,8 @@ async def _wait_for_disconnect(request: Request) -> None:
         415: _error_doc("Not a decodable image, or an unsupported content type"),
         422: _error_doc(
             "A parameter is out of range, unknown, misspelt or given twice, or parameters that "
-            "do not go together (e.g. format=jpeg without an opaque bg_color); the message "
-            "names them"
+            "do not go together (e.g. format=jpeg without an opaque bg_color, or two of the "
+            "image, url and image_id); the message names them"
         ),
         503: _error_doc(
             "The queue or the memory budget is full, too many connections, the model is "
@@ -362,24 +406,45 @@ async def _upload_to_answer(
     except ServiceError as exc:
         rt.metrics.rejected.labels(reason=exc.code).inc()
         raise
-    timing.append(f"upload;dur={(time.monotonic() - t) * 1000:.1f}")
     record.output = got.params.output
     record.model = model = got.model or s.default_model
+    owner = owner_of(s.api_key.get_secret_value() if s.api_key else None)
+    if got.image_id is not None:
+        record.source = "image_id"
+        kept = await _kept_upload(rt, got.image_id, owner)
+        timing.append(f"upload;dur={(time.monotonic() - t) * 1000:.1f}")
+        # Charged as the upload it stands for: a copy from Redis is as large.
+        with budget.hold(len(kept)):
+            return await _bytes_to_answer(
+                request,
+                rt,
+                budget,
+                kept,
+                got.params,
+                model,
+                start,
+                timing,
+                record,
+                owner=owner,
+                image_id=got.image_id,
+            )
+    timing.append(f"upload;dur={(time.monotonic() - t) * 1000:.1f}")
     if got.url is None:
-        if got.image is None:  # read_upload gives one or the other; this tells mypy
+        if got.image is None:  # read_upload gives one of the three; this tells mypy
             raise BadRequest("no image")
         record.source = "upload"
         record.bytes_in = len(got.image)
         return await _bytes_to_answer(
-            request, rt, budget, got.image, got.params, model, start, timing, record
+            request, rt, budget, got.image, got.params, model, start, timing, record, owner=owner
         )
     record.source = "url"
     # Charged as an upload of undeclared length is: the most its body may be, twice.
     with budget.hold(upload_cost(None, s.max_upload_bytes)):
         data = await _fetch(rt, got.url, timing)
         record.bytes_in = len(data)
+        # The fetched bytes are the upload: they get an image id and a map like any other.
         return await _bytes_to_answer(
-            request, rt, budget, data, got.params, model, start, timing, record
+            request, rt, budget, data, got.params, model, start, timing, record, owner=owner
         )
 
 
@@ -423,17 +488,29 @@ async def _bytes_to_answer(
     start: float,
     timing: list[str],
     record: AccessRecord,
+    *,
+    owner: str,
+    image_id: str | None = None,
 ) -> Response:
+    """The answer for an image's bytes; a new upload (or a URL's bytes) is kept under a new
+    image id, one given by ``image_id`` keeps its id."""
     s = rt.settings
+    caches, pool = rt.caches, rt.codec_pool
+    if caches is None or pool is None:  # checked by the caller; this tells mypy
+        raise NotReady("the model is still loading", headers={"Retry-After": "1"})
     loop = asyncio.get_running_loop()
     try:
-        header = await loop.run_in_executor(
-            rt.codec_pool, partial(read_header, data, max_pixels=s.max_pixels)
+        header, photo = await loop.run_in_executor(
+            pool, partial(_inspect, data, max_pixels=s.max_pixels)
         )
     except ServiceError as exc:
         rt.metrics.rejected.labels(reason=exc.code).inc()
         raise
     record.size = (header.width, header.height)
+    keeping = None
+    if image_id is None:  # a new upload, kept under a new id while the answer is made
+        image_id = new_image_id()
+        keeping = asyncio.ensure_future(caches.uploads.put(image_id, owner, data))
     # The arrays of _decode_to_answer are gone when it returns, before the charge is released.
     cost = request_cost(
         header.width,
@@ -443,8 +520,36 @@ async def _bytes_to_answer(
         webp=params.format == "webp",
     )
     with budget.hold(cost):
-        answer = await _decode_to_answer(request, rt, data, params, model, start, timing, record)
-    return Response(answer.body, media_type=answer.media_type, headers=answer.headers)
+        key = map_key(rt.models[model].segmenter.identity, photo)
+        answer = await _decode_to_answer(
+            request, rt, data, params, model, start, timing, record, key
+        )
+    headers = dict(answer.headers)
+    if keeping is None or await keeping:  # an upload that could not be kept has no id
+        headers["X-Image-Id"] = image_id
+    return Response(answer.body, media_type=answer.media_type, headers=headers)
+
+
+def _inspect(data: bytes, *, max_pixels: int) -> tuple[Header, str]:
+    """The image's header (cheap, with decode's errors) and the bytes' digest, off the loop."""
+    return read_header(data, max_pixels=max_pixels), digest(data)
+
+
+async def _kept_upload(rt: Runtime, image_id: str, owner: str) -> bytes:
+    """The bytes kept under an image id for this API key; 404 telling the client to upload
+    again when there are none (unknown, expired, evicted, another key's, or Redis is down)."""
+    if rt.caches is not None:
+        data = await rt.caches.uploads.get(image_id, owner)
+        if data is not None:
+            rt.metrics.image_id_requests.labels(result="found").inc()
+            return data
+    rt.metrics.image_id_requests.labels(result="not_found").inc()
+    rt.metrics.rejected.labels(reason=ImageNotFound.code).inc()
+    raise ImageNotFound(
+        f"no image with this id here: ids are kept for {rt.settings.cache_upload_ttl_s} s "
+        "after their last use (fewer when the cache is full) and only for the API key that "
+        "uploaded them; upload the image again"
+    )
 
 
 async def _decode_to_answer(
@@ -456,28 +561,72 @@ async def _decode_to_answer(
     start: float,
     timing: list[str],
     record: AccessRecord,
+    key: str,
 ) -> Rendered:
     s = rt.settings
-    batcher, pool = rt.models[model].batcher, rt.codec_pool
-    if batcher is None or pool is None:  # checked by the caller; this tells mypy
+    served, pool, caches = rt.models[model], rt.codec_pool, rt.caches
+    batcher, segmenter = served.batcher, served.segmenter
+    if pool is None or caches is None:  # checked by the caller; this tells mypy
         raise NotReady("the model is still loading", headers={"Retry-After": "1"})
     loop = asyncio.get_running_loop()
+    lookup = asyncio.ensure_future(caches.maps.get(key))  # while the photo is decoded
     t = time.monotonic()
     try:
         image = await loop.run_in_executor(pool, lambda: decode(data, max_pixels=s.max_pixels))
     except ServiceError as exc:
+        lookup.cancel()
         rt.metrics.rejected.labels(reason=exc.code).inc()
         raise
     decode_s = time.monotonic() - t
     timing.append(f"decode;dur={decode_s * 1000:.1f}")
     rt.metrics.stage_duration.labels(stage="decode").observe(decode_s)
 
-    job = Job(torch.from_numpy(image.model_rgb), params)
+    t = time.monotonic()
+    cached = await lookup
+    side = segmenter.spec.input_size
+    rgb = torch.from_numpy(image.model_rgb)
+    storing = None
+    if cached is not None and len(cached) == side * side:
+        # A hit: no queue and no network; the map's second half runs as a miss's does.
+        record.cache = "hit"
+        rt.metrics.map_cache_hits.labels(model=model).inc()
+        timing.append(f'cache;dur={(time.monotonic() - t) * 1000:.1f};desc="hit"')
+        t = time.monotonic()
+        levels = torch.frombuffer(bytearray(cached), dtype=torch.uint8).view(side, side)
+        infer_pool = rt.infer_pool
+        result = await loop.run_in_executor(infer_pool, finish, segmenter, levels, rgb, params)
+        timing.append(f"resize;dur={(time.monotonic() - t) * 1000:.1f}")
+    else:
+        record.cache = "miss"
+        rt.metrics.map_cache_misses.labels(model=model).inc()
+        timing.append(f'cache;dur={(time.monotonic() - t) * 1000:.1f};desc="miss"')
+        done = await _infer(request, rt, batcher, Job(rgb, params), start)
+        timing.append(f"queue;dur={done.queue_s * 1000:.1f}")
+        timing.append(f'infer;dur={done.infer_s * 1000:.1f};desc="batch of {done.batch_size}"')
+        record.batch_size = done.batch_size
+        result = done.result.map
+        storing = asyncio.ensure_future(caches.maps.put(key, done.result.levels.numpy().tobytes()))
+
+    t = time.monotonic()
+    levels_np: np.ndarray = result.numpy()
+    answer = await loop.run_in_executor(pool, render, levels_np, image, params)
+    encode_s = time.monotonic() - t
+    timing.append(f"encode;dur={encode_s * 1000:.1f}")
+    rt.metrics.stage_duration.labels(stage="encode").observe(encode_s)
+    if storing is not None:  # kept before the answer, so that any replica may be asked next
+        await storing
+    return answer
+
+
+async def _infer(
+    request: Request, rt: Runtime, batcher: Batcher[Job, Segmented], job: Job, start: float
+) -> Completed[Segmented]:
+    """Through the queue and the network; withdrawn if the client goes away while queued."""
     disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
-        done = await batcher.submit(
+        return await batcher.submit(
             job,
-            start + s.request_timeout_s,
+            start + rt.settings.request_timeout_s,
             cancelled=disconnected,  # type: ignore[arg-type]
         )
     except ClientGone:
@@ -485,17 +634,6 @@ async def _decode_to_answer(
         raise
     finally:
         disconnected.cancel()
-    timing.append(f"queue;dur={done.queue_s * 1000:.1f}")
-    timing.append(f'infer;dur={done.infer_s * 1000:.1f};desc="batch of {done.batch_size}"')
-    record.batch_size = done.batch_size
-
-    t = time.monotonic()
-    levels: np.ndarray = done.result.numpy()
-    answer = await loop.run_in_executor(pool, render, levels, image, params)
-    encode_s = time.monotonic() - t
-    timing.append(f"encode;dur={encode_s * 1000:.1f}")
-    rt.metrics.stage_duration.labels(stage="encode").observe(encode_s)
-    return answer
 
 
 @router.get("/livez", summary="Liveness: the process is up and its event loop answers")

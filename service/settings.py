@@ -101,6 +101,32 @@ class Settings(BaseSettings):
         le=3600,
         description="longest time for a whole fetch: resolving, redirects and the body",
     )
+    # The map cache and the kept uploads (service/cache/); README, "One upload, many answers".
+    cache_url: str | None = Field(
+        None,
+        pattern=r"^rediss?://",
+        description="redis://host:port/db (or rediss://): maps and kept uploads live in Redis, "
+        "shared by every replica; default: in this process",
+    )
+    cache_map_bytes: int = Field(
+        64 * 1024**2,
+        ge=0,
+        description="in-process map cache size (each map is 100 kB for 320×320); 0: none kept",
+    )
+    cache_map_ttl_s: int = Field(
+        24 * 3600, ge=1, description="with Redis: how long a map is kept after it was made"
+    )
+    cache_upload_bytes: int = Field(
+        256 * 1024**2,
+        ge=0,
+        description="in-process bytes of kept uploads (for image_id); 0: none kept, no ids",
+    )
+    cache_upload_ttl_s: int = Field(
+        900, ge=1, description="how long an upload is kept after its last use (both backends)"
+    )
+    cache_timeout_ms: float = Field(
+        200, gt=0, le=10_000, description="with Redis: longest wait for a call; then do without"
+    )
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -141,7 +167,7 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "cache_url", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value: object) -> object:
         return None if value == "" else value

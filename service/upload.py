@@ -1,11 +1,12 @@
-"""Reading the request: the image (multipart field ``image``, a raw image body, or a ``url`` to
-fetch it from) and the parameters (query string or form fields), within the byte limit."""
+"""Reading the request: the image (multipart field ``image``, a raw image body, a ``url`` to
+fetch it from, or the ``image_id`` of one uploaded before; exactly one of them) and the parameters
+(query string or form fields), within the byte limit."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from urllib.parse import parse_qsl
 
@@ -15,6 +16,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.types import Message
 
+from service.cache import valid_image_id
 from service.errors import (
     BadRequest,
     ImageTooLarge,
@@ -24,7 +26,9 @@ from service.errors import (
 )
 from service.params import SegmentParams, parse_params
 
-__all__ = ["MULTIPART_OVERHEAD", "Submission", "read_upload"]
+__all__ = ["IMAGE_ID", "MULTIPART_OVERHEAD", "Submission", "read_upload"]
+
+IMAGE_ID = "image_id"
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, headers and the small parameter fields
 _FORM = "application/x-www-form-urlencoded"
@@ -32,13 +36,15 @@ _FORM = "application/x-www-form-urlencoded"
 
 @dataclass(frozen=True)
 class Submission:
-    """What a request asks for: the image's bytes or the URL to fetch them from, the model
-    (None: the default one) and the parameters of the answer."""
+    """What a request asks for: the image's bytes, the URL to fetch them from, or the id of an
+    image uploaded before (one of the three); the model (None: the default one) and the
+    parameters of the answer."""
 
     params: SegmentParams
     image: bytes | None = None
     url: str | None = None
     model: str | None = None
+    image_id: str | None = None
 
 
 async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
@@ -84,19 +90,36 @@ def _submission(
     models: Sequence[str],
     url_input: bool,
 ) -> Submission:
-    """Validate the parameters; ``url`` and ``model`` choose the source and the network, the
-    rest are :class:`SegmentParams`."""
+    """Validate the parameters; ``url``, ``image_id`` and ``model`` choose the source and the
+    network, the rest are :class:`SegmentParams`."""
     values = dict(given)
     url, model = values.pop("url", None), values.pop("model", None)
+    image_id = values.pop(IMAGE_ID, None)
     if url is not None and not url_input:
         raise InvalidParameter("url: this service does not fetch images by URL")
+    if image_id is not None and not valid_image_id(image_id):
+        raise InvalidParameter(
+            "image_id: not an image id; give the X-Image-Id of an earlier answer, or the image"
+        )
     if model is not None and model not in models:
         loaded = ", ".join(models) or "none"
         raise InvalidParameter(f"model: {model!r} is not loaded; this service has {loaded}")
     params = parse_params(values)
-    if url is not None and image is not None:
-        raise InvalidParameter("image, url: give the image or its URL, not both")
-    return Submission(params, image, url, model)
+    given_as = (("image", image), ("url", url), (IMAGE_ID, image_id))
+    sources = [name for name, value in given_as if value is not None]
+    if len(sources) > 1:
+        raise _together(sources, url_input)
+    return Submission(params, image, url, model, image_id)
+
+
+def _together(sources: Sequence[str], url_input: bool) -> InvalidParameter:
+    """An image, its URL and an image id are three ways to say the same thing: one only."""
+    ways = (
+        "the image, its url or the image_id of one sent before"
+        if url_input
+        else "the image or the image_id of one sent before"
+    )
+    return InvalidParameter(f"{', '.join(sources)}: give one of {ways}, not several")
 
 
 async def read_upload(
@@ -107,13 +130,15 @@ async def read_upload(
     models: Sequence[str] = (),
     url_input: bool = False,
 ) -> Submission:
-    """The image bytes or URL, and the validated parameters; 400/408/413/415/422 otherwise.
+    """The image bytes, URL or image id, and the validated parameters; 400/408/413/415/422
+    otherwise.
 
     ``models``: the names ``model`` may take; ``url_input``: whether ``url`` is accepted.
     """
     query = request.query_params.multi_items()
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     check = partial(_submission, models=models, url_input=url_input)
+    also = " (or 'url', or 'image_id')" if url_input else " (or 'image_id')"
     if ctype == "multipart/form-data":
         body = await _read_body(request, max_bytes + MULTIPART_OVERHEAD, timeout_s)
 
@@ -145,13 +170,13 @@ async def read_upload(
         given = _once(query)
         check(given, None)
         submission = check(given | _once(fields), image)
-        if image is None and submission.url is None:
-            also = " (or 'url')" if url_input else ""
+        if image is None and submission.url is None and submission.image_id is None:
             raise BadRequest(f"the multipart body has no field named 'image'{also}")
         if image is not None and len(image) > max_bytes:
             raise ImageTooLarge(f"the image is {len(image)} bytes; the limit is {max_bytes}")
         return submission
-    if ctype == _FORM and url_input:
+    if ctype == _FORM:
+        # Fields only (a url or an image id, and parameters): small.
         body = await _read_body(request, MULTIPART_OVERHEAD, timeout_s)
         try:
             fields = parse_qsl(body.decode("utf-8"), keep_blank_values=True)
@@ -160,27 +185,27 @@ async def read_upload(
         given = _once(query)
         check(given, None)
         submission = check(given | _once(fields), None)
-        if submission.url is None:
-            raise BadRequest("a form-encoded body must hold the field 'url'")
+        if submission.url is None and submission.image_id is None:
+            wanted = "'url' or 'image_id'" if url_input else "'image_id'"
+            raise BadRequest(f"a form-encoded body must hold the field {wanted}")
         return submission
-    if ctype.startswith("image/") or ctype in ("application/octet-stream", "") or url_input:
-        # Cheap: validate before reading the body.
-        submission = check(_once(query), None)
-        if submission.url is None and not (
-            ctype.startswith("image/") or ctype in ("application/octet-stream", "")
-        ):
-            raise _unsupported(ctype)
-        data = await _read_body(request, max_bytes, timeout_s)
-        if submission.url is None:
-            return Submission(submission.params, data, None, submission.model)
-        if data:
-            raise InvalidParameter("image, url: give the image or its URL, not both")
-        return submission
-    raise _unsupported(ctype)
+    # Cheap: validate before reading the body.
+    submission = check(_once(query), None)
+    raw = ctype.startswith("image/") or ctype in ("application/octet-stream", "")
+    by_reference = submission.url is not None or submission.image_id is not None
+    if not (raw or by_reference):
+        raise _unsupported(ctype)
+    data = await _read_body(request, max_bytes, timeout_s)
+    if not by_reference:
+        return replace(submission, image=data)
+    if data:
+        raise _together(["image", "url" if submission.url is not None else IMAGE_ID], url_input)
+    return submission
 
 
 def _unsupported(ctype: str) -> UnsupportedImage:
     return UnsupportedImage(
         f"content type {ctype!r} is not accepted: send the image as the multipart field "
-        "'image', or as the raw body with an image/* content type"
+        "'image', or as the raw body with an image/* content type (or give a url or an "
+        "image_id)"
     )

@@ -170,7 +170,9 @@ async def test_headers_request_id_and_server_timing(client: httpx.AsyncClient) -
     assert r.status_code == 200
     assert len(r.headers["x-request-id"]) == 32
     stages = [part.split(";")[0] for part in r.headers["server-timing"].split(", ")]
-    assert stages == ["upload", "decode", "queue", "infer", "encode", "total"]
+    assert stages == ["upload", "decode", "cache", "queue", "infer", "encode", "total"]
+    assert "cache;dur=" in r.headers["server-timing"]
+    assert 'desc="miss"' in r.headers["server-timing"]
     r = await client.post(
         "/segment",
         content=photo(),
@@ -468,10 +470,21 @@ async def test_openapi_documents_parameters_and_errors(client: httpx.AsyncClient
         "refine",
         "model",
         "url",
+        "image_id",
     }
-    assert {"200", "400", "403", "413", "415", "422", "502", "503", "504"} <= set(op["responses"])
+    assert {"200", "400", "403", "404", "413", "415", "422", "502", "503", "504"} <= set(
+        op["responses"]
+    )
     assert "multipart/form-data" in op["requestBody"]["content"]
     assert "application/x-www-form-urlencoded" in op["requestBody"]["content"]
+    # The image's three sources, and the model, as form fields too; a form names one source.
+    content = op["requestBody"]["content"]
+    multipart = content["multipart/form-data"]["schema"]["properties"]
+    assert {"image", "url", "image_id", "model"} <= set(multipart)
+    form = content["application/x-www-form-urlencoded"]["schema"]
+    assert {"url", "image_id", "model"} <= set(form["properties"])
+    assert form["oneOf"] == [{"required": ["url"]}, {"required": ["image_id"]}]
+    assert "X-Image-Id" in op["responses"]["200"]["headers"]
     model = next(p for p in op["parameters"] if p["name"] == "model")
     assert model["schema"]["enum"] == ["u2netp"]
     assert (await client.get("/docs")).status_code == 200

@@ -268,3 +268,24 @@ def test_serve_is_python_m_service(u2netp_weights: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.communicate(timeout=10)
+
+
+def test_the_same_photo_twice_is_a_map_cache_hit(
+    u2netp_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A photo that comes again under another name skips the network; its output is the same."""
+    src, out = tmp_path / "photos", tmp_path / "out"
+    photos(src, SMALL[:2])
+    shutil.copy(src / SMALL[0], src / "again.png")
+    args = ["segment", str(src), "-o", str(out), "-q", "--output", "cutout"]
+    assert main([*args, *flags(u2netp_weights)]) == 0
+    err = capsys.readouterr().err
+    assert "3 written" in err
+    assert "map cache: 1 hits of 3 (33%)" in err
+    assert (out / "again.png").read_bytes() == (out / "girl.png").read_bytes()
+    # With no room for maps, every photo is computed, to the same bytes.
+    again = tmp_path / "out2"
+    off = ["segment", str(src), "-o", str(again), "-q", "--output", "cutout"]
+    assert main([*off, "--cache-map-bytes", "0", *flags(u2netp_weights)]) == 0
+    assert "map cache: 0 hits of 3 (0%)" in capsys.readouterr().err
+    assert (again / "again.png").read_bytes() == (out / "again.png").read_bytes()

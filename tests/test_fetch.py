@@ -190,7 +190,10 @@ async def test_a_photo_by_url_is_the_upload_answer(
     assert got.status_code == 200, got.text
     assert got.content == up.content
     stages = [part.split(";")[0] for part in got.headers["server-timing"].split(", ")]
-    assert stages == ["upload", "fetch", "decode", "queue", "infer", "encode", "total"]
+    # The fetched bytes are the upload's: their map is the one the upload left in the cache.
+    assert stages == ["upload", "fetch", "decode", "cache", "resize", "encode", "total"]
+    assert "cache;dur=" in got.headers["server-timing"]
+    assert 'desc="hit"' in got.headers["server-timing"]
     # Also as a field of a form-encoded or of a multipart body.
     form = await client.post("/segment", data={"url": upstreams[ALLOWED].url(), "crop": "true"})
     assert form.status_code == 200, form.text
@@ -207,9 +210,20 @@ async def test_a_photo_by_url_is_the_upload_answer(
     )
     assert multipart.status_code == 200, multipart.text
     assert multipart.content == up.content
+    # A URL's answer has an image id, as an upload's has: asking again does not fetch again.
+    fetched = upstreams[ALLOWED].connections
+    by_id = await client.post(
+        "/segment", params={"image_id": got.headers["x-image-id"], "crop": "true"}
+    )
+    assert by_id.status_code == 200, by_id.text
+    assert by_id.content == up.content
+    assert upstreams[ALLOWED].connections == fetched
     lines = [r.fields for r in caplog.records if r.name == "u2serve.access"]  # type: ignore[attr-defined]
-    assert [(f["source"], f["status"]) for f in lines] == [("upload", 200)] + [("url", 200)] * 3
+    assert [(f["source"], f["status"]) for f in lines] == (
+        [("upload", 200)] + [("url", 200)] * 3 + [("image_id", 200)]
+    )
     assert lines[1]["bytes_in"] == len(PHOTO)
+    assert lines[4]["bytes_in"] == 0
     text = (await client.get("/metrics")).text
     assert metric(text, "u2serve_requests_total", {"source": "url", "status": "200"}) == 3
     assert metric(text, "u2serve_stage_duration_seconds_count", {"stage": "fetch"}) == 3
@@ -468,6 +482,18 @@ async def test_image_and_url_together_or_a_bad_model_are_422(
         headers={"content-type": "image/jpeg"},
     )
     assert_error(r, 422, "invalid_parameter")
+    assert "image, url" in r.json()["error"]["message"]
+    # A url and an image id: two sources again, in the query, a form or a multipart body.
+    image_id = (await client.post("/segment", content=PHOTO)).headers["x-image-id"]
+    both = {"url": upstreams[ALLOWED].url(), "image_id": image_id}
+    for r in (
+        await client.post("/segment", params=both),
+        await client.post("/segment", data=both),
+        await client.post("/segment", files={k: (None, v) for k, v in both.items()}),
+        await client.post("/segment", params={"url": both["url"]}, data={"image_id": image_id}),
+    ):
+        assert_error(r, 422, "invalid_parameter")
+        assert "url, image_id" in r.json()["error"]["message"]
     r = await client.post("/segment", params={"url": upstreams[ALLOWED].url(), "model": "u2"})
     assert_error(r, 422, "invalid_parameter")
     assert "u2netp" in r.json()["error"]["message"]

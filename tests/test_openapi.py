@@ -25,6 +25,9 @@ def test_every_answer_is_documented_and_none_is_a_5xx(u2netp_weights: Path, tmp_
         # all, and a 502/504 for a host that is down is right but a 5xx all the same: the
         # url parameter is held to its statuses by tests/test_fetch.py, against real servers.
         U2SERVE_URL_INPUT="false",
+        # No access log: the server's output goes to a pipe nobody reads while the test runs,
+        # and a few hundred lines fill it (64 KiB), after which the server blocks on writing.
+        U2SERVE_LOG_LEVEL="warning",
     )
     with serving(env) as (_, url):
         # The command line rather than its pytest plugin, which does not load under pytest 9;

@@ -40,8 +40,12 @@ _ALPHA_JS = """(img) => {
   return btoa(s);
 }"""
 
+# The first (red) channel of the page's result image: a one-channel map's levels.
+_RED_JS = _ALPHA_JS.replace("let i = 3", "let i = 0")
+
 
 PHOTO_HOST = "127.0.0.2"  # where the photo by URL is served; the service's allow list has it
+FETCHED: list[str] = []  # the paths the photo server was asked for
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +59,10 @@ def photo_url() -> Iterator[str]:
 
         def log_message(self, *args: object) -> None:
             pass
+
+        def do_GET(self) -> None:
+            FETCHED.append(self.path)
+            super().do_GET()
 
     httpd = http.server.ThreadingHTTPServer((PHOTO_HOST, 0), Quiet)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -236,3 +244,109 @@ def test_docs_render_offline(page: tuple[object, list[str]], server: str, tmp_pa
     _keep(shot)
     assert elsewhere == []
     assert httpx.get(f"{server}/redoc").status_code == 404  # it would fetch a logo from a CDN
+
+
+def test_changing_an_option_rerenders_from_the_image_id(
+    page: tuple[object, list[str]], server: str
+) -> None:
+    """The photo is sent once; each later option asks by its id, with an empty body, and the
+    service answers from its map cache. An id it no longer has falls back to uploading."""
+    from playwright.sync_api import Page, Request, Response, expect
+
+    p, elsewhere = page
+    assert isinstance(p, Page)
+    photo = reference_dir() / "images" / HORSE
+    sent: list[Request] = []
+    answers: list[Response] = []
+    p.on("request", lambda r: sent.append(r) if "/segment" in r.url else None)
+    p.on("response", lambda r: answers.append(r) if "/segment" in r.url else None)
+    p.goto(server + "/")
+    expect(p.locator("#options select").first).to_be_visible()
+    p.locator("#auth summary").click()
+    p.get_by_label("API key").fill(API_KEY)
+    p.get_by_label("output", exact=True).select_option("cutout")
+    p.get_by_label("Images").set_input_files(str(photo))
+    card = p.locator(".result").first
+    expect(card).to_have_attribute("data-state", "done")
+    first_id = card.get_attribute("data-image-id")
+    assert first_id
+    assert len(first_id) == 22
+    # (Playwright shows a multipart body's file part without the file's bytes.)
+    assert len(sent) == 1
+    assert b'name="image"' in (sent[0].post_data_buffer or b"")
+
+    # Another output: asked by id, nothing uploaded, the map from the cache.
+    with p.expect_response(lambda r: "/segment" in r.url) as waited:
+        p.get_by_label("output", exact=True).select_option("probability")
+    answer = waited.value
+    expect(card).to_have_attribute("data-state", "done")
+    assert answer.status == 200
+    assert f"image_id={first_id}" in answer.url
+    assert "output=probability" in answer.url
+    assert not sent[-1].post_data_buffer
+    assert "cache;dur=" in answer.headers["server-timing"]
+    assert 'desc="hit"' in answer.headers["server-timing"]
+    expected = httpx.post(
+        f"{server}/segment",
+        params={"output": "probability"},
+        files={"image": (HORSE, photo.read_bytes(), "image/jpeg")},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=120,
+    )
+    seen = np.frombuffer(base64.b64decode(card.locator("img.output").evaluate(_RED_JS)), np.uint8)
+    with Image.open(io.BytesIO(expected.content)) as im:
+        levels = np.asarray(im)
+    np.testing.assert_array_equal(seen.reshape(levels.shape), levels)
+    expect(p.locator(".result")).to_have_count(1)  # the same card, re-rendered
+
+    # An id the service does not have (expired, say): 404, then the photo is uploaded again.
+    card.evaluate("el => { el.dataset.imageId = 'AAAAAAAAAAAAAAAAAAAAAA'; }")
+    before = len(answers)
+    p.get_by_label("output", exact=True).select_option("mask")
+    expect(card).to_have_attribute("data-state", "done")
+    p.wait_for_function(
+        "() => document.querySelector('.result').dataset.imageId !== 'AAAAAAAAAAAAAAAAAAAAAA'"
+    )
+    assert [r.status for r in answers[before:]] == [404, 200]
+    assert b'name="image"' in (sent[-1].post_data_buffer or b"")
+    new_id = card.get_attribute("data-image-id")
+    assert new_id
+    assert new_id not in (first_id, "AAAAAAAAAAAAAAAAAAAAAA")
+    assert elsewhere == []
+
+
+def test_a_photo_by_url_rerenders_from_its_image_id(
+    page: tuple[object, list[str]], server: str, photo_url: str
+) -> None:
+    """A photo by URL gets an image id as an upload does: a changed option asks by that id, and
+    the service neither fetches the URL again nor runs the network."""
+    from playwright.sync_api import Page, expect
+
+    p, elsewhere = page
+    assert isinstance(p, Page)
+    p.goto(server + "/")
+    expect(p.locator("#options select").first).to_be_visible()
+    expect(p.get_by_label("model", exact=True)).to_have_value("u2netp")
+    p.locator("#auth summary").click()
+    p.get_by_label("API key").fill(API_KEY)
+    p.get_by_label("Or an image's URL").fill(f"{photo_url}/boat.jpg")
+    p.get_by_role("button", name="Segment the URL").click()
+    card = p.locator(".result").first
+    expect(card).to_have_attribute("data-state", "done")
+    expect(card.locator(".timing")).to_contain_text("fetch")
+    image_id = card.get_attribute("data-image-id")
+    assert image_id
+    fetched = len(FETCHED)
+    assert FETCHED[-1] == "/boat.jpg"
+
+    with p.expect_response(lambda r: "/segment" in r.url) as waited:
+        p.get_by_label("output", exact=True).select_option("probability")
+    answer = waited.value
+    expect(card).to_have_attribute("data-state", "done")
+    assert answer.status == 200
+    assert f"image_id={image_id}" in answer.url
+    assert "url=" not in answer.url
+    assert 'desc="hit"' in answer.headers["server-timing"]
+    assert len(FETCHED) == fetched  # not fetched again
+    expect(card.locator("a.download")).to_have_attribute("download", "boat.png")
+    assert elsewhere == []

@@ -71,7 +71,7 @@ def test_compose_file_is_accepted() -> None:
     r = run(compose, "-f", str(DOCKER / "compose.yaml"), "config", "--quiet")
     assert r.returncode == 0, r.stdout + r.stderr
     r = run(compose, "-f", str(DOCKER / "compose.yaml"), "config", "--services")
-    assert set(r.stdout.split()) == {"u2serve-a", "u2serve-b", "nginx", "prometheus"}
+    assert set(r.stdout.split()) == {"u2serve-a", "u2serve-b", "nginx", "prometheus", "redis"}
 
 
 def test_prometheus_config_is_accepted() -> None:

@@ -54,6 +54,9 @@ class Engine(Protocol):
     # on the CPU), rather than once at load (MNN's pools) or on a GPU: the service tunes the
     # allocator for its image buffers only where the engine does not.
     allocates_per_call: bool
+    # The SHA-256 of the engine's own model file, derived from the weights (converted or
+    # quantised); None when it runs the verified weights themselves. Maps are cached under it.
+    artifact_digest: str | None
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalised ``N×3×S×S`` float32 → fused map ``N×1×S×S`` float32 on ``device``."""

@@ -170,7 +170,8 @@ class MNNEngine:
     name: EngineName = "mnn"
     allocates_per_call = False  # MNN plans its buffers when the module is loaded or resized
 
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, path: Path, threads: int, digest: str) -> None:
+        self.artifact_digest: str | None = digest
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.threads = threads
@@ -210,4 +211,4 @@ def load(weights: Path, model: str, options: EngineOptions) -> MNNEngine:
     # checked by its own digest, so the weights file is only read for the digest it names.
     path = _check(weights, model, recorded_digest(weights, model))
     threads = options.threads or len(os.sched_getaffinity(0))
-    return MNNEngine(path, threads)
+    return MNNEngine(path, threads, _read_record(weights)["sha256"])

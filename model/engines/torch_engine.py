@@ -15,6 +15,7 @@ __all__ = ["TorchEngine", "load", "prepare"]
 
 class TorchEngine:
     name: EngineName = "torch"
+    artifact_digest = None  # it runs the verified weights file itself
 
     def __init__(self, net: U2Net, options: EngineOptions) -> None:
         self.device = options.device

@@ -5,8 +5,9 @@
 
 // Parameters that deserve a better control than their schema alone suggests: name → widget.
 const WIDGETS = { bg_color: "color" };
-// Parameters that say where the image comes from, not what to make of it: their own controls.
-const SOURCES = new Set(["url"]);
+// Parameters that say where the image comes from, not what to make of it: their own controls
+// (url), or none, since the page sends it itself to ask again for a photo it has sent (image_id).
+const SOURCES = new Set(["url", "image_id"]);
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const controls = [];  // { name, value(): string | null, fallback: string | null }
@@ -198,8 +199,14 @@ function urlName(url) {
   }
 }
 
-// `source`: a File, or { url } for an image the service fetches itself.
-async function segmentOne(source, q, key) {
+// The photos shown, newest first: { source, name, card, checker }, where `source` is a File or
+// { url } for an image the service fetches itself; each card keeps its photo's id (X-Image-Id)
+// in data-image-id. Changing an option re-renders them from their ids: the service keeps each
+// upload (and each URL's bytes) and its map, so the photo is neither sent nor fetched again and
+// the network does not run.
+let shown = [];
+
+function newItem(source) {
   const card = $("#result-template").content.firstElementChild.cloneNode(true);
   const byUrl = !(source instanceof Blob);
   const name = byUrl ? urlName(source.url) : source.name;
@@ -213,25 +220,44 @@ async function segmentOne(source, q, key) {
     original.src = URL.createObjectURL(source);
     original.alt = `${name}, as picked`;
   }
-  $("#results").prepend(card);
+  return { source, name, card, checker: $(".checker", card) };
+}
 
-  let body;
-  if (byUrl) {
-    body = new URLSearchParams({ url: source.url });  // sent form-encoded
-  } else {
-    body = new FormData();
-    body.append("image", source, name);
-  }
+async function send(item, q, key) {
   const headers = key ? { Authorization: `Bearer ${key}` } : {};
+  const id = item.card.dataset.imageId;
+  if (id) {
+    // Only the id and the options: an empty body, a few hundred bytes in all.
+    const again = new URLSearchParams(q);
+    again.set("image_id", id);
+    const r = await fetch(`segment?${again}`, { method: "POST", headers });
+    // The service no longer has it (expired, evicted, restarted): send it after all.
+    if (r.status !== 404 && r.status !== 410) return r;
+    delete item.card.dataset.imageId;
+  }
+  let body;
+  if (item.source instanceof Blob) {
+    body = new FormData();
+    body.append("image", item.source, item.name);
+  } else {
+    body = new URLSearchParams({ url: item.source.url });  // sent form-encoded
+  }
+  return fetch(`segment?${q}`, { method: "POST", body, headers });
+}
+
+async function segmentOne(item, q, key) {
+  const { card, name } = item;
+  card.dataset.state = "pending";
+  const error = $(".error", card);
+  error.hidden = true;
   const fail = (message) => {
     card.dataset.state = "error";
-    const error = $(".error", card);
     error.textContent = message;
     error.hidden = false;
   };
   let r;
   try {
-    r = await fetch(`segment?${q}`, { method: "POST", body, headers });
+    r = await send(item, q, key);
   } catch (err) {
     fail(`the service could not be reached (${err.message})`);
     return false;
@@ -245,6 +271,9 @@ async function segmentOne(source, q, key) {
     }
     return false;
   }
+  const id = r.headers.get("X-Image-Id");
+  if (id) card.dataset.imageId = id;
+  else delete card.dataset.imageId;
   const blob = await r.blob();
   const url = URL.createObjectURL(blob);
   const link = $(".download", card);
@@ -252,7 +281,9 @@ async function segmentOne(source, q, key) {
   link.download = outputName(name, blob.type);
   link.textContent = `Download ${link.download}`;
   link.hidden = false;
+  const old = $("pre", card);
   if (blob.type.startsWith("image/")) {
+    if (old) old.replaceWith(item.checker);
     const out = $(".output", card);
     out.alt = `${name}, segmented (${q.toString() || "defaults"})`;
     await new Promise((resolve) => {
@@ -265,14 +296,28 @@ async function segmentOne(source, q, key) {
   } else {
     const pre = document.createElement("pre");
     pre.textContent = await blob.text();
-    $(".checker", card).replaceWith(pre);
+    (old || $(".checker", card)).replaceWith(pre);
   }
   card.dataset.state = "done";
   return true;
 }
 
-async function run(files) {
-  if (!files.length) return;
+// `sources`: Files, or { url } objects.
+async function run(sources) {
+  if (!sources.length) return;
+  const items = [...sources].map((source) => {
+    const item = newItem(source);
+    $("#results").prepend(item.card);
+    return item;
+  });
+  shown = [...items.slice().reverse(), ...shown];
+  await segmentAll(items, "Segmenting");
+}
+
+let running = null;
+let again = false;
+
+async function segmentAll(items, verb) {
   const buttons = [$("#run"), $("#run-url")];
   const status = $("#status");
   for (const b of buttons) b.disabled = true;
@@ -281,14 +326,35 @@ async function run(files) {
   let ok = 0;
   try {
     // One at a time: the service batches concurrent clients, but a page should not flood it.
-    for (const [i, file] of [...files].entries()) {
-      const name = file instanceof Blob ? file.name : file.url;
-      status.textContent = `Segmenting ${name} (${i + 1} of ${files.length})…`;
-      if (await segmentOne(file, q, key)) ok += 1;
+    for (const [i, item] of items.entries()) {
+      const label = item.source instanceof Blob ? item.name : item.source.url;
+      status.textContent = `${verb} ${label} (${i + 1} of ${items.length})…`;
+      if (await segmentOne(item, q, key)) ok += 1;
     }
-    status.textContent = `${ok} of ${files.length} done.`;
+    status.textContent = `${ok} of ${items.length} done.`;
   } finally {
     for (const b of buttons) b.disabled = false;
+  }
+}
+
+// An option changed: show every photo again with the new options, from their ids. Changes made
+// while that runs are taken up by one more pass at its end.
+async function rerender() {
+  if (running) {
+    again = true;
+    return;
+  }
+  const items = shown.filter((item) => item.card.isConnected);
+  if (!items.length) return;
+  running = segmentAll(items, "Updating");
+  try {
+    await running;
+  } finally {
+    running = null;
+  }
+  if (again) {
+    again = false;
+    await rerender();
   }
 }
 
@@ -309,6 +375,8 @@ function init() {
       byUrl();
     }
   });
+  // Any option's change (a select, a box, a colour, a number once typed or a slider let go).
+  $("#options").addEventListener("change", () => rerender());
   // Dropping anywhere on the page works; the drop zone only shows where.
   document.addEventListener("dragover", (e) => {
     e.preventDefault();
