@@ -468,9 +468,12 @@ async def test_openapi_documents_parameters_and_errors(client: httpx.AsyncClient
         "quality",
         "max_side",
         "refine",
+        "image_id",
     }
-    assert {"200", "400", "413", "415", "422", "503", "504"} <= set(op["responses"])
+    assert {"200", "400", "404", "413", "415", "422", "503", "504"} <= set(op["responses"])
     assert "multipart/form-data" in op["requestBody"]["content"]
+    assert "application/x-www-form-urlencoded" in op["requestBody"]["content"]
+    assert "X-Image-Id" in op["responses"]["200"]["headers"]
     assert (await client.get("/docs")).status_code == 200
 
 
