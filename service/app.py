@@ -103,6 +103,7 @@ def load_segmenter(settings: Settings) -> Segmenter:
         engine=settings.engine,
         channels_last=settings.channels_last,
         threads=settings.threads,
+        precision=settings.precision,
     )
 
 

@@ -377,6 +377,7 @@ async def readyz(rt: RuntimeDep) -> Response:
             "engine": seg.engine.name,
             "device": str(seg.device),
             "dtype": str(seg.dtype).removeprefix("torch."),
+            "precision": seg.precision,
         }
     )
 
