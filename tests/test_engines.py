@@ -213,8 +213,10 @@ def test_damaged_int8_file_is_refused_and_prepare_repairs_it(
     with pytest.raises(WeightsError, match="is corrupt") as exc:
         Segmenter("u2netp", weights, device="cpu", precision="fast")
     assert f"python -m weights prepare --model u2netp {weights}" in str(exc.value)
-    assert weights_cli(["prepare", "--model", "u2netp", str(weights)]) == 0
-    assert Segmenter("u2netp", weights, device="cpu", precision="fast").engine.name == "openvino"
+    if part == 1:  # `prepare` repairs it (once: quantizing takes a minute)
+        assert weights_cli(["prepare", "--model", "u2netp", str(weights)]) == 0
+        seg = Segmenter("u2netp", weights, device="cpu", precision="fast")
+        assert seg.engine.name == "openvino"
 
 
 @pytest.mark.parametrize(
