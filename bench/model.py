@@ -3,6 +3,8 @@ and batch, with ONNX Runtime (rembg's engine) on the same file in the same run.
 
     python -m bench.model                # u2net: every engine here, ONNX Runtime, batch 1 2 4
     python -m bench.model --model u2netp --engines mnn --batches 1 --rounds 5
+    python -m bench.model --engines mnn openvino --batches 1    # float32 against int8 (fast)
+    ONEDNN_MAX_CPU_ISA=AVX2 OV_CPU_MAX_ISA=AVX2 python -m bench.model --engines openvino
     python -m bench.model --devices cuda --dtypes float16 float32 --batches 1 8 32 64
 
 Configurations are timed in alternating rounds (this machine's timings drift by ±20%), after a
@@ -135,8 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         engines = args.engines or (["torch"] if device.type == "cuda" else list(ENGINES))
         for engine in engines:
             for dtype in dtypes:
-                if engine == "mnn" and (device.type != "cpu" or dtype != "float32"):
-                    continue
+                if engine in ("mnn", "openvino") and (device.type != "cpu" or dtype != "float32"):
+                    continue  # CPU engines with a model file of their own (openvino's is int8)
                 seg = Segmenter(
                     args.model,
                     weights,

@@ -4,6 +4,7 @@
     python -m bench.parity --engines torch mnn                  # each engine
     python -m bench.parity --models u2net --dtype bfloat16 --per-image
     python -m bench.parity --emulate float16                     # a GPU's float16, on the CPU
+    python -m bench.parity --precision fast --rembg              # int8, and rembg's own maps
 
 Prints, per model, the mean absolute error of the maps (0..1 scale) and the IoU of the masks at
 0.5, mean and worst over the photos. tests/test_parity.py holds the default paths to the bounds
@@ -13,7 +14,11 @@ mean MAE ≤ 0.001, worst ≤ 0.003, mean IoU ≥ 0.995, worst ≥ 0.99 with thi
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +28,7 @@ from PIL import Image
 
 from bench import REFERENCE
 from bench.emulate import emulated
-from model.engines import ENGINES
+from model.engines import DEFAULT_PRECISION, ENGINES, PRECISIONS
 from model.engines.torch_engine import TorchEngine
 from model.segmenter import DTYPES, Segmenter
 from model.weights import default_weights_path
@@ -35,6 +40,7 @@ class Parity:
     engine: str
     device: str
     dtype: str
+    precision: str = "faithful"  # what the path claims (model.segmenter.Segmenter.precision)
     photos: list[str] = field(default_factory=list)
     maes: list[float] = field(default_factory=list)
     ious: list[float] = field(default_factory=list)
@@ -57,7 +63,7 @@ class Parity:
 
     def summary(self) -> str:
         return (
-            f"{self.name} {self.engine} {self.device} {self.dtype}: MAE mean "
+            f"{self.name} {self.engine} {self.device} {self.dtype} ({self.precision}): MAE mean "
             f"{self.mean_mae:.5f} worst {self.worst_mae:.5f}, IoU@0.5 mean {self.mean_iou:.4f} "
             f"worst {self.worst_iou:.4f} ({len(self.maes)} photos)"
         )
@@ -77,6 +83,7 @@ def measure(
     dtype: str = "auto",
     engine: str = "auto",
     emulate: str | None = None,
+    precision: str = DEFAULT_PRECISION,
 ) -> Parity:
     """Run every reference photo through the pipeline alone and compare with the authors' map.
 
@@ -90,18 +97,61 @@ def measure(
             report = _compare(seg, reference)
         report.dtype = f"{emulate} (emulated)"
         return report
-    return _compare(Segmenter(name, weights, device=device, dtype=dtype, engine=engine), reference)
+    seg = Segmenter(name, weights, device=device, dtype=dtype, engine=engine, precision=precision)
+    return _compare(seg, reference)
 
 
 def _compare(seg: Segmenter, reference: Path) -> Parity:
-    out = Parity(seg.name, seg.engine.name, str(seg.device), str(seg.dtype).removeprefix("torch."))
-    name = seg.name
-    for photo in sorted((reference / "images").iterdir()):
+    def predict(photo: Path) -> torch.Tensor:
         with Image.open(photo) as im:
             rgb = torch.from_numpy(np.array(im.convert("RGB")))
         (ours,) = seg.predict([rgb])
-        ours = ours.cpu()
-        theirs = _grey(reference / name / f"{photo.stem}.png")
+        return ours.cpu()
+
+    dtype = str(seg.dtype).removeprefix("torch.")
+    report = Parity(seg.name, seg.engine.name, str(seg.device), dtype, seg.precision)
+    return _score(report, reference, predict)
+
+
+# rembg's own maps: its session's `predict` (what `rembg s` answers for a mask), run in the
+# virtual environment bench/http.py installs, on the ONNX file `python -m weights fetch` verified.
+_REMBG_MAPS = """
+import sys
+from pathlib import Path
+from PIL import Image
+from rembg import new_session
+session = new_session(sys.argv[1])
+for photo in sorted(Path(sys.argv[2]).iterdir()):
+    with Image.open(photo) as im:
+        (mask,) = session.predict(im.convert("RGB"))
+    mask.save(Path(sys.argv[3]) / f"{photo.stem}.png")
+"""
+
+
+def measure_rembg(name: str, reference: Path = REFERENCE) -> Parity:
+    """rembg 2.0.86's maps (ONNX Runtime on the released file, with its own preprocessing:
+    Lanczos resize to 320×320, its own scaling back) scored by the same function as ours."""
+    from bench.http import ensure_rembg, rembg_home
+
+    python = ensure_rembg().parent / "python"
+    with tempfile.TemporaryDirectory(prefix="u2serve-rembg-maps-") as tmp:
+        env = {**os.environ, "U2NET_HOME": str(rembg_home(name)), "OMP_NUM_THREADS": "2"}
+        subprocess.run(
+            [str(python), "-c", _REMBG_MAPS, name, str(reference / "images"), tmp],
+            env=env,
+            check=True,
+        )
+        return _score(
+            Parity(name, "rembg 2.0.86 (onnxruntime)", "cpu", "float32", "rembg"),
+            reference,
+            lambda photo: _grey(Path(tmp) / f"{photo.stem}.png"),
+        )
+
+
+def _score(out: Parity, reference: Path, predict: Callable[[Path], torch.Tensor]) -> Parity:
+    for photo in sorted((reference / "images").iterdir()):
+        ours = predict(photo)
+        theirs = _grey(reference / out.name / f"{photo.stem}.png")
         if ours.shape != theirs.shape:
             raise ValueError(f"{photo.name}: map {tuple(ours.shape)} vs {tuple(theirs.shape)}")
         a, b = ours >= 0.5, theirs >= 0.5
@@ -122,6 +172,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--engines", nargs="+", default=["auto"], choices=["auto", *ENGINES])
     p.add_argument(
+        "--precision",
+        nargs="+",
+        default=[DEFAULT_PRECISION],
+        choices=PRECISIONS,
+        help="the precision(s) `auto` resolves for",
+    )
+    p.add_argument("--rembg", action="store_true", help="also rembg's own maps, same scores")
+    p.add_argument(
         "--emulate",
         choices=["float16", "bfloat16"],
         help="PyTorch on the CPU with 16-bit storage, as on a GPU in that dtype",
@@ -130,8 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-image", action="store_true")
     args = p.parse_args(argv)
     for name in args.models:
-        for engine in args.engines:
-            r = measure(
+        reports = [
+            measure(
                 name,
                 default_weights_path(name),
                 args.reference,
@@ -139,7 +197,14 @@ def main(argv: list[str] | None = None) -> None:
                 dtype=args.dtype,
                 engine=engine,
                 emulate=args.emulate,
+                precision=precision,
             )
+            for engine in args.engines
+            for precision in args.precision
+        ]
+        if args.rembg:
+            reports.append(measure_rembg(name, args.reference))
+        for r in reports:
             if args.per_image:
                 for photo, mae, iou in zip(r.photos, r.maes, r.ious, strict=True):
                     print(f"  {photo:22} MAE {mae:.5f}  IoU {iou:.4f}")

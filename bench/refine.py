@@ -29,6 +29,7 @@ from PIL import Image
 
 from bench import REFERENCE
 from bench.http import running, u2serve_server
+from model.engines import DEFAULT_PRECISION, PRECISIONS
 from model.postprocess import to_mask
 from model.refine import EPS, RADIUS, refine
 from model.segmenter import Segmenter
@@ -188,15 +189,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("dataset", type=Path, help="a folder with images/ and masks/")
     p.add_argument("--model", default="u2net", choices=["u2net", "u2netp"])
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--precision", default=DEFAULT_PRECISION, choices=PRECISIONS, help="U2SERVE_PRECISION"
+    )
     p.add_argument("--radius", type=int, default=RADIUS)
     p.add_argument("--eps", type=float, default=EPS)
     p.add_argument("--repeat", type=int, default=3, help="timing runs; the best is kept")
     p.add_argument("--requests", type=int, default=10, help="HTTP requests of each kind")
     p.add_argument("--no-timing", action="store_true")
     args = p.parse_args(argv)
-    seg = Segmenter(args.model, default_weights_path(args.model), device=args.device)
+    seg = Segmenter(
+        args.model, default_weights_path(args.model), device=args.device, precision=args.precision
+    )
     plain, refined, n = quality(seg, args.dataset, radius=args.radius, eps=args.eps)
-    print(f"{args.model}, {n} photos, radius {args.radius}, eps {args.eps:g}")
+    print(
+        f"{args.model} ({seg.engine.name}, {args.precision}), {n} photos, radius {args.radius}, "
+        f"eps {args.eps:g}"
+    )
     print("            MAE      max F    IoU@0.5")
     for name, s in (("authors'", plain), ("refined", refined)):
         print(f"  {name:9} {s.mae:.5f}  {s.max_f:.5f}  {s.iou:.5f}")

@@ -9,7 +9,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from model.engines import Engine, EngineOptions, load_engine, resolve_engine
+from model.engines import (
+    DEFAULT_PRECISION,
+    PRECISIONS,
+    Engine,
+    EngineOptions,
+    Precision,
+    load_engine,
+    resolve_engine,
+)
 from model.postprocess import from_levels, to_levels
 from model.preprocess import preprocess
 from model.weights import SPECS, WeightsSpec, recorded_digest
@@ -31,11 +39,18 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def resolve_dtype(dtype: str, device: torch.device, spec: WeightsSpec) -> torch.dtype:
+def resolve_dtype(
+    dtype: str, device: torch.device, spec: WeightsSpec, precision: str = DEFAULT_PRECISION
+) -> torch.dtype:
     """``auto`` is the model's CUDA dtype on CUDA (float16 for U2NET, float32 for U2NETP, see
-    :class:`model.weights.WeightsSpec`) and float32 on the CPU: the paths the parity tests hold."""
+    :class:`model.weights.WeightsSpec`) and float32 on the CPU: the paths the parity tests hold.
+    With the ``fast`` precision it is float16 on CUDA for both models (for U2NETP at a measured
+    cost, README "Faithfulness"); on the CPU the engine makes it int8, see
+    :func:`model.engines.resolve_engine`."""
     if dtype == "auto":
-        return DTYPES[spec.cuda_dtype] if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.float16 if precision == "fast" else DTYPES[spec.cuda_dtype]
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {dtype!r}")
     if DTYPES[dtype] is torch.float16 and device.type == "cpu":
@@ -58,19 +73,25 @@ class Segmenter:
         engine: str = "auto",
         channels_last: bool = True,
         threads: int | None = None,
+        precision: str = DEFAULT_PRECISION,
     ) -> None:
         if name not in SPECS:
             raise ValueError(f"model must be one of {', '.join(SPECS)}, not {name!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.spec = SPECS[name]
         resolved = resolve_device(device)
         options = EngineOptions(
             resolved,
-            resolve_dtype(dtype, resolved, self.spec),
+            resolve_dtype(dtype, resolved, self.spec, precision),
             channels_last=channels_last,
             threads=threads,
         )
         self.engine: Engine = load_engine(
-            resolve_engine(engine, options.device, options.dtype), Path(weights), name, options
+            resolve_engine(engine, options.device, options.dtype, precision),
+            Path(weights),
+            name,
+            options,
         )
         self.weights_digest = recorded_digest(weights, name)
 
@@ -85,6 +106,16 @@ class Segmenter:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def precision(self) -> Precision:
+        """What runs, whatever was asked for: ``faithful`` where the arithmetic is one the parity
+        tests hold to the faithful bounds (float32; float16 on CUDA for the model whose CUDA
+        default it is), ``fast`` otherwise (int8, bfloat16, float16 where it misses them)."""
+        faithful = {torch.float32}
+        if self.device.type == "cuda":
+            faithful.add(DTYPES[self.spec.cuda_dtype])
+        return "faithful" if self.dtype in faithful else "fast"
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalised ``N×3×S×S`` input → the fused map, ``N×1×S×S`` float32."""

@@ -129,6 +129,7 @@ def load_segmenter(settings: Settings, model: str | None = None) -> Segmenter:
         engine=settings.engine,
         channels_last=settings.channels_last,
         threads=settings.threads,
+        precision=settings.precision,
     )
 
 

@@ -32,6 +32,7 @@ log = logging.getLogger("u2serve")
 # The settings that choose and run the model in-process, offered as flags when they exist.
 _SETTING_FLAGS = (
     "model",
+    "precision",
     "engine",
     "weights",
     "weights_dir",

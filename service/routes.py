@@ -659,6 +659,7 @@ async def readyz(rt: RuntimeDep) -> Response:
             "device": str(m.segmenter.device),
             "dtype": str(m.segmenter.dtype).removeprefix("torch."),
             "max_batch_size": m.batcher.max_batch_size,
+            "precision": m.segmenter.precision,
         }
         for name, m in rt.models.items()
     ]

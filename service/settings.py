@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from model.engines import DEFAULT_PRECISION, Precision
 from model.weights import default_weights_dir
 from service.addresses import AllowList
 
@@ -39,8 +40,15 @@ class Settings(BaseSettings):
     )
     require_gpu: bool = False
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    engine: Literal["auto", "torch", "mnn"] = Field(
-        "auto", description="auto: torch on a GPU, mnn on the CPU (for float32)"
+    engine: Literal["auto", "torch", "mnn", "openvino"] = Field(
+        "auto",
+        description="auto: torch on a GPU; on the CPU mnn (float32), or openvino (int8) for the "
+        "fast precision",
+    )
+    precision: Precision = Field(
+        DEFAULT_PRECISION,
+        description="faithful (float32 on the CPU, within the parity bounds) or fast (int8 on "
+        "the CPU, float16 on a GPU; less faithful, see the README)",
     )
     channels_last: bool = True
     max_batch_size: int | None = Field(

@@ -378,6 +378,7 @@ async def test_health_and_metrics(u2netp_weights: Path) -> None:
         ready = await c.get("/readyz")
         assert ready.status_code == 200
         assert ready.json()["model"] == "u2netp"
+        assert ready.json()["precision"] == "faithful"
         await post_image(c, photo())
         text = (await c.get("/metrics")).text
         for name in (
@@ -406,6 +407,15 @@ async def test_health_and_metrics(u2netp_weights: Path) -> None:
         assert_error(r, 503, "draining")
         assert r.headers["retry-after"] == "1"
         assert r.headers["connection"] == "close"  # so a keep-alive client moves on
+
+
+async def test_fast_precision_serves_the_int8_model(u2netp_weights: Path) -> None:
+    async with running(settings(u2netp_weights, precision="fast")) as (_, c):
+        ready = (await c.get("/readyz")).json()
+        assert (ready["engine"], ready["dtype"], ready["precision"]) == ("openvino", "int8", "fast")
+        r = await post_image(c, photo())
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "image/png"
 
 
 async def test_not_ready_until_warmed_up(u2netp_weights: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.engines import ENGINES, prepare_engines, resolve_engine
+from model.engines import ENGINES, EngineOptions, openvino_engine, prepare_engines, resolve_engine
 from model.engines.mnn_engine import engine_file, record_file
 from model.postprocess import resize_maps, to_probability
 from model.preprocess import preprocess
@@ -75,6 +75,39 @@ def test_auto_prefers_mnn_on_the_cpu_and_torch_elsewhere() -> None:
         resolve_engine("tensorrt", cpu, torch.float32)
 
 
+def test_precision_picks_the_engine_and_is_reported(u2netp_weights: Path) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_engine("auto", cpu, torch.float32, "fast") == "openvino"
+    assert resolve_engine("auto", cpu, torch.float32, "faithful") == "mnn"
+    assert resolve_engine("auto", cuda, torch.float16, "fast") == "torch"
+    with pytest.raises(ValueError, match="precision must be"):
+        resolve_engine("auto", cpu, torch.float32, "quick")
+    fast = Segmenter("u2netp", u2netp_weights, device="cpu", precision="fast")
+    assert (fast.engine.name, fast.dtype, fast.precision) == ("openvino", torch.int8, "fast")
+    faithful = Segmenter("u2netp", u2netp_weights, device="cpu", precision="faithful")
+    assert (faithful.engine.name, faithful.precision) == ("mnn", "faithful")
+    # What is reported is what runs: an explicit engine wins over the precision.
+    assert Segmenter("u2netp", u2netp_weights, engine="mnn", precision="fast").precision == (
+        "faithful"
+    )
+    with pytest.raises(ValueError, match="precision must be"):
+        Segmenter("u2netp", u2netp_weights, precision="int8")
+
+
+def test_int8_engine_runs_batches(u2netp_weights: Path, reference_images: list[Path]) -> None:
+    seg = Segmenter("u2netp", u2netp_weights, device="cpu", engine="openvino")
+    x = preprocess([load_rgb(p) for p in reference_images[:3]], seg.spec)
+    together = seg.forward(x)
+    assert together.shape == (3, 1, 320, 320)
+    assert together.dtype == torch.float32
+    for i in range(3):
+        # Each batch size is its own compiled model. Measured: identical (0.0) with AMX and with
+        # the plugin held to AVX2; the bounds allow what a differently blocked kernel could do.
+        diff = (together[i : i + 1] - seg.forward(x[i : i + 1])).abs()
+        assert diff.max() <= 0.01
+        assert diff.mean() <= 1e-4
+
+
 def test_mnn_refuses_what_it_cannot_do(u2netp_weights: Path) -> None:
     with pytest.raises(ValueError, match="float32"):
         Segmenter("u2netp", u2netp_weights, device="cpu", dtype="bfloat16", engine="mnn")
@@ -90,6 +123,22 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return weights
 
 
+def test_int8_model_is_deterministic(prepared: Path) -> None:
+    """The same weights and calibration photos make the same int8 files, byte for byte: the
+    fixture's were made afresh, the weights folder's by `python -m weights fetch`, on this CPU.
+    (Across instruction sets the float statistics may round differently: README, Faithfulness.)"""
+    made = json.loads(openvino_engine.record_file(prepared).read_text())
+    fetched = json.loads(openvino_engine.record_file(weights_file("u2netp")).read_text())
+    if made["made_on"] != fetched["made_on"]:
+        pytest.skip(f"the weights folder's file was made on {fetched['made_on']}")
+    assert (made["xml_sha256"], made["bin_sha256"]) == (
+        fetched["xml_sha256"],
+        fetched["bin_sha256"],
+    )
+    assert made["calibration_sha256"] == openvino_engine.calibration_sha256()
+    assert made["keep_float"] == list(openvino_engine.KEEP_FLOAT["u2netp"])
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_every_engine_loads_prepared_weights(engine: str, prepared: Path) -> None:
     seg = Segmenter("u2netp", prepared, device="cpu", engine=engine)
@@ -101,13 +150,20 @@ def test_every_engine_loads_prepared_weights(engine: str, prepared: Path) -> Non
 def test_prepare_is_idempotent(prepared: Path, caplog: pytest.LogCaptureFixture) -> None:
     before = engine_file(prepared).stat().st_mtime_ns
     caplog.set_level("INFO")
-    assert prepare_engines(prepared, "u2netp") == [engine_file(prepared)]
+    int8_before = openvino_engine.engine_files(prepared)[1].stat().st_mtime_ns
+    assert prepare_engines(prepared, "u2netp") == [
+        engine_file(prepared),
+        openvino_engine.engine_files(prepared)[0],
+    ]
     assert engine_file(prepared).stat().st_mtime_ns == before
+    assert openvino_engine.engine_files(prepared)[1].stat().st_mtime_ns == int8_before
     assert "converting" not in caplog.text
+    assert "quantizing" not in caplog.text
 
 
 def _damaged_copy(prepared: Path, folder: Path) -> Path:
-    for path in (prepared, engine_file(prepared), record_file(prepared)):
+    int8 = (*openvino_engine.engine_files(prepared), openvino_engine.record_file(prepared))
+    for path in (prepared, engine_file(prepared), record_file(prepared), *int8):
         shutil.copy(path, folder / path.name)
     return folder / prepared.name
 
@@ -142,3 +198,59 @@ def test_engine_file_of_other_weights_is_refused(prepared: Path, tmp_path: Path)
     record_file(weights).write_text(json.dumps(record))
     with pytest.raises(WeightsError, match="made from other weights"):
         Segmenter("u2netp", weights, device="cpu", engine="mnn")
+
+
+@pytest.mark.parametrize("part", [0, 1])
+def test_damaged_int8_file_is_refused_and_prepare_repairs_it(
+    prepared: Path, tmp_path: Path, part: int
+) -> None:
+    """A flipped byte in the graph (.xml) or the constants (.bin) is found by its digest."""
+    weights = _damaged_copy(prepared, tmp_path)
+    path = openvino_engine.engine_files(weights)[part]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="is corrupt") as exc:
+        Segmenter("u2netp", weights, device="cpu", precision="fast")
+    assert f"python -m weights prepare --model u2netp {weights}" in str(exc.value)
+    if part == 1:  # `prepare` repairs it (once: quantizing takes a minute)
+        assert weights_cli(["prepare", "--model", "u2netp", str(weights)]) == 0
+        seg = Segmenter("u2netp", weights, device="cpu", precision="fast")
+        assert seg.engine.name == "openvino"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("weights_sha256", "0" * 64, "made from other weights"),
+        ("calibration_sha256", "0" * 64, "calibrated on other photos"),
+        ("quantizer", {"openvino": "2020.1", "nncf": "1.0"}, "was made by"),
+        ("format", "u2serve-openvino-int8-v0", "not a u2netp"),
+    ],
+)
+def test_stale_int8_file_is_refused(
+    prepared: Path, tmp_path: Path, key: str, value: object, message: str
+) -> None:
+    """Its record names the weights, the calibration set, the quantizer and the recipe it was
+    made from; any of them other than now makes the file stale."""
+    weights = _damaged_copy(prepared, tmp_path)
+    record_path = openvino_engine.record_file(weights)
+    record = json.loads(record_path.read_text())
+    record[key] = value
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(WeightsError, match=message):
+        Segmenter("u2netp", weights, device="cpu", engine="openvino")
+
+
+def test_missing_int8_record_is_refused(prepared: Path, tmp_path: Path) -> None:
+    weights = _damaged_copy(prepared, tmp_path)
+    openvino_engine.record_file(weights).unlink()
+    with pytest.raises(WeightsError, match="missing or not a u2netp"):
+        Segmenter("u2netp", weights, device="cpu", engine="openvino")
+
+
+def test_int8_engine_refuses_a_gpu(u2netp_weights: Path) -> None:
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        openvino_engine.load(
+            u2netp_weights, "u2netp", EngineOptions(torch.device("cuda"), torch.float16)
+        )

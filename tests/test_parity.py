@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench.parity import Parity, measure
-from model.engines import ENGINES
+from model.engines import DEFAULT_PRECISION, ENGINES
 from model.preprocess import preprocess
 from model.segmenter import Segmenter
 from model.u2net import u2net, u2netp
@@ -17,10 +17,25 @@ from model.weights import SPECS
 
 from .conftest import load_rgb, reference_dir, weights_file
 
-# Every default path: each engine on the CPU, PyTorch on a GPU when there is one.
+# Every path: each engine on the CPU, PyTorch on a GPU when there is one.
 PATHS = [("cpu", engine) for engine in ENGINES] + (
     [("cuda", "torch")] if torch.cuda.is_available() else []
 )
+
+# What the ``fast`` precision claims (README, Faithfulness), per model: mean MAE, worst MAE,
+# mean IoU@0.5, worst IoU@0.5 against the authors' maps. Each is no looser than rembg's own
+# figure with the same function (`python -m bench.parity --rembg`: U2NET 0.00416, 0.01239,
+# 0.9825, 0.9206; U2NETP 0.00563, 0.02668, 0.9793, 0.9001), so the fast path is at least as
+# faithful as rembg on all four. Measured (`--precision fast`) on this project's AMX CPU, and
+# with OpenVINO held to AVX-512 VNNI and to AVX2 (ONEDNN_MAX_CPU_ISA and OV_CPU_MAX_ISA):
+#   U2NET   0.00134-0.00136, 0.00353-0.00377, 0.9936-0.9937, 0.9769-0.9786
+#   U2NETP  0.00458-0.00474, 0.01517-0.01653, 0.9808-0.9818, 0.9313-0.9351
+# The bounds leave the spread between instruction sets again as headroom, or less where rembg's
+# figure comes first (U2NETP's mean IoU: 0.0013 above the worst measured).
+FAST_BOUNDS: dict[str, tuple[float, float, float, float]] = {
+    "u2net": (0.0016, 0.0045, 0.992, 0.970),
+    "u2netp": (0.0055, 0.020, 0.9795, 0.92),
+}
 
 
 @pytest.fixture(scope="module", params=["u2netp", "u2net"])
@@ -40,10 +55,36 @@ def within_bounds(report: Parity) -> bool:
     )
 
 
+def within_fast_bounds(report: Parity) -> bool:
+    mean_mae, worst_mae, mean_iou, worst_iou = FAST_BOUNDS[report.name]
+    return (
+        len(report.maes) == 18
+        and report.mean_mae <= mean_mae
+        and report.worst_mae <= worst_mae
+        and report.mean_iou >= mean_iou
+        and report.worst_iou >= worst_iou
+    )
+
+
 @pytest.mark.parametrize(("device", "engine"), PATHS)
 def test_maps_match_the_authors(name: str, device: str, engine: str) -> None:
+    """Each engine is held to the bounds of the precision it runs at: the faithful ones, or
+    for ``fast`` (int8) the ones the README states."""
     report = measure(name, weights_file(name), reference_dir(), device=device, engine=engine)
-    assert within_bounds(report), report.summary()
+    check = within_bounds if report.precision == "faithful" else within_fast_bounds
+    assert check(report), report.summary()
+
+
+def test_default_precision_is_chosen_by_parity() -> None:
+    """``fast`` (int8 on the CPU) is the default only if it meets the faithful bounds on both
+    models; otherwise it is one setting away."""
+    reports = [
+        measure(name, weights_file(name), reference_dir(), device="cpu", precision="fast")
+        for name in ("u2net", "u2netp")
+    ]
+    assert all(r.dtype == "int8" for r in reports)
+    expected = "fast" if all(within_bounds(r) for r in reports) else "faithful"
+    assert expected == DEFAULT_PRECISION, [r.summary() for r in reports]
 
 
 def test_cuda_default_dtype_is_chosen_by_emulated_parity(name: str) -> None:

@@ -49,6 +49,7 @@ def test_weights_path_defaults_to_the_weights_dir(tmp_path: Path) -> None:
         {"max_batch_size": 0},
         {"threshold": 0.5},
         {"dtype": "int8"},
+        {"precision": "int8"},
         {"max_batch_wait_ms": -1},
     ],
 )
@@ -65,6 +66,10 @@ def test_dtype_and_device_resolution() -> None:
     assert resolve_dtype("auto", cuda, u2net) is torch.float16
     assert resolve_dtype("auto", cuda, u2netp) is torch.float32
     assert resolve_dtype("bfloat16", cpu, u2net) is torch.bfloat16
+    # `fast`: float16 on CUDA for both models; on the CPU the engine makes it int8.
+    assert resolve_dtype("auto", cuda, u2netp, "fast") is torch.float16
+    assert resolve_dtype("auto", cuda, u2net, "fast") is torch.float16
+    assert resolve_dtype("auto", cpu, u2netp, "fast") is torch.float32
     with pytest.raises(ValueError, match="float16 is for CUDA"):
         resolve_dtype("float16", cpu, u2net)
     with pytest.raises(ValueError, match="dtype must be"):
@@ -73,6 +78,16 @@ def test_dtype_and_device_resolution() -> None:
         assert resolve_device("auto") == cpu
         with pytest.raises(RuntimeError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_precision_defaults_to_the_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default is whatever model.engines.DEFAULT_PRECISION says (tests/test_parity.py
+    holds it to the parity rule); the variable selects the other."""
+    from model.engines import DEFAULT_PRECISION
+
+    assert Settings().precision == DEFAULT_PRECISION
+    monkeypatch.setenv("U2SERVE_PRECISION", "fast")
+    assert Settings().precision == "fast"
 
 
 def test_codec_threads_leave_a_core_to_the_network() -> None:

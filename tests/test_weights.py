@@ -86,6 +86,10 @@ def test_fetch_is_idempotent_and_repairs(
     assert weights_cli(["fetch", "u2netp", "--dir", str(tmp_path)]) == 0
     assert "is present and verified" in caplog.text
     load_state_dict(tmp_path / "u2netp.safetensors", "u2netp")
+    # Every engine's derived file was made too, the int8 model included.
+    assert (tmp_path / "u2netp.mnn").is_file()
+    assert (tmp_path / "u2netp.int8.xml").is_file()
+    assert (tmp_path / "u2netp.int8.bin").is_file()
 
 
 def test_cli_converts_an_official_checkpoint(tmp_path: Path) -> None:

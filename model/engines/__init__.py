@@ -18,19 +18,30 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DEFAULT_PRECISION",
     "ENGINES",
+    "PRECISIONS",
     "Engine",
     "EngineModule",
     "EngineName",
     "EngineOptions",
+    "Precision",
     "engine_module",
     "load_engine",
     "prepare_engines",
     "resolve_engine",
 ]
 
-EngineName = Literal["torch", "mnn"]
-ENGINES: tuple[EngineName, ...] = ("torch", "mnn")
+EngineName = Literal["torch", "mnn", "openvino"]
+ENGINES: tuple[EngineName, ...] = ("torch", "mnn", "openvino")
+
+Precision = Literal["faithful", "fast"]
+PRECISIONS: tuple[Precision, ...] = ("faithful", "fast")
+# The rule: int8 (``fast``) would be the CPU default only if it met the faithful parity bounds
+# on both models (mean MAE ≤ 0.001, worst ≤ 0.003, mean IoU@0.5 ≥ 0.995, worst ≥ 0.99 against
+# the authors' maps). It does not (README, Faithfulness; tests/test_parity.py holds the choice),
+# so it is one setting away.
+DEFAULT_PRECISION: Precision = "faithful"
 
 
 @dataclass(frozen=True)
@@ -82,20 +93,26 @@ def engine_module(name: str) -> EngineModule:
     return cast(EngineModule, importlib.import_module(f"model.engines.{name}_engine"))
 
 
-def resolve_engine(name: str, device: torch.device, dtype: torch.dtype) -> EngineName:
-    """``auto``: PyTorch on a GPU (cuDNN, float16, batches); on the CPU, MNN in float32.
+def resolve_engine(
+    name: str, device: torch.device, dtype: torch.dtype, precision: str = DEFAULT_PRECISION
+) -> EngineName:
+    """``auto``: PyTorch on a GPU (cuDNN, float16, batches); on the CPU, MNN in float32, or
+    OpenVINO in int8 for the ``fast`` precision.
 
     On the CPU MNN computes U²-Net's 3×3 convolutions (94% of its FLOPs) with Winograd
     transforms and gives the same maps to five decimals. For U2NET it measured 1.68× ONNX
     Runtime's speed on an AVX2-only AMD EPYC and 1.07× on an AVX-512 one, where PyTorch's oneDNN
     ran at 0.79× (bench/README.md). MNN runs float32 only here, so any other CPU dtype stays
-    with PyTorch.
+    with PyTorch. ``fast``: OpenVINO's int8 (NNCF-quantized) model, about 3× ONNX Runtime's
+    float32 for U2NET, which bfloat16 (2× at best, and less faithful) does not approach.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if name != "auto":
         engine_module(name)  # validates the name
         return cast(EngineName, name)
     if device.type == "cpu" and dtype == torch.float32:
-        return "mnn"
+        return "openvino" if precision == "fast" else "mnn"
     return "torch"
 
 

@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 
 from model.engines import EngineName, EngineOptions
-from model.u2net import u2net, u2netp
+from model.engines.onnx_export import INPUT, OUTPUT, export_onnx
 from model.weights import SPECS, WeightsError, recorded_digest, verified_digest
 
 __all__ = ["MNNEngine", "engine_file", "load", "prepare", "record_file", "to_mnn"]
@@ -35,7 +34,6 @@ __all__ = ["MNNEngine", "engine_file", "load", "prepare", "record_file", "to_mnn
 log = logging.getLogger(__name__)
 
 _FORMAT = "u2serve-mnn-v1"
-_INPUT, _OUTPUT = "input", "fused"
 
 
 def engine_file(weights: Path) -> Path:
@@ -61,31 +59,11 @@ def _hint(weights: Path, model: str) -> str:
     )
 
 
-def _export_onnx(weights: Path, model: str, out: Path) -> None:
-    """The fused network as an ONNX graph, batch dimension dynamic."""
-    net = (u2net if model == "u2net" else u2netp)(weights=weights).eval()
-    size = SPECS[model].input_size
-    with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in favour of one that needs onnxscript; it is
-        # what this pinned torch ships, and it traces this plain convolutional graph exactly.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            net,
-            (torch.zeros(1, 3, size, size),),
-            str(out),
-            dynamo=False,
-            input_names=[_INPUT],
-            output_names=[_OUTPUT],
-            dynamic_axes={_INPUT: {0: "batch"}, _OUTPUT: {0: "batch"}},
-            opset_version=17,
-        )
-
-
 def to_mnn(weights: Path, model: str, out: Path) -> str:
     """Convert verified weights to an MNN model file at ``out``; return its SHA-256."""
     with tempfile.TemporaryDirectory(prefix="u2serve-mnn-") as tmp:
         onnx_path, mnn_path = Path(tmp) / f"{model}.onnx", Path(tmp) / f"{model}.mnn"
-        _export_onnx(weights, model, onnx_path)
+        export_onnx(weights, model, onnx_path)
         # The converter is MNN's C++ one, called in a child process so its chatter and any crash
         # stay there. (The wheel's `mnnconvert` script would also report usage over the
         # network; the extension it wraps does not.)
@@ -185,7 +163,7 @@ class MNNEngine:
         # precision "high": float32 everywhere ("low" would allow bf16/fp16, not faithful).
         config = {"backend": "CPU", "precision": "high", "numThread": threads}
         runtime = MNN.nn.create_runtime_manager((config,))
-        return MNN.nn.load_module_from_file(str(path), [_INPUT], [_OUTPUT], runtime_manager=runtime)
+        return MNN.nn.load_module_from_file(str(path), [INPUT], [OUTPUT], runtime_manager=runtime)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         import MNN.expr as F

@@ -1,0 +1,361 @@
+"""OpenVINO on the CPU in int8: the ``fast`` precision, about 3× ONNX Runtime's float32.
+
+Its model file (``<weights>.int8.xml`` and ``.int8.bin``) is derived from the verified weights by
+:func:`to_int8`: the fused PyTorch model is exported to ONNX, read by ``openvino.convert_model``
+(whose graph keeps the biases apart from the convolutions, which NNCF's bias correction needs;
+``Core.read_model``'s does not, and the maps were twice as far from the authors'), and quantized
+by NNCF's post-training ``quantize`` on the calibration photos in ``model/calibration`` (never the
+photos the parity tests measure). Weights are int8 per output channel, activations int8 per
+tensor; the layers in :data:`KEEP_FLOAT` stay in float32. A record beside the files
+(``<weights>.int8.json``) names the weights digest, the calibration set's digest, the quantizer's
+versions and both files' SHA-256; :func:`load` checks them all before use, so a stale, truncated
+or swapped file is refused like a bad weights file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from model.engines import EngineName, EngineOptions
+from model.engines.onnx_export import INPUT, export_onnx
+from model.preprocess import preprocess
+from model.weights import SPECS, WeightsError, recorded_digest, verified_digest
+
+__all__ = [
+    "CALIBRATION",
+    "HEAD",
+    "KEEP_FLOAT",
+    "OpenVINOEngine",
+    "calibration_inputs",
+    "calibration_photos",
+    "calibration_sha256",
+    "engine_files",
+    "instruction_set",
+    "load",
+    "prepare",
+    "record_file",
+    "to_int8",
+]
+
+log = logging.getLogger(__name__)
+
+# v1: the recipe below (calibration variants, NNCF's arguments). A change to it makes every
+# recorded file stale, as a change of weights or calibration photos does.
+_FORMAT = "u2serve-openvino-int8-v1"
+CALIBRATION = Path(__file__).resolve().parents[1] / "calibration"
+
+# Convolutions kept in float32. The seven one-channel head convolutions (side maps 1-6 and the
+# fusion) carry the map itself; quantized, the min-max scaling after them magnifies their
+# rounding (U2NET, everything else int8: mean MAE 0.00134 against 0.00151 with them quantized,
+# worst IoU 0.979 against 0.976). Their FLOPs: 0.15% of U2NET's, 0.4% of U2NETP's.
+HEAD = (*(f"/side{i}/Conv/WithoutBiases" for i in range(1, 7)), "/outconv/Conv/WithoutBiases")
+KEEP_FLOAT: dict[str, tuple[str, ...]] = {
+    "u2net": HEAD,
+    # U2NETP's 16-channel layers leave rounding less room to average out: with only the head in
+    # float its maps were useless (mean MAE 0.081, worst IoU 0.37). NNCF's accuracy-controlled
+    # ranking (`python -m bench.sensitivity --model u2netp`) put these two first by far: kept in
+    # float, the drop in agreement with float32 fell from 0.112 to 0.034, and the next twenty
+    # it reverted only to 0.018. The two are 2.5% of U2NETP's FLOPs.
+    "u2netp": (
+        *HEAD,
+        "/stage2d/rebnconv1d/conv_s1/Conv/WithoutBiases",
+        "/stage2d/rebnconv2/conv_s1/Conv/WithoutBiases",
+    ),
+}
+
+
+def engine_files(weights: Path) -> tuple[Path, Path]:
+    """The OpenVINO model: its graph (``.int8.xml``) and its constants (``.int8.bin``)."""
+    return weights.with_suffix(".int8.xml"), weights.with_suffix(".int8.bin")
+
+
+def record_file(weights: Path) -> Path:
+    return weights.with_suffix(".int8.json")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hint(weights: Path, model: str) -> str:
+    return (
+        f"Make it with: python -m weights prepare --model {model} {weights} "
+        f"(for the released weights, {SPECS[model].fetch_command} does it too)"
+    )
+
+
+def calibration_photos() -> list[Path]:
+    return sorted(p for p in CALIBRATION.iterdir() if p.suffix == ".jpg")
+
+
+def calibration_sha256() -> str:
+    """A digest of the calibration photos (names and bytes)."""
+    h = hashlib.sha256()
+    for path in calibration_photos():
+        h.update(f"{path.name}\n".encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _variants(image: Tensor) -> list[Tensor]:
+    """Each photo as it is, mirrored, and three crops (the middle and two corners, 3/4 of each
+    side): the subject at other scales and places, as uploads have it."""
+    h, w = image.shape[:2]
+    ch, cw = h * 3 // 4, w * 3 // 4
+    return [
+        image,
+        image.flip(1),
+        image[(h - ch) // 2 : (h - ch) // 2 + ch, (w - cw) // 2 : (w - cw) // 2 + cw],
+        image[:ch, :cw],
+        image[h - ch :, w - cw :].flip(1),
+    ]
+
+
+def calibration_inputs(model: str) -> list[np.ndarray]:
+    """The network's inputs for calibration, ``1×3×S×S`` float32 each, through the service's own
+    preprocessing."""
+    out = []
+    for path in calibration_photos():
+        with Image.open(path) as im:
+            image = torch.from_numpy(np.array(im.convert("RGB")))
+        for variant in _variants(image):
+            out.append(preprocess([variant.contiguous()], SPECS[model]).numpy())
+    return out
+
+
+def _versions() -> dict[str, str]:
+    return {name: metadata.version(name) for name in ("openvino", "nncf")}
+
+
+def instruction_set() -> str:
+    """The widest x86 instruction set the kernels may use here (and a cap, if one is set): the
+    float statistics the quantizer gathers may round differently from one to another."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(
+                (set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")),
+                set(),
+            )
+    except OSError:
+        pass
+    levels = (
+        ("amx", "amx_int8"),
+        ("avx512_vnni", "avx512_vnni"),
+        ("avx512", "avx512f"),
+        ("avx2", "avx2"),
+    )
+    found = next((name for name, flag in levels if flag in flags), platform.machine())
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f"{found}, capped at {cap}" if cap else found
+
+
+def _quantize(weights: Path, model: str, out: Path) -> None:
+    """Export, quantize and save to ``out`` (``.xml``, with its ``.bin``); run in a child."""
+    import nncf
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory(prefix="u2serve-int8-") as tmp:
+        onnx_path = Path(tmp) / f"{model}.onnx"
+        export_onnx(weights, model, onnx_path)
+        float_model = ov.convert_model(onnx_path)
+    inputs = calibration_inputs(model)
+    quantized = nncf.quantize(
+        float_model,
+        nncf.Dataset(inputs),
+        subset_size=len(inputs),
+        ignored_scope=nncf.IgnoredScope(names=list(KEEP_FLOAT[model])),
+    )
+    # Float layers stay float32 in the file (save_model would halve them to float16).
+    ov.save_model(quantized, out, compress_to_fp16=False)
+
+
+def to_int8(weights: Path, model: str, xml: Path) -> tuple[str, str]:
+    """Quantize verified weights to an OpenVINO int8 model at ``xml`` (and its ``.bin``); return
+    both files' SHA-256."""
+    with tempfile.TemporaryDirectory(prefix="u2serve-int8-") as tmp:
+        part = Path(tmp) / xml.name
+        # In a child process, as MNN's converter is: NNCF's progress output and any crash stay
+        # there, and NNCF_CI turns off NNCF's usage reports, which it would otherwise try to send.
+        env = {**os.environ, "NNCF_CI": "1"}
+        code = (
+            "import sys; from pathlib import Path; from model.engines.openvino_engine import "
+            "_quantize; _quantize(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(weights), model, str(part)],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=env,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        bin_part = part.with_suffix(".bin")
+        if done.returncode != 0 or not part.is_file() or not bin_part.is_file():
+            raise WeightsError(
+                f"quantizing {weights} failed ({done.returncode}):\n"
+                f"{done.stdout[-2000:]}{done.stderr[-2000:]}"
+            )
+        xml.parent.mkdir(parents=True, exist_ok=True)
+        digests = _file_sha256(part), _file_sha256(bin_part)
+        xml_out, bin_out = xml, xml.with_suffix(".bin")
+        # The temporary folder may be on another file system: move, then rename in place.
+        for src, dst in ((bin_part, bin_out), (part, xml_out)):
+            staged = dst.with_suffix(dst.suffix + ".part")
+            shutil.move(src, staged)
+            staged.replace(dst)
+    return digests
+
+
+def _read_record(weights: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(record_file(weights).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _check(weights: Path, model: str, weights_sha256: str) -> Path:
+    """The engine's model for these weights, verified; :class:`WeightsError` otherwise."""
+    (xml, bin_), hint = engine_files(weights), _hint(weights, model)
+    for path in (xml, bin_):
+        if not path.is_file():
+            raise WeightsError(f"int8 model file {path} not found. {hint}")
+    record = _read_record(weights)
+    if record.get("format") != _FORMAT or record.get("model") != model:
+        raise WeightsError(
+            f"{record_file(weights)} is missing or not a {model} {_FORMAT} record. {hint}"
+        )
+    if record.get("weights_sha256") != weights_sha256:
+        raise WeightsError(
+            f"int8 model file {xml} was made from other weights (tensors "
+            f"{record.get('weights_sha256')}, expected {weights_sha256}). {hint}"
+        )
+    calibration = calibration_sha256()
+    if record.get("calibration_sha256") != calibration:
+        raise WeightsError(
+            f"int8 model file {xml} was calibrated on other photos (calibration set "
+            f"{record.get('calibration_sha256')}, now {calibration}). {hint}"
+        )
+    versions = _versions()
+    if record.get("quantizer") != versions:
+        raise WeightsError(
+            f"int8 model file {xml} was made by {record.get('quantizer')}, not the installed "
+            f"{versions}. {hint}"
+        )
+    for path, key in ((xml, "xml_sha256"), (bin_, "bin_sha256")):
+        digest = _file_sha256(path)
+        if digest != record.get(key):
+            raise WeightsError(
+                f"int8 model file {path} is corrupt: SHA-256 {digest}, expected "
+                f"{record.get(key)}. {hint}"
+            )
+    return xml
+
+
+def prepare(weights: Path, model: str) -> Path:
+    """Make ``<weights>.int8.xml``/``.bin`` and their record unless verified ones are there."""
+    weights_sha256 = verified_digest(weights, model)
+    try:
+        return _check(weights, model, weights_sha256)
+    except WeightsError as exc:
+        log.info("%s; quantizing", exc.args[0].split(". ")[0])
+    xml, _ = engine_files(weights)
+    xml_sha256, bin_sha256 = to_int8(weights, model, xml)
+    record = {
+        "format": _FORMAT,
+        "model": model,
+        "weights_sha256": weights_sha256,
+        "calibration_sha256": calibration_sha256(),
+        "quantizer": _versions(),
+        "keep_float": list(KEEP_FLOAT[model]),
+        "made_on": instruction_set(),
+        "xml_sha256": xml_sha256,
+        "bin_sha256": bin_sha256,
+    }
+    part = record_file(weights).with_suffix(".part")
+    part.write_text(json.dumps(record, indent=2) + "\n")
+    part.replace(record_file(weights))
+    log.info("%s: wrote %s (SHA-256 %s, %s)", model, xml, xml_sha256, bin_sha256)
+    return xml
+
+
+class OpenVINOEngine:
+    """One compiled model per batch size (the CPU default is 1), one request at a time."""
+
+    name: EngineName = "openvino"
+    allocates_per_call = False  # the CPU plugin plans its buffers when a shape is compiled
+
+    def __init__(self, path: Path, threads: int, digest: str) -> None:
+        import openvino as ov
+        import openvino.properties as props
+        import openvino.properties.hint as hints
+
+        # Both files decide the maps: the graph (which layers stay float) and the int8 tensors.
+        self.artifact_digest: str | None = digest
+        self.device = torch.device("cpu")
+        self.dtype = torch.int8
+        self.threads = threads
+        self._core = ov.Core()
+        self._model = self._core.read_model(path)
+        self._config = {
+            # float32 where the model is float (the head): the CPU plugin would otherwise run
+            # those layers in bf16 on CPUs that have it.
+            hints.inference_precision: ov.Type.f32,
+            hints.performance_mode: hints.PerformanceMode.LATENCY,
+            props.inference_num_threads: threads,
+            props.num_streams: 1,
+        }
+        self._compiled: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self._request(1)
+
+    def _request(self, batch: int) -> Any:
+        if batch not in self._compiled:
+            model = self._model.clone()
+            size = model.input(0).get_partial_shape()[2].get_length()
+            model.reshape({INPUT: [batch, 3, size, size]})
+            compiled = self._core.compile_model(model, "CPU", self._config)
+            self._compiled[batch] = compiled.create_infer_request()
+        return self._compiled[batch]
+
+    def forward(self, x: Tensor) -> Tensor:
+        arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        with self._lock:
+            request = self._request(arr.shape[0])
+            request.infer({0: arr})
+            out = np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+        return torch.from_numpy(out)
+
+
+def load(weights: Path, model: str, options: EngineOptions) -> OpenVINOEngine:
+    if options.device.type != "cpu":
+        raise ValueError(f"the openvino engine runs on the CPU, not {options.device}; use torch")
+    # The tensors were verified when the int8 file was made from them; what runs is that file,
+    # checked by its own digests, so the weights file is only read for the digest it names.
+    path = _check(weights, model, recorded_digest(weights, model))
+    threads = options.threads or len(os.sched_getaffinity(0))
+    record = _read_record(weights)
+    digest = hashlib.sha256(f"{record['xml_sha256']}:{record['bin_sha256']}".encode()).hexdigest()
+    return OpenVINOEngine(path, threads, digest)
