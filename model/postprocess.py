@@ -27,11 +27,23 @@ def minmax(maps: Tensor) -> Tensor:
     return (maps.float() - lo) / (hi - lo).clamp(min=1e-12)
 
 
+# Reductions stronger than this (320 → fewer than 20 pixels) are done on the CPU on CUDA hosts.
+_CUDA_MIN_SCALE = 1 / 16
+
+
 def resize_map(m: Tensor, size: tuple[int, int]) -> Tensor:
     """One ``1×S×S`` map → ``H×W``. Bilinear with anti-aliasing when shrinking, like the authors'
     PIL ``resize(BILINEAR)``; a plain bilinear upscale otherwise."""
     if m.device.type == "cpu" and size[0] >= m.shape[-2] and size[1] >= m.shape[-1]:
         return _upscale_on_cpu(m[0], size)
+    if (
+        m.device.type == "cuda"
+        and min(size[0] / m.shape[-2], size[1] / m.shape[-1]) < _CUDA_MIN_SCALE
+    ):
+        # CUDA's anti-aliased kernel holds a filter as wide as the reduction in shared memory
+        # and refuses a 320 → 1 reduction (84 kB against 48 kB, on an H200); such a map is at
+        # most a few rows or columns, cheap on the CPU.
+        return resize_map(m.cpu(), size).to(m.device)
     out = F.interpolate(m[None], size=size, mode="bilinear", align_corners=False, antialias=True)
     return out[0, 0]
 

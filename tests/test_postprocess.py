@@ -72,3 +72,14 @@ def test_mask_is_0_or_255() -> None:
     p = torch.tensor([[0.0, 0.49999, 0.5, 1.0]])
     assert to_mask(p, 0.5).tolist() == [[0, 0, 255, 255]]
     assert to_mask(p, 0.5).dtype == torch.uint8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_strong_reductions_on_cuda_match_the_cpu(maps: list[torch.Tensor]) -> None:
+    """CUDA's anti-aliased kernel refuses 320 → 1 (not enough shared memory): such maps are
+    resized on the CPU and come back to the device, equal to the CPU's."""
+    levels = maps[0]
+    for size in [(1, 700), (700, 1), (3, 3), (19, 4000)]:
+        got = resize_map(levels.cuda(), size)
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), _torch_reference(levels, size), rtol=0, atol=0)
