@@ -9,6 +9,7 @@ imported only when their engine is used.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,10 @@ __all__ = [
     "EngineOptions",
     "Precision",
     "engine_module",
+    "file_sha256",
     "load_engine",
     "prepare_engines",
+    "prepare_hint",
     "resolve_engine",
 ]
 
@@ -124,3 +127,22 @@ def prepare_engines(weights: Path, model: str) -> list[Path]:
     """Make every engine's derived model file for a verified weights file (idempotent)."""
     made = [engine_module(name).prepare(weights, model) for name in ENGINES]
     return [p for p in made if p is not None]
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a derived model file, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def prepare_hint(weights: Path, model: str) -> str:
+    """The command that makes an engine's derived files again, for error messages."""
+    from model.weights import SPECS
+
+    return (
+        f"Make it with: python -m weights prepare --model {model} {weights} "
+        f"(for the released weights, {SPECS[model].fetch_command} does it too)"
+    )

@@ -9,7 +9,6 @@ weights file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,9 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.engines import EngineName, EngineOptions
+from model.engines import EngineName, EngineOptions, file_sha256, prepare_hint
 from model.engines.onnx_export import INPUT, OUTPUT, export_onnx
-from model.weights import SPECS, WeightsError, recorded_digest, verified_digest
+from model.weights import WeightsError, recorded_digest, verified_digest
 
 __all__ = ["MNNEngine", "engine_file", "load", "prepare", "record_file", "to_mnn"]
 
@@ -42,21 +41,6 @@ def engine_file(weights: Path) -> Path:
 
 def record_file(weights: Path) -> Path:
     return weights.with_suffix(".mnn.json")
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _hint(weights: Path, model: str) -> str:
-    return (
-        f"Make it with: python -m weights prepare --model {model} {weights} "
-        f"(for the released weights, {SPECS[model].fetch_command} does it too)"
-    )
 
 
 def to_mnn(weights: Path, model: str, out: Path) -> str:
@@ -81,7 +65,7 @@ def to_mnn(weights: Path, model: str, out: Path) -> str:
         out.parent.mkdir(parents=True, exist_ok=True)
         part = out.with_suffix(out.suffix + ".part")
         shutil.move(mnn_path, part)  # the temporary folder may be on another file system
-        digest = _file_sha256(part)
+        digest = file_sha256(part)
         part.replace(out)
     return digest
 
@@ -96,7 +80,7 @@ def _read_record(weights: Path) -> dict[str, Any]:
 
 def _check(weights: Path, model: str, weights_sha256: str) -> Path:
     """The engine file for these weights, verified; :class:`WeightsError` otherwise."""
-    path, hint = engine_file(weights), _hint(weights, model)
+    path, hint = engine_file(weights), prepare_hint(weights, model)
     if not path.is_file():
         raise WeightsError(f"MNN model file {path} not found. {hint}")
     record = _read_record(weights)
@@ -107,7 +91,7 @@ def _check(weights: Path, model: str, weights_sha256: str) -> Path:
             f"MNN model file {path} was made from other weights (tensors "
             f"{record.get('weights_sha256')}, expected {weights_sha256}). {hint}"
         )
-    digest = _file_sha256(path)
+    digest = file_sha256(path)
     if digest != record.get("sha256"):
         raise WeightsError(
             f"MNN model file {path} is corrupt: SHA-256 {digest}, expected "

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from model.engines import EngineName, EngineOptions
+from model.engines import EngineName, EngineOptions, file_sha256, prepare_hint
 from model.engines.onnx_export import INPUT, export_onnx
 from model.preprocess import preprocess
 from model.weights import SPECS, WeightsError, recorded_digest, verified_digest
@@ -88,21 +88,6 @@ def engine_files(weights: Path) -> tuple[Path, Path]:
 
 def record_file(weights: Path) -> Path:
     return weights.with_suffix(".int8.json")
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _hint(weights: Path, model: str) -> str:
-    return (
-        f"Make it with: python -m weights prepare --model {model} {weights} "
-        f"(for the released weights, {SPECS[model].fetch_command} does it too)"
-    )
 
 
 def calibration_photos() -> list[Path]:
@@ -218,7 +203,7 @@ def to_int8(weights: Path, model: str, xml: Path) -> tuple[str, str]:
                 f"{done.stdout[-2000:]}{done.stderr[-2000:]}"
             )
         xml.parent.mkdir(parents=True, exist_ok=True)
-        digests = _file_sha256(part), _file_sha256(bin_part)
+        digests = file_sha256(part), file_sha256(bin_part)
         xml_out, bin_out = xml, xml.with_suffix(".bin")
         # The temporary folder may be on another file system: move, then rename in place.
         for src, dst in ((bin_part, bin_out), (part, xml_out)):
@@ -238,7 +223,7 @@ def _read_record(weights: Path) -> dict[str, Any]:
 
 def _check(weights: Path, model: str, weights_sha256: str) -> Path:
     """The engine's model for these weights, verified; :class:`WeightsError` otherwise."""
-    (xml, bin_), hint = engine_files(weights), _hint(weights, model)
+    (xml, bin_), hint = engine_files(weights), prepare_hint(weights, model)
     for path in (xml, bin_):
         if not path.is_file():
             raise WeightsError(f"int8 model file {path} not found. {hint}")
@@ -265,7 +250,7 @@ def _check(weights: Path, model: str, weights_sha256: str) -> Path:
             f"{versions}. {hint}"
         )
     for path, key in ((xml, "xml_sha256"), (bin_, "bin_sha256")):
-        digest = _file_sha256(path)
+        digest = file_sha256(path)
         if digest != record.get(key):
             raise WeightsError(
                 f"int8 model file {path} is corrupt: SHA-256 {digest}, expected "
