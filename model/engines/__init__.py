@@ -105,9 +105,11 @@ def resolve_engine(
     On the CPU MNN computes U²-Net's 3×3 convolutions (94% of its FLOPs) with Winograd
     transforms and gives the same maps to five decimals. For U2NET it measured 1.68× ONNX
     Runtime's speed on an AVX2-only AMD EPYC and 1.07× on an AVX-512 one, where PyTorch's oneDNN
-    ran at 0.79× (bench/README.md). MNN runs float32 only here, so any other CPU dtype stays
-    with PyTorch. ``fast``: OpenVINO's int8 (NNCF-quantized) model, about 3× ONNX Runtime's
-    float32 for U2NET, which bfloat16 (2× at best, and less faithful) does not approach.
+    ran at 0.79× (bench/README.md); on an Intel Xeon with AMX it measured 0.84–0.91×, the one
+    CPU where it is not the fastest float32 engine. MNN runs float32 only here, so any other CPU
+    dtype stays with PyTorch. ``fast``: OpenVINO's int8 (NNCF-quantized) model, for U2NET 6.8×
+    ONNX Runtime's float32 with AMX, 3.5× with AVX-512 VNNI, 1.25× with AVX2 alone, which
+    bfloat16 (2× at best, and less faithful) does not approach.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
