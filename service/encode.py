@@ -41,7 +41,7 @@ def _cutoff(params: SegmentParams) -> int:
     if params.output == "probability":
         # The 8-bit map is rounded; the box is of the pixels whose level reaches the threshold.
         return math.ceil(params.threshold * 255)
-    return 255  # a mask: 0 or 255
+    return 1  # a mask: 0 or 255, so every level but 0 (counted without a threshold)
 
 
 def _box_headers(found: Subject, box: Box | None) -> dict[str, str]:
