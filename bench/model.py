@@ -3,13 +3,14 @@ and batch, with ONNX Runtime (rembg's engine) on the same file in the same run.
 
     python -m bench.model                # u2net: every engine here, ONNX Runtime, batch 1 2 4
     python -m bench.model --model u2netp --engines mnn --batches 1 --rounds 5
-    python -m bench.model --engines mnn openvino --batches 1    # float32 against int8 (fast)
+    python -m bench.model --engines mnn openvino --batches 1    # float32 both, and int8 (fast)
     ONEDNN_MAX_CPU_ISA=AVX2 OV_CPU_MAX_ISA=AVX2 python -m bench.model --engines openvino
     python -m bench.model --devices cuda --dtypes float16 float32 --batches 1 8 32 64
 
 Configurations are timed in alternating rounds (this machine's timings drift by ±20%), after a
 warm-up each. Prints one row per configuration: images/s, latency per batch (median and p90),
-FLOP per image, achieved FLOP/s, and the speed relative to ONNX Runtime at batch 1.
+FLOP per image, achieved FLOP/s, and the speed relative to ONNX Runtime at batch 1. The CPU
+dtypes are float32 and int8 (OpenVINO's quantized model, what ``U2SERVE_PRECISION=fast`` runs).
 Preprocessing and postprocessing are not included: this is the ceiling the HTTP benchmark is
 compared against.
 """
@@ -132,21 +133,28 @@ def main(argv: list[str] | None = None) -> None:
         configs.append(onnxruntime_config(args.model, threads))
     for dev in devices:
         device = resolve_device(dev)
-        dtypes = args.dtypes or (["float16", "float32"] if device.type == "cuda" else ["float32"])
+        cpu_dtypes = ["float32", "int8"]
+        dtypes = args.dtypes or (["float16", "float32"] if device.type == "cuda" else cpu_dtypes)
         batches = args.batches or (GPU_BATCHES if device.type == "cuda" else CPU_BATCHES)
         engines = args.engines or (["torch"] if device.type == "cuda" else list(ENGINES))
         for engine in engines:
             for dtype in dtypes:
-                if engine in ("mnn", "openvino") and (device.type != "cpu" or dtype != "float32"):
-                    continue  # CPU engines with a model file of their own (openvino's is int8)
+                int8 = dtype == "int8"
+                if int8 and engine != "openvino":
+                    continue  # the one int8 model
+                if engine in ("mnn", "openvino") and (
+                    device.type != "cpu" or dtype not in cpu_dtypes
+                ):
+                    continue  # CPU engines with model files of their own
                 seg = Segmenter(
                     args.model,
                     weights,
                     device=dev,
-                    dtype=dtype,
+                    dtype="float32" if int8 else dtype,
                     engine=engine,
                     channels_last=not args.no_channels_last,
                     threads=threads,
+                    precision="fast" if int8 else "faithful",
                 )
                 configs += [segmenter_config(seg, batch) for batch in batches]
     flop = flop_per_image(args.model)

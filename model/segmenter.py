@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -86,6 +87,7 @@ class Segmenter:
             resolve_dtype(dtype, resolved, self.spec, precision),
             channels_last=channels_last,
             threads=threads,
+            precision=cast(Precision, precision),
         )
         self.engine: Engine = load_engine(
             resolve_engine(engine, options.device, options.dtype, precision),

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from model.engines import cpu_features, float32_cpu_engine
 from model.postprocess import to_mask, to_probability
 from model.segmenter import Segmenter
 from service.app import Runtime, create_app
@@ -28,6 +29,7 @@ from service.settings import Settings
 from .conftest import load_rgb, reference_dir
 
 HORSE = "horse.jpg"  # 770×595
+FLOAT32_ENGINE = float32_cpu_engine(*cpu_features())  # what `auto` runs here
 
 
 async def wait_ready(rt: Runtime, limit_s: float = 60) -> None:
@@ -393,7 +395,7 @@ async def test_health_and_metrics(u2netp_weights: Path) -> None:
             metric(
                 text,
                 "u2serve_model_info",
-                {"model": "u2netp", "engine": "mnn", "device": "cpu", "dtype": "float32"},
+                {"model": "u2netp", "engine": FLOAT32_ENGINE, "device": "cpu", "dtype": "float32"},
             )
             == 1
         )

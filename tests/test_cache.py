@@ -289,7 +289,11 @@ async def test_a_maps_key_names_what_decides_it(u2netp_weights: Path) -> None:
     assert all(k.endswith(photo_digest) for k in keys)
 
 
-DEVICES = [("cpu", "mnn", "float32"), ("cpu", "torch", "float32")] + (
+DEVICES = [
+    ("cpu", "mnn", "float32"),
+    ("cpu", "openvino", "float32"),
+    ("cpu", "torch", "float32"),
+] + (
     [("cuda", "torch", "float16"), ("cuda", "torch", "float32")]
     if __import__("torch").cuda.is_available()
     else []

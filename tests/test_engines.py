@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.engines import ENGINES, EngineOptions, openvino_engine, prepare_engines, resolve_engine
+from model.engines import (
+    ENGINES,
+    EngineOptions,
+    Precision,
+    cpu_features,
+    float32_cpu_engine,
+    openvino_engine,
+    prepare_engines,
+    resolve_engine,
+)
 from model.engines.mnn_engine import engine_file, record_file
 from model.postprocess import resize_maps, to_probability
 from model.preprocess import preprocess
@@ -20,22 +29,30 @@ from weights.__main__ import main as weights_cli
 from .conftest import load_rgb, weights_file
 
 
+@pytest.mark.parametrize("engine", ["mnn", "openvino"])
 @pytest.mark.parametrize("name", ["u2netp", "u2net"])
-def test_mnn_agrees_with_pytorch(name: str, reference_images: list[Path]) -> None:
-    """Winograd (MNN) against direct convolution (oneDNN), float32 both, on real photos.
+def test_float32_engines_agree_with_pytorch(
+    name: str, engine: str, reference_images: list[Path]
+) -> None:
+    """Winograd (MNN) and OpenVINO's float32 against PyTorch's direct convolution (oneDNN),
+    float32 all, on real photos.
 
     Measured over the 18 reference photos (AVX-512 CPU; the same with oneDNN held to AVX2):
-    fused map max difference 1.3e-3 (U2NET) / 5.7e-4 (U2NETP), mean at most 8.7e-6; the final
-    8-bit maps differ by one level on at most 0.23% of pixels. The bounds give 7x to 11x
-    headroom; a wrong tensor or layout gives differences of 0.1 and more.
+    MNN's fused map max difference 1.3e-3 (U2NET) / 5.7e-4 (U2NETP), mean at most 8.7e-6; the
+    final 8-bit maps differ by one level on at most 0.23% of pixels. OpenVINO's (AVX-512 CPU
+    with AMX, and held to AVX2): max 2.5e-5, mean at most 2.6e-7, one level on at most 0.34% of
+    the pixels of the photos tested here (1.6% of the worst of all 18, still one level at most).
+    The bounds give 3x or more headroom; a wrong tensor or layout gives differences of 0.1 and
+    more.
     """
     weights = weights_file(name)
     ours = Segmenter(name, weights, device="cpu", engine="torch")
-    mnn = Segmenter(name, weights, device="cpu", engine="mnn")
+    other = Segmenter(name, weights, device="cpu", engine=engine)
+    assert (other.dtype, other.precision) == (torch.float32, "faithful")
     for path in reference_images[::4]:
         image = load_rgb(path)
         x = preprocess([image], ours.spec)
-        a, b = ours.forward(x), mnn.forward(x)
+        a, b = ours.forward(x), other.forward(x)
         assert b.shape == a.shape
         assert b.dtype == torch.float32
         diff = (a - b).abs()
@@ -65,9 +82,13 @@ def test_mnn_runs_batches(u2netp_weights: Path, reference_images: list[Path]) ->
         assert diff.mean() <= 1e-4
 
 
-def test_auto_prefers_mnn_on_the_cpu_and_torch_elsewhere() -> None:
+def test_auto_picks_the_cpus_float32_engine_and_torch_elsewhere() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_engine("auto", cpu, torch.float32) == "mnn"
+    assert resolve_engine("auto", cpu, torch.float32) == float32_cpu_engine(*cpu_features())
+    assert float32_cpu_engine("GenuineIntel", frozenset({"avx2", "avx512f"})) == "openvino"
+    assert float32_cpu_engine("GenuineIntel", frozenset({"avx2"})) == "mnn"
+    assert float32_cpu_engine("AuthenticAMD", frozenset({"avx2", "avx512f"})) == "mnn"
+    assert float32_cpu_engine("", frozenset()) == "mnn"  # no /proc/cpuinfo, or not x86
     assert resolve_engine("auto", cpu, torch.bfloat16) == "torch"
     assert resolve_engine("auto", cuda, torch.float16) == "torch"
     assert resolve_engine("torch", cpu, torch.float32) == "torch"
@@ -78,14 +99,26 @@ def test_auto_prefers_mnn_on_the_cpu_and_torch_elsewhere() -> None:
 def test_precision_picks_the_engine_and_is_reported(u2netp_weights: Path) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_engine("auto", cpu, torch.float32, "fast") == "openvino"
-    assert resolve_engine("auto", cpu, torch.float32, "faithful") == "mnn"
+    assert resolve_engine("auto", cpu, torch.float32, "faithful") == float32_cpu_engine(
+        *cpu_features()
+    )
     assert resolve_engine("auto", cuda, torch.float16, "fast") == "torch"
     with pytest.raises(ValueError, match="precision must be"):
         resolve_engine("auto", cpu, torch.float32, "quick")
     fast = Segmenter("u2netp", u2netp_weights, device="cpu", precision="fast")
     assert (fast.engine.name, fast.dtype, fast.precision) == ("openvino", torch.int8, "fast")
     faithful = Segmenter("u2netp", u2netp_weights, device="cpu", precision="faithful")
-    assert (faithful.engine.name, faithful.precision) == ("mnn", "faithful")
+    assert (faithful.engine.name, faithful.dtype, faithful.precision) == (
+        float32_cpu_engine(*cpu_features()),
+        torch.float32,
+        "faithful",
+    )
+    explicit = Segmenter("u2netp", u2netp_weights, engine="openvino", precision="faithful")
+    assert (explicit.engine.name, explicit.dtype, explicit.precision) == (
+        "openvino",
+        torch.float32,
+        "faithful",
+    )
     # What is reported is what runs: an explicit engine wins over the precision.
     assert Segmenter("u2netp", u2netp_weights, engine="mnn", precision="fast").precision == (
         "faithful"
@@ -94,8 +127,11 @@ def test_precision_picks_the_engine_and_is_reported(u2netp_weights: Path) -> Non
         Segmenter("u2netp", u2netp_weights, precision="int8")
 
 
-def test_int8_engine_runs_batches(u2netp_weights: Path, reference_images: list[Path]) -> None:
-    seg = Segmenter("u2netp", u2netp_weights, device="cpu", engine="openvino")
+@pytest.mark.parametrize("precision", ["fast", "faithful"])
+def test_openvino_runs_batches(
+    u2netp_weights: Path, reference_images: list[Path], precision: str
+) -> None:
+    seg = Segmenter("u2netp", u2netp_weights, device="cpu", engine="openvino", precision=precision)
     x = preprocess([load_rgb(p) for p in reference_images[:3]], seg.spec)
     together = seg.forward(x)
     assert together.shape == (3, 1, 320, 320)
@@ -151,19 +187,29 @@ def test_prepare_is_idempotent(prepared: Path, caplog: pytest.LogCaptureFixture)
     before = engine_file(prepared).stat().st_mtime_ns
     caplog.set_level("INFO")
     int8_before = openvino_engine.engine_files(prepared)[1].stat().st_mtime_ns
+    f32_before = openvino_engine.engine_files(prepared, "faithful")[1].stat().st_mtime_ns
     assert prepare_engines(prepared, "u2netp") == [
         engine_file(prepared),
+        openvino_engine.engine_files(prepared, "faithful")[0],
         openvino_engine.engine_files(prepared)[0],
     ]
     assert engine_file(prepared).stat().st_mtime_ns == before
     assert openvino_engine.engine_files(prepared)[1].stat().st_mtime_ns == int8_before
+    assert openvino_engine.engine_files(prepared, "faithful")[1].stat().st_mtime_ns == f32_before
     assert "converting" not in caplog.text
     assert "quantizing" not in caplog.text
 
 
 def _damaged_copy(prepared: Path, folder: Path) -> Path:
-    int8 = (*openvino_engine.engine_files(prepared), openvino_engine.record_file(prepared))
-    for path in (prepared, engine_file(prepared), record_file(prepared), *int8):
+    openvino = [
+        path
+        for precision in ("fast", "faithful")
+        for path in (
+            *openvino_engine.engine_files(prepared, precision),
+            openvino_engine.record_file(prepared, precision),
+        )
+    ]
+    for path in (prepared, engine_file(prepared), record_file(prepared), *openvino):
         shutil.copy(path, folder / path.name)
     return folder / prepared.name
 
@@ -200,56 +246,62 @@ def test_engine_file_of_other_weights_is_refused(prepared: Path, tmp_path: Path)
         Segmenter("u2netp", weights, device="cpu", engine="mnn")
 
 
-@pytest.mark.parametrize("part", [0, 1])
-def test_damaged_int8_file_is_refused_and_prepare_repairs_it(
-    prepared: Path, tmp_path: Path, part: int
+@pytest.mark.parametrize(("precision", "part"), [("fast", 0), ("fast", 1), ("faithful", 1)])
+def test_damaged_openvino_file_is_refused_and_prepare_repairs_it(
+    prepared: Path, tmp_path: Path, precision: Precision, part: int
 ) -> None:
     """A flipped byte in the graph (.xml) or the constants (.bin) is found by its digest."""
     weights = _damaged_copy(prepared, tmp_path)
-    path = openvino_engine.engine_files(weights)[part]
+    path = openvino_engine.engine_files(weights, precision)[part]
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(WeightsError, match="is corrupt") as exc:
-        Segmenter("u2netp", weights, device="cpu", precision="fast")
+        Segmenter("u2netp", weights, device="cpu", engine="openvino", precision=precision)
     assert f"python -m weights prepare --model u2netp {weights}" in str(exc.value)
-    if part == 1:  # `prepare` repairs it (once: quantizing takes a minute)
+    if part == 1:  # `prepare` repairs it (once for int8: quantizing takes a minute)
         assert weights_cli(["prepare", "--model", "u2netp", str(weights)]) == 0
-        seg = Segmenter("u2netp", weights, device="cpu", precision="fast")
+        seg = Segmenter("u2netp", weights, device="cpu", engine="openvino", precision=precision)
         assert seg.engine.name == "openvino"
 
 
 @pytest.mark.parametrize(
-    ("key", "value", "message"),
+    ("precision", "key", "value", "message"),
     [
-        ("weights_sha256", "0" * 64, "made from other weights"),
-        ("calibration_sha256", "0" * 64, "calibrated on other photos"),
-        ("quantizer", {"openvino": "2020.1", "nncf": "1.0"}, "was made by"),
-        ("format", "u2serve-openvino-int8-v0", "not a u2netp"),
+        ("fast", "weights_sha256", "0" * 64, "made from other weights"),
+        ("fast", "calibration_sha256", "0" * 64, "calibrated on other photos"),
+        ("fast", "quantizer", {"openvino": "2020.1", "nncf": "1.0"}, "was made by"),
+        ("fast", "format", "u2serve-openvino-int8-v0", "not a u2netp"),
+        ("faithful", "weights_sha256", "0" * 64, "made from other weights"),
+        ("faithful", "converter", {"openvino": "2020.1"}, "was made by"),
+        ("faithful", "format", "u2serve-openvino-int8-v1", "not a u2netp"),
     ],
 )
-def test_stale_int8_file_is_refused(
-    prepared: Path, tmp_path: Path, key: str, value: object, message: str
+def test_stale_openvino_file_is_refused(
+    prepared: Path, tmp_path: Path, precision: Precision, key: str, value: object, message: str
 ) -> None:
-    """Its record names the weights, the calibration set, the quantizer and the recipe it was
-    made from; any of them other than now makes the file stale."""
+    """Its record names the weights, the converter, the recipe and for int8 the calibration set
+    it was made from; any of them other than now makes the file stale."""
     weights = _damaged_copy(prepared, tmp_path)
-    record_path = openvino_engine.record_file(weights)
+    record_path = openvino_engine.record_file(weights, precision)
     record = json.loads(record_path.read_text())
     record[key] = value
     record_path.write_text(json.dumps(record))
     with pytest.raises(WeightsError, match=message):
-        Segmenter("u2netp", weights, device="cpu", engine="openvino")
+        Segmenter("u2netp", weights, device="cpu", engine="openvino", precision=precision)
 
 
-def test_missing_int8_record_is_refused(prepared: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["fast", "faithful"])
+def test_missing_openvino_record_is_refused(
+    prepared: Path, tmp_path: Path, precision: Precision
+) -> None:
     weights = _damaged_copy(prepared, tmp_path)
-    openvino_engine.record_file(weights).unlink()
+    openvino_engine.record_file(weights, precision).unlink()
     with pytest.raises(WeightsError, match="missing or not a u2netp"):
-        Segmenter("u2netp", weights, device="cpu", engine="openvino")
+        Segmenter("u2netp", weights, device="cpu", engine="openvino", precision=precision)
 
 
-def test_int8_engine_refuses_a_gpu(u2netp_weights: Path) -> None:
+def test_openvino_refuses_a_gpu(u2netp_weights: Path) -> None:
     with pytest.raises(ValueError, match="runs on the CPU"):
         openvino_engine.load(
             u2netp_weights, "u2netp", EngineOptions(torch.device("cuda"), torch.float16)

@@ -17,9 +17,12 @@ from model.weights import SPECS
 
 from .conftest import load_rgb, reference_dir, weights_file
 
-# Every path: each engine on the CPU, PyTorch on a GPU when there is one.
-PATHS = [("cpu", engine) for engine in ENGINES] + (
-    [("cuda", "torch")] if torch.cuda.is_available() else []
+# Every path: each engine on the CPU (OpenVINO in float32 and in int8), PyTorch on a GPU when
+# there is one.
+PATHS = (
+    [("cpu", engine, "faithful") for engine in ENGINES]
+    + [("cpu", "openvino", "fast")]
+    + ([("cuda", "torch", "faithful")] if torch.cuda.is_available() else [])
 )
 
 # What the ``fast`` precision claims (README, Faithfulness), per model: mean MAE, worst MAE,
@@ -66,11 +69,19 @@ def within_fast_bounds(report: Parity) -> bool:
     )
 
 
-@pytest.mark.parametrize(("device", "engine"), PATHS)
-def test_maps_match_the_authors(name: str, device: str, engine: str) -> None:
+@pytest.mark.parametrize(("device", "engine", "precision"), PATHS)
+def test_maps_match_the_authors(name: str, device: str, engine: str, precision: str) -> None:
     """Each engine is held to the bounds of the precision it runs at: the faithful ones, or
     for ``fast`` (int8) the ones the README states."""
-    report = measure(name, weights_file(name), reference_dir(), device=device, engine=engine)
+    report = measure(
+        name,
+        weights_file(name),
+        reference_dir(),
+        device=device,
+        engine=engine,
+        precision=precision,
+    )
+    assert report.precision == precision
     check = within_bounds if report.precision == "faithful" else within_fast_bounds
     assert check(report), report.summary()
 

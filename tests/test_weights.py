@@ -86,8 +86,10 @@ def test_fetch_is_idempotent_and_repairs(
     assert weights_cli(["fetch", "u2netp", "--dir", str(tmp_path)]) == 0
     assert "is present and verified" in caplog.text
     load_state_dict(tmp_path / "u2netp.safetensors", "u2netp")
-    # Every engine's derived file was made too, the int8 model included.
+    # Every engine's derived file was made too, OpenVINO's float32 and int8 models included.
     assert (tmp_path / "u2netp.mnn").is_file()
+    assert (tmp_path / "u2netp.f32.xml").is_file()
+    assert (tmp_path / "u2netp.f32.bin").is_file()
     assert (tmp_path / "u2netp.int8.xml").is_file()
     assert (tmp_path / "u2netp.int8.bin").is_file()
 

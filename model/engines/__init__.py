@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Literal, Protocol, cast
 
@@ -27,8 +28,10 @@ __all__ = [
     "EngineName",
     "EngineOptions",
     "Precision",
+    "cpu_features",
     "engine_module",
     "file_sha256",
+    "float32_cpu_engine",
     "load_engine",
     "prepare_engines",
     "prepare_hint",
@@ -50,12 +53,14 @@ DEFAULT_PRECISION: Precision = "faithful"
 @dataclass(frozen=True)
 class EngineOptions:
     """How to run: the device, the body's dtype, the layout, CPU threads (None: the engine's
-    own default)."""
+    own default), and the precision asked for (an engine that has an int8 model runs it for
+    ``fast``)."""
 
     device: torch.device
     dtype: torch.dtype = torch.float32
     channels_last: bool = True
     threads: int | None = None
+    precision: Precision = DEFAULT_PRECISION
 
 
 class Engine(Protocol):
@@ -80,9 +85,9 @@ class Engine(Protocol):
 class EngineModule(Protocol):
     """What each engine module provides."""
 
-    def prepare(self, weights: Path, model: str) -> Path | None:
-        """Derive the engine's own model file from verified weights, if it needs one, and
-        return its path (``None`` if the engine reads the weights file itself)."""
+    def prepare(self, weights: Path, model: str) -> list[Path]:
+        """Derive the engine's own model files from verified weights, if it needs any, and
+        return their paths (none if the engine reads the weights file itself)."""
         ...
 
     def load(self, weights: Path, model: str, options: EngineOptions) -> Engine:
@@ -99,17 +104,11 @@ def engine_module(name: str) -> EngineModule:
 def resolve_engine(
     name: str, device: torch.device, dtype: torch.dtype, precision: str = DEFAULT_PRECISION
 ) -> EngineName:
-    """``auto``: PyTorch on a GPU (cuDNN, float16, batches); on the CPU, MNN in float32, or
-    OpenVINO in int8 for the ``fast`` precision.
-
-    On the CPU MNN computes U²-Net's 3×3 convolutions (94% of its FLOPs) with Winograd
-    transforms and gives the same maps to five decimals. For U2NET it measured 1.68× ONNX
-    Runtime's speed on an AVX2-only AMD EPYC and 1.07× on an AVX-512 one, where PyTorch's oneDNN
-    ran at 0.79× (bench/README.md); on an Intel Xeon with AMX it measured 0.84–0.91×, the one
-    CPU where it is not the fastest float32 engine. MNN runs float32 only here, so any other CPU
-    dtype stays with PyTorch. ``fast``: OpenVINO's int8 (NNCF-quantized) model, for U2NET 6.8×
-    ONNX Runtime's float32 with AMX, 3.5× with AVX-512 VNNI, 1.25× with AVX2 alone, which
-    bfloat16 (2× at best, and less faithful) does not approach.
+    """``auto``: PyTorch on a GPU (cuDNN, float16, batches); on the CPU, the fastest float32
+    engine for this CPU (:func:`float32_cpu_engine`), or OpenVINO in int8 for the ``fast``
+    precision: for U2NET 6.8× ONNX Runtime's float32 with AMX, 3.5× with AVX-512 VNNI, 1.25× with
+    AVX2 alone, which bfloat16 (2× at best, and outside the faithful bounds) does not approach.
+    Any other CPU dtype stays with PyTorch.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -117,8 +116,36 @@ def resolve_engine(
         engine_module(name)  # validates the name
         return cast(EngineName, name)
     if device.type == "cpu" and dtype == torch.float32:
-        return "openvino" if precision == "fast" else "mnn"
+        return "openvino" if precision == "fast" else float32_cpu_engine(*cpu_features())
     return "torch"
+
+
+def float32_cpu_engine(vendor: str, flags: frozenset[str]) -> EngineName:
+    """The faster float32 engine for a CPU: OpenVINO (oneDNN's direct convolutions, written
+    for Intel's cores) on an Intel CPU with AVX-512, MNN (Winograd 3×3 convolutions, 94% of
+    U²-Net's FLOPs) everywhere else. Measured for U2NET (bench/README.md): on an Intel Xeon with
+    AVX-512 OpenVINO took 388 ms, ONNX Runtime 412 and MNN 456 (two threads); on AMD EPYCs MNN
+    was the fastest, 1.68× ONNX Runtime with AVX2 and 1.07× with AVX-512 (Zen 4). Both give the
+    authors' maps within the faithful bounds (tests/test_parity.py)."""
+    return "openvino" if vendor == "GenuineIntel" and "avx512f" in flags else "mnn"
+
+
+@cache
+def cpu_features() -> tuple[str, frozenset[str]]:
+    """This CPU's vendor and feature flags, as Linux reports them (empty where it does not)."""
+    vendor, flags = "", frozenset[str]()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id" and not vendor:
+                    vendor = value.strip()
+                elif key.strip() == "flags":
+                    flags = frozenset(value.split())
+                    break
+    except OSError:
+        pass
+    return vendor, flags
 
 
 def load_engine(name: EngineName, weights: Path, model: str, options: EngineOptions) -> Engine:
@@ -127,8 +154,7 @@ def load_engine(name: EngineName, weights: Path, model: str, options: EngineOpti
 
 def prepare_engines(weights: Path, model: str) -> list[Path]:
     """Make every engine's derived model file for a verified weights file (idempotent)."""
-    made = [engine_module(name).prepare(weights, model) for name in ENGINES]
-    return [p for p in made if p is not None]
+    return [path for name in ENGINES for path in engine_module(name).prepare(weights, model)]
 
 
 def file_sha256(path: Path) -> str:

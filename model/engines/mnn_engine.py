@@ -100,11 +100,11 @@ def _check(weights: Path, model: str, weights_sha256: str) -> Path:
     return path
 
 
-def prepare(weights: Path, model: str) -> Path:
+def prepare(weights: Path, model: str) -> list[Path]:
     """Make ``<weights>.mnn`` and its record unless a verified one is there."""
     weights_sha256 = verified_digest(weights, model)
     try:
-        return _check(weights, model, weights_sha256)
+        return [_check(weights, model, weights_sha256)]
     except WeightsError as exc:
         log.info("%s; converting", exc.args[0].split(". ")[0])
     out = engine_file(weights)
@@ -122,7 +122,7 @@ def prepare(weights: Path, model: str) -> Path:
     part.write_text(json.dumps(record, indent=2) + "\n")
     part.replace(record_file(weights))
     log.info("%s: wrote %s (SHA-256 %s)", model, out, sha256)
-    return out
+    return [out]
 
 
 class MNNEngine:

@@ -1,15 +1,17 @@
-"""OpenVINO on the CPU in int8: the ``fast`` precision, about 3× ONNX Runtime's float32.
+"""OpenVINO on the CPU: int8 for the ``fast`` precision (about 3× ONNX Runtime's float32), and
+float32, the faithful engine on Intel CPUs with AVX-512 (:func:`model.engines.float32_cpu_engine`).
 
-Its model file (``<weights>.int8.xml`` and ``.int8.bin``) is derived from the verified weights by
-:func:`to_int8`: the fused PyTorch model is exported to ONNX, read by ``openvino.convert_model``
-(whose graph keeps the biases apart from the convolutions, which NNCF's bias correction needs;
-``Core.read_model``'s does not, and the maps were twice as far from the authors'), and quantized
-by NNCF's post-training ``quantize`` on the calibration photos in ``model/calibration`` (never the
-photos the parity tests measure). Weights are int8 per output channel, activations int8 per
-tensor; the layers in :data:`KEEP_FLOAT` stay in float32. A record beside the files
-(``<weights>.int8.json``) names the weights digest, the calibration set's digest, the quantizer's
-versions and both files' SHA-256; :func:`load` checks them all before use, so a stale, truncated
-or swapped file is refused like a bad weights file.
+Both model files are derived from the verified weights: the fused PyTorch model is exported to
+ONNX and read by ``openvino.convert_model`` (whose graph keeps the biases apart from the
+convolutions, which NNCF's bias correction needs; ``Core.read_model``'s does not, and the maps
+were twice as far from the authors'). :func:`to_float32` saves it as it is (``<weights>.f32.xml``
+and ``.f32.bin``); :func:`to_int8` quantizes it with NNCF's post-training ``quantize`` on the
+calibration photos in ``model/calibration`` (never the photos the parity tests measure) into
+``<weights>.int8.xml`` and ``.int8.bin``: weights int8 per output channel, activations int8 per
+tensor, the layers in :data:`KEEP_FLOAT` in float32. A record beside each pair (``.f32.json``,
+``.int8.json``) names the weights digest, the converter's versions, for int8 the calibration
+set's digest, and both files' SHA-256; :func:`load` checks them all before use, so a stale,
+truncated or swapped file is refused like a bad weights file.
 """
 
 from __future__ import annotations
@@ -33,7 +35,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from model.engines import EngineName, EngineOptions, file_sha256, prepare_hint
+from model.engines import (
+    EngineName,
+    EngineOptions,
+    Precision,
+    cpu_features,
+    file_sha256,
+    prepare_hint,
+)
 from model.engines.onnx_export import INPUT, export_onnx
 from model.preprocess import preprocess
 from model.weights import SPECS, WeightsError, recorded_digest, verified_digest
@@ -51,14 +60,25 @@ __all__ = [
     "load",
     "prepare",
     "record_file",
+    "to_float32",
     "to_int8",
 ]
 
 log = logging.getLogger(__name__)
 
-# v1: the recipe below (calibration variants, NNCF's arguments). A change to it makes every
-# recorded file stale, as a change of weights or calibration photos does.
-_FORMAT = "u2serve-openvino-int8-v1"
+# v1: the recipe below (calibration variants, NNCF's arguments; for float32, the conversion).
+# A change to it makes every recorded file stale, as a change of weights or calibration photos
+# does.
+_FORMATS: dict[Precision, str] = {
+    "fast": "u2serve-openvino-int8-v1",
+    "faithful": "u2serve-openvino-f32-v1",
+}
+# The files' middle suffix, and their name in messages.
+_KINDS: dict[Precision, str] = {"fast": "int8", "faithful": "f32"}
+_NAMES: dict[Precision, str] = {"fast": "int8", "faithful": "float32"}
+_VERBS: dict[Precision, str] = {"fast": "quantizing", "faithful": "converting"}
+# The record's key for the versions of what made the file.
+_MADE_BY: dict[Precision, str] = {"fast": "quantizer", "faithful": "converter"}
 CALIBRATION = Path(__file__).resolve().parents[1] / "calibration"
 
 # Convolutions kept in float32. The seven one-channel head convolutions (side maps 1-6 and the
@@ -81,13 +101,14 @@ KEEP_FLOAT: dict[str, tuple[str, ...]] = {
 }
 
 
-def engine_files(weights: Path) -> tuple[Path, Path]:
-    """The OpenVINO model: its graph (``.int8.xml``) and its constants (``.int8.bin``)."""
-    return weights.with_suffix(".int8.xml"), weights.with_suffix(".int8.bin")
+def engine_files(weights: Path, precision: Precision = "fast") -> tuple[Path, Path]:
+    """An OpenVINO model: its graph (``.int8.xml``, ``.f32.xml``) and its constants (``.bin``)."""
+    kind = _KINDS[precision]
+    return weights.with_suffix(f".{kind}.xml"), weights.with_suffix(f".{kind}.bin")
 
 
-def record_file(weights: Path) -> Path:
-    return weights.with_suffix(".int8.json")
+def record_file(weights: Path, precision: Precision = "fast") -> Path:
+    return weights.with_suffix(f".{_KINDS[precision]}.json")
 
 
 def calibration_photos() -> list[Path]:
@@ -129,22 +150,15 @@ def calibration_inputs(model: str) -> list[np.ndarray]:
     return out
 
 
-def _versions() -> dict[str, str]:
-    return {name: metadata.version(name) for name in ("openvino", "nncf")}
+def _versions(precision: Precision) -> dict[str, str]:
+    names = ("openvino", "nncf") if precision == "fast" else ("openvino",)
+    return {name: metadata.version(name) for name in names}
 
 
 def instruction_set() -> str:
     """The widest x86 instruction set the kernels may use here (and a cap, if one is set): the
     float statistics the quantizer gathers may round differently from one to another."""
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(
-                (set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")),
-                set(),
-            )
-    except OSError:
-        pass
+    flags = cpu_features()[1]
     levels = (
         ("amx", "amx_int8"),
         ("avx512_vnni", "avx512_vnni"),
@@ -156,18 +170,24 @@ def instruction_set() -> str:
     return f"{found}, capped at {cap}" if cap else found
 
 
+def _float_model(weights: Path, model: str) -> Any:
+    """The fused network as OpenVINO's float32 graph."""
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory(prefix="u2serve-openvino-") as tmp:
+        onnx_path = Path(tmp) / f"{model}.onnx"
+        export_onnx(weights, model, onnx_path)
+        return ov.convert_model(onnx_path)
+
+
 def _quantize(weights: Path, model: str, out: Path) -> None:
     """Export, quantize and save to ``out`` (``.xml``, with its ``.bin``); run in a child."""
     import nncf
     import openvino as ov
 
-    with tempfile.TemporaryDirectory(prefix="u2serve-int8-") as tmp:
-        onnx_path = Path(tmp) / f"{model}.onnx"
-        export_onnx(weights, model, onnx_path)
-        float_model = ov.convert_model(onnx_path)
     inputs = calibration_inputs(model)
     quantized = nncf.quantize(
-        float_model,
+        _float_model(weights, model),
         nncf.Dataset(inputs),
         subset_size=len(inputs),
         ignored_scope=nncf.IgnoredScope(names=list(KEEP_FLOAT[model])),
@@ -202,86 +222,114 @@ def to_int8(weights: Path, model: str, xml: Path) -> tuple[str, str]:
                 f"quantizing {weights} failed ({done.returncode}):\n"
                 f"{done.stdout[-2000:]}{done.stderr[-2000:]}"
             )
-        xml.parent.mkdir(parents=True, exist_ok=True)
-        digests = file_sha256(part), file_sha256(bin_part)
-        xml_out, bin_out = xml, xml.with_suffix(".bin")
-        # The temporary folder may be on another file system: move, then rename in place.
-        for src, dst in ((bin_part, bin_out), (part, xml_out)):
-            staged = dst.with_suffix(dst.suffix + ".part")
-            shutil.move(src, staged)
-            staged.replace(dst)
+        return _install(part, xml)
+
+
+def to_float32(weights: Path, model: str, xml: Path) -> tuple[str, str]:
+    """Convert verified weights to an OpenVINO float32 model at ``xml`` (and its ``.bin``);
+    return both files' SHA-256."""
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory(prefix="u2serve-f32-") as tmp:
+        part = Path(tmp) / xml.name
+        # float32 in the file too (save_model would halve the constants to float16).
+        ov.save_model(_float_model(weights, model), part, compress_to_fp16=False)
+        return _install(part, xml)
+
+
+def _install(part: Path, xml: Path) -> tuple[str, str]:
+    """Move a saved model (``part`` and its ``.bin``) to ``xml``; return both files' SHA-256."""
+    bin_part = part.with_suffix(".bin")
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    digests = file_sha256(part), file_sha256(bin_part)
+    # The temporary folder may be on another file system: move, then rename in place. The graph
+    # last, so that a graph is never there without its constants.
+    for src, dst in ((bin_part, xml.with_suffix(".bin")), (part, xml)):
+        staged = dst.with_suffix(dst.suffix + ".part")
+        shutil.move(src, staged)
+        staged.replace(dst)
     return digests
 
 
-def _read_record(weights: Path) -> dict[str, Any]:
+def _read_record(weights: Path, precision: Precision) -> dict[str, Any]:
     try:
-        record = json.loads(record_file(weights).read_text())
+        record = json.loads(record_file(weights, precision).read_text())
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
 
 
-def _check(weights: Path, model: str, weights_sha256: str) -> Path:
+def _check(weights: Path, model: str, weights_sha256: str, precision: Precision) -> Path:
     """The engine's model for these weights, verified; :class:`WeightsError` otherwise."""
-    (xml, bin_), hint = engine_files(weights), prepare_hint(weights, model)
+    (xml, bin_), hint = engine_files(weights, precision), prepare_hint(weights, model)
+    what, fmt = f"{_NAMES[precision]} model file", _FORMATS[precision]
     for path in (xml, bin_):
         if not path.is_file():
-            raise WeightsError(f"int8 model file {path} not found. {hint}")
-    record = _read_record(weights)
-    if record.get("format") != _FORMAT or record.get("model") != model:
+            raise WeightsError(f"{what} {path} not found. {hint}")
+    record = _read_record(weights, precision)
+    if record.get("format") != fmt or record.get("model") != model:
         raise WeightsError(
-            f"{record_file(weights)} is missing or not a {model} {_FORMAT} record. {hint}"
+            f"{record_file(weights, precision)} is missing or not a {model} {fmt} record. {hint}"
         )
     if record.get("weights_sha256") != weights_sha256:
         raise WeightsError(
-            f"int8 model file {xml} was made from other weights (tensors "
+            f"{what} {xml} was made from other weights (tensors "
             f"{record.get('weights_sha256')}, expected {weights_sha256}). {hint}"
         )
-    calibration = calibration_sha256()
-    if record.get("calibration_sha256") != calibration:
+    if precision == "fast":
+        calibration = calibration_sha256()
+        if record.get("calibration_sha256") != calibration:
+            raise WeightsError(
+                f"{what} {xml} was calibrated on other photos (calibration set "
+                f"{record.get('calibration_sha256')}, now {calibration}). {hint}"
+            )
+    versions, made_by = _versions(precision), record.get(_MADE_BY[precision])
+    if made_by != versions:
         raise WeightsError(
-            f"int8 model file {xml} was calibrated on other photos (calibration set "
-            f"{record.get('calibration_sha256')}, now {calibration}). {hint}"
-        )
-    versions = _versions()
-    if record.get("quantizer") != versions:
-        raise WeightsError(
-            f"int8 model file {xml} was made by {record.get('quantizer')}, not the installed "
-            f"{versions}. {hint}"
+            f"{what} {xml} was made by {made_by}, not the installed {versions}. {hint}"
         )
     for path, key in ((xml, "xml_sha256"), (bin_, "bin_sha256")):
         digest = file_sha256(path)
         if digest != record.get(key):
             raise WeightsError(
-                f"int8 model file {path} is corrupt: SHA-256 {digest}, expected "
-                f"{record.get(key)}. {hint}"
+                f"{what} {path} is corrupt: SHA-256 {digest}, expected {record.get(key)}. {hint}"
             )
     return xml
 
 
-def prepare(weights: Path, model: str) -> Path:
-    """Make ``<weights>.int8.xml``/``.bin`` and their record unless verified ones are there."""
+def prepare(weights: Path, model: str) -> list[Path]:
+    """Make ``<weights>.f32.xml``/``.bin`` and ``<weights>.int8.xml``/``.bin``, and their
+    records, unless verified ones are there."""
+    return [_prepare(weights, model, precision) for precision in ("faithful", "fast")]
+
+
+def _prepare(weights: Path, model: str, precision: Precision) -> Path:
     weights_sha256 = verified_digest(weights, model)
     try:
-        return _check(weights, model, weights_sha256)
+        return _check(weights, model, weights_sha256, precision)
     except WeightsError as exc:
-        log.info("%s; quantizing", exc.args[0].split(". ")[0])
-    xml, _ = engine_files(weights)
-    xml_sha256, bin_sha256 = to_int8(weights, model, xml)
-    record = {
-        "format": _FORMAT,
+        log.info("%s; %s", exc.args[0].split(". ")[0], _VERBS[precision])
+    xml, _ = engine_files(weights, precision)
+    record: dict[str, Any] = {
+        "format": _FORMATS[precision],
         "model": model,
         "weights_sha256": weights_sha256,
-        "calibration_sha256": calibration_sha256(),
-        "quantizer": _versions(),
-        "keep_float": list(KEEP_FLOAT[model]),
-        "made_on": instruction_set(),
-        "xml_sha256": xml_sha256,
-        "bin_sha256": bin_sha256,
+        _MADE_BY[precision]: _versions(precision),
     }
-    part = record_file(weights).with_suffix(".part")
+    if precision == "fast":
+        xml_sha256, bin_sha256 = to_int8(weights, model, xml)
+        record |= {
+            "calibration_sha256": calibration_sha256(),
+            "keep_float": list(KEEP_FLOAT[model]),
+            "made_on": instruction_set(),
+        }
+    else:
+        xml_sha256, bin_sha256 = to_float32(weights, model, xml)
+    record |= {"xml_sha256": xml_sha256, "bin_sha256": bin_sha256}
+    path = record_file(weights, precision)
+    part = path.with_suffix(".part")
     part.write_text(json.dumps(record, indent=2) + "\n")
-    part.replace(record_file(weights))
+    part.replace(path)
     log.info("%s: wrote %s (SHA-256 %s, %s)", model, xml, xml_sha256, bin_sha256)
     return xml
 
@@ -292,7 +340,7 @@ class OpenVINOEngine:
     name: EngineName = "openvino"
     allocates_per_call = False  # the CPU plugin plans its buffers when a shape is compiled
 
-    def __init__(self, path: Path, threads: int, digest: str) -> None:
+    def __init__(self, path: Path, threads: int, digest: str, dtype: torch.dtype) -> None:
         import openvino as ov
         import openvino.properties as props
         import openvino.properties.hint as hints
@@ -300,13 +348,14 @@ class OpenVINOEngine:
         # Both files decide the maps: the graph (which layers stay float) and the int8 tensors.
         self.artifact_digest: str | None = digest
         self.device = torch.device("cpu")
-        self.dtype = torch.int8
+        self.dtype = dtype  # int8, or float32 for the unquantized model
         self.threads = threads
         self._core = ov.Core()
         self._model = self._core.read_model(path)
         self._config = {
-            # float32 where the model is float (the head): the CPU plugin would otherwise run
-            # those layers in bf16 on CPUs that have it.
+            # float32 where the model is float (all of it, or int8's head): the CPU plugin
+            # would otherwise run those layers in bfloat16 on CPUs that have it, outside the
+            # faithful bounds (U2NET: mean MAE 0.0019, worst IoU 0.963).
             hints.inference_precision: ov.Type.f32,
             hints.performance_mode: hints.PerformanceMode.LATENCY,
             props.inference_num_threads: threads,
@@ -337,10 +386,13 @@ class OpenVINOEngine:
 def load(weights: Path, model: str, options: EngineOptions) -> OpenVINOEngine:
     if options.device.type != "cpu":
         raise ValueError(f"the openvino engine runs on the CPU, not {options.device}; use torch")
-    # The tensors were verified when the int8 file was made from them; what runs is that file,
-    # checked by its own digests, so the weights file is only read for the digest it names.
-    path = _check(weights, model, recorded_digest(weights, model))
+    # The tensors were verified when the model files were made from them; what runs is those
+    # files, checked by their own digests, so the weights file is only read for the digest it
+    # names.
+    precision = options.precision
+    path = _check(weights, model, recorded_digest(weights, model), precision)
     threads = options.threads or len(os.sched_getaffinity(0))
-    record = _read_record(weights)
+    record = _read_record(weights, precision)
     digest = hashlib.sha256(f"{record['xml_sha256']}:{record['bin_sha256']}".encode()).hexdigest()
-    return OpenVINOEngine(path, threads, digest)
+    dtype = torch.int8 if precision == "fast" else torch.float32
+    return OpenVINOEngine(path, threads, digest, dtype)

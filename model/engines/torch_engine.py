@@ -41,9 +41,9 @@ class TorchEngine:
         return self.net(x).float()
 
 
-def prepare(weights: Path, model: str) -> None:
+def prepare(weights: Path, model: str) -> list[Path]:
     """PyTorch reads the verified weights file itself."""
-    return None
+    return []
 
 
 def load(weights: Path, model: str, options: EngineOptions) -> TorchEngine:
