@@ -123,10 +123,12 @@ def resolve_engine(
 def float32_cpu_engine(vendor: str, flags: frozenset[str]) -> EngineName:
     """The faster float32 engine for a CPU: OpenVINO (oneDNN's direct convolutions, written
     for Intel's cores) on an Intel CPU with AVX-512, MNN (Winograd 3×3 convolutions, 94% of
-    U²-Net's FLOPs) everywhere else. Measured for U2NET (bench/README.md): on an Intel Xeon with
-    AVX-512 OpenVINO took 388 ms, ONNX Runtime 412 and MNN 456 (two threads); on AMD EPYCs MNN
-    was the fastest, 1.68× ONNX Runtime with AVX2 and 1.07× with AVX-512 (Zen 4). Both give the
-    authors' maps within the faithful bounds (tests/test_parity.py)."""
+    U²-Net's FLOPs) everywhere else. Measured for U2NET at batch 1 on two threads
+    (bench/README.md): on an Intel Xeon with AVX-512 (and AMX, which float32 does not use)
+    OpenVINO took 388-453 ms, ONNX Runtime 412-462 and MNN 456-506 over three alternating runs;
+    on an AMD EPYC with AVX-512 (Zen 4) MNN took 297 ms, ONNX Runtime 319-322 and OpenVINO 318,
+    and with AVX2 alone (Zen 3) MNN was 1.68× ONNX Runtime. Both give the authors' maps within
+    the faithful bounds (tests/test_parity.py)."""
     return "openvino" if vendor == "GenuineIntel" and "avx512f" in flags else "mnn"
 
 
