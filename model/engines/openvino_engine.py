@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -66,19 +67,33 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# v1: the recipe below (calibration variants, NNCF's arguments; for float32, the conversion).
-# A change to it makes every recorded file stale, as a change of weights or calibration photos
-# does.
-_FORMATS: dict[Precision, str] = {
-    "fast": "u2serve-openvino-int8-v1",
-    "faithful": "u2serve-openvino-f32-v1",
+
+@dataclass(frozen=True)
+class _Kind:
+    """One of the engine's model files, by the precision it serves."""
+
+    suffix: str  # the files' middle suffix: <weights>.<suffix>.xml/.bin/.json
+    name: str  # in messages
+    # v1: the recipe below (calibration variants, NNCF's arguments; for float32, the
+    # conversion). A change to it makes every recorded file stale, as a change of weights or
+    # calibration photos does.
+    format: str
+    verb: str  # what making it is called in the log
+    made_by: str  # the record's key for the versions of the packages that made it
+    packages: tuple[str, ...]
+
+    def versions(self) -> dict[str, str]:
+        return {name: metadata.version(name) for name in self.packages}
+
+
+_KINDS: dict[Precision, _Kind] = {
+    "fast": _Kind(
+        "int8", "int8", "u2serve-openvino-int8-v1", "quantizing", "quantizer", ("openvino", "nncf")
+    ),
+    "faithful": _Kind(
+        "f32", "float32", "u2serve-openvino-f32-v1", "converting", "converter", ("openvino",)
+    ),
 }
-# The files' middle suffix, and their name in messages.
-_KINDS: dict[Precision, str] = {"fast": "int8", "faithful": "f32"}
-_NAMES: dict[Precision, str] = {"fast": "int8", "faithful": "float32"}
-_VERBS: dict[Precision, str] = {"fast": "quantizing", "faithful": "converting"}
-# The record's key for the versions of what made the file.
-_MADE_BY: dict[Precision, str] = {"fast": "quantizer", "faithful": "converter"}
 CALIBRATION = Path(__file__).resolve().parents[1] / "calibration"
 
 # Convolutions kept in float32. The seven one-channel head convolutions (side maps 1-6 and the
@@ -103,12 +118,12 @@ KEEP_FLOAT: dict[str, tuple[str, ...]] = {
 
 def engine_files(weights: Path, precision: Precision = "fast") -> tuple[Path, Path]:
     """An OpenVINO model: its graph (``.int8.xml``, ``.f32.xml``) and its constants (``.bin``)."""
-    kind = _KINDS[precision]
+    kind = _KINDS[precision].suffix
     return weights.with_suffix(f".{kind}.xml"), weights.with_suffix(f".{kind}.bin")
 
 
 def record_file(weights: Path, precision: Precision = "fast") -> Path:
-    return weights.with_suffix(f".{_KINDS[precision]}.json")
+    return weights.with_suffix(f".{_KINDS[precision].suffix}.json")
 
 
 def calibration_photos() -> list[Path]:
@@ -148,11 +163,6 @@ def calibration_inputs(model: str) -> list[np.ndarray]:
         for variant in _variants(image):
             out.append(preprocess([variant.contiguous()], SPECS[model]).numpy())
     return out
-
-
-def _versions(precision: Precision) -> dict[str, str]:
-    names = ("openvino", "nncf") if precision == "fast" else ("openvino",)
-    return {name: metadata.version(name) for name in names}
 
 
 def instruction_set() -> str:
@@ -262,7 +272,8 @@ def _read_record(weights: Path, precision: Precision) -> dict[str, Any]:
 def _check(weights: Path, model: str, weights_sha256: str, precision: Precision) -> Path:
     """The engine's model for these weights, verified; :class:`WeightsError` otherwise."""
     (xml, bin_), hint = engine_files(weights, precision), prepare_hint(weights, model)
-    what, fmt = f"{_NAMES[precision]} model file", _FORMATS[precision]
+    kind = _KINDS[precision]
+    what, fmt = f"{kind.name} model file", kind.format
     for path in (xml, bin_):
         if not path.is_file():
             raise WeightsError(f"{what} {path} not found. {hint}")
@@ -283,7 +294,7 @@ def _check(weights: Path, model: str, weights_sha256: str, precision: Precision)
                 f"{what} {xml} was calibrated on other photos (calibration set "
                 f"{record.get('calibration_sha256')}, now {calibration}). {hint}"
             )
-    versions, made_by = _versions(precision), record.get(_MADE_BY[precision])
+    versions, made_by = kind.versions(), record.get(kind.made_by)
     if made_by != versions:
         raise WeightsError(
             f"{what} {xml} was made by {made_by}, not the installed {versions}. {hint}"
@@ -308,13 +319,14 @@ def _prepare(weights: Path, model: str, precision: Precision) -> Path:
     try:
         return _check(weights, model, weights_sha256, precision)
     except WeightsError as exc:
-        log.info("%s; %s", exc.args[0].split(". ")[0], _VERBS[precision])
+        log.info("%s; %s", exc.args[0].split(". ")[0], _KINDS[precision].verb)
     xml, _ = engine_files(weights, precision)
+    kind = _KINDS[precision]
     record: dict[str, Any] = {
-        "format": _FORMATS[precision],
+        "format": kind.format,
         "model": model,
         "weights_sha256": weights_sha256,
-        _MADE_BY[precision]: _versions(precision),
+        kind.made_by: kind.versions(),
     }
     if precision == "fast":
         xml_sha256, bin_sha256 = to_int8(weights, model, xml)
