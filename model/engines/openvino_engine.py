@@ -311,11 +311,11 @@ def _check(weights: Path, model: str, weights_sha256: str, precision: Precision)
 def prepare(weights: Path, model: str) -> list[Path]:
     """Make ``<weights>.f32.xml``/``.bin`` and ``<weights>.int8.xml``/``.bin``, and their
     records, unless verified ones are there."""
-    return [_prepare(weights, model, precision) for precision in ("faithful", "fast")]
-
-
-def _prepare(weights: Path, model: str, precision: Precision) -> Path:
     weights_sha256 = verified_digest(weights, model)
+    return [_prepare(weights, model, weights_sha256, p) for p in ("faithful", "fast")]
+
+
+def _prepare(weights: Path, model: str, weights_sha256: str, precision: Precision) -> Path:
     try:
         return _check(weights, model, weights_sha256, precision)
     except WeightsError as exc:
