@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from service.access import JsonFormatter
 from service.app import Runtime, create_app
+from service.budget import limit_arenas
 from service.connections import GuardedHttpProtocol
 from service.settings import Settings
 
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     for name in Settings.unknown_variables(os.environ):
         log.warning("%s is not a setting and is ignored (the README lists them all)", name)
+    # One malloc arena a core, set before any engine or codec thread allocates.
+    limit_arenas(len(os.sched_getaffinity(0)))
     app = create_app(settings, owns_process=True)
     config = uvicorn.Config(
         app,

@@ -367,3 +367,47 @@ def test_large_buffers_are_mapped_unless_the_operator_set_a_threshold(
         check=True,
     )
     assert out.stdout.strip() == expected
+
+
+_ARENAS_CHILD = """
+import ctypes, threading
+from service.budget import limit_arenas
+
+print(limit_arenas(2))
+barrier = threading.Barrier(6)
+
+def work():
+    block = bytearray(4096)  # a thread's first malloc gives it an arena
+    barrier.wait()  # all six alive at once, so none takes over an arena a finished one left
+
+threads = [threading.Thread(target=work) for _ in range(6)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+ctypes.CDLL(None).malloc_stats()  # one "Arena N:" line each, on stderr
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc allocator setting")
+@pytest.mark.parametrize(
+    ("env", "took", "arenas"),
+    [
+        ({}, "True", 2),  # without the limit: 7, the main one and one a thread
+        ({"MALLOC_ARENA_MAX": "4"}, "False", 4),  # the operator's wins
+        ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=3"}, "False", 3),
+    ],
+)
+def test_threads_share_one_arena_a_core_unless_the_operator_set_a_limit(
+    env: dict[str, str], took: str, arenas: int
+) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _ARENAS_CHILD],
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_"))} | env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == took
+    assert sum(line.startswith("Arena ") for line in out.stderr.splitlines()) == arenas
