@@ -333,6 +333,23 @@ def test_budget_admits_what_fits_and_gives_back() -> None:
     assert budget.held_bytes == 0
 
 
+glibc_only = pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc", reason="a glibc allocator setting"
+)
+
+
+def _allocator_child(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``code`` run by a new Python with glibc's allocator settings of ``env`` and no others."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_"))} | env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+
 _MAPPED_CHILD = """
 import numpy as np
 from service.budget import map_large_buffers
@@ -346,7 +363,7 @@ print(not lo <= block.ctypes.data < hi)
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc allocator setting")
+@glibc_only
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
@@ -358,15 +375,7 @@ print(not lo <= block.ctypes.data < hi)
 def test_large_buffers_are_mapped_unless_the_operator_set_a_threshold(
     env: dict[str, str], expected: str
 ) -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", _MAPPED_CHILD],
-        cwd=REPO,
-        env={k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_"))} | env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert out.stdout.strip() == expected
+    assert _allocator_child(_MAPPED_CHILD, env).stdout.strip() == expected
 
 
 _ARENAS_CHILD = """
@@ -389,7 +398,7 @@ ctypes.CDLL(None).malloc_stats()  # one "Arena N:" line each, on stderr
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc allocator setting")
+@glibc_only
 @pytest.mark.parametrize(
     ("env", "took", "arenas"),
     [
@@ -401,13 +410,6 @@ ctypes.CDLL(None).malloc_stats()  # one "Arena N:" line each, on stderr
 def test_threads_share_one_arena_a_core_unless_the_operator_set_a_limit(
     env: dict[str, str], took: str, arenas: int
 ) -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", _ARENAS_CHILD],
-        cwd=REPO,
-        env={k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_"))} | env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = _allocator_child(_ARENAS_CHILD, env)
     assert out.stdout.strip() == took
     assert sum(line.startswith("Arena ") for line in out.stderr.splitlines()) == arenas

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from .conftest import reference_dir, require_system_tool
 from .procs import free_port, start, u2netp_env, wait_ready
 from .test_api import metric
+from .test_cache import stage
 
 
 def total(url: str, name: str) -> float:
@@ -126,14 +127,6 @@ def auth(key: str = KEY) -> dict[str, str]:
 
 def batches(url: str) -> float:
     return metric(httpx.get(f"{url}/metrics").text, "u2serve_batch_size_count")
-
-
-def stage(r: httpx.Response, name: str) -> str | None:
-    for part in r.headers["server-timing"].split(", "):
-        fields = part.split(";")
-        if fields[0] == name:
-            return next((f[6:-1] for f in fields if f.startswith("desc=")), "")
-    return None
 
 
 def test_an_id_from_one_replica_is_answered_by_another(cluster: dict) -> None:
