@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from service.access import JsonFormatter
 
+from .procs import free_port, poll_ready, start, u2netp_env
 from .test_api import photo, post_image, running, settings
 
 
@@ -66,3 +70,46 @@ def test_json_lines() -> None:
     assert a["time"].endswith("Z")
     assert o["message"] == "draining 3"
     assert o["level"] == "warning"
+
+
+@pytest.mark.integration
+def test_the_service_logs_one_line_per_request(u2netp_weights: Path) -> None:
+    """At the default level a served request adds its access line and nothing else: no
+    library's per-call chatter (libvips reports each encode's thread pool at INFO)."""
+    port = free_port()
+    proc = start(u2netp_env(u2netp_weights), port)
+    lines: list[str] = []
+    reader = threading.Thread(
+        target=lambda: lines.extend(line.decode() for line in iter(proc.stdout.readline, b"")),  # type: ignore[union-attr]
+        daemon=True,
+    )
+    reader.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        poll_ready(url, lambda: None if proc.poll() is None else f"exited: {lines}")
+        ids = ["log-one", "log-two", "log-three"]
+        for rid in ids:
+            r = httpx.post(
+                f"{url}/segment",
+                content=photo(),
+                params={"output": "cutout"},  # encoded by libvips
+                headers={"content-type": "image/jpeg", "x-request-id": rid},
+                timeout=120,
+            )
+            assert r.status_code == 200
+        end = time.monotonic() + 120  # the reader thread may lag behind the pipe
+        while not any(ids[-1] in line for line in lines):
+            assert time.monotonic() < end, lines
+            time.sleep(0.02)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        reader.join(10)
+        proc.stdout.close()  # type: ignore[union-attr]
+    first = next(i for i, line in enumerate(lines) if ids[0] in line)
+    during = lines[first : first + len(ids)]
+    assert [rid in line for rid, line in zip(ids, during, strict=True)] == [True] * len(ids), lines[
+        first:
+    ]
+    assert all(" INFO u2serve.access: " in line for line in during), during
+    assert not any("pyvips" in line for line in lines), lines

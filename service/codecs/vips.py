@@ -14,6 +14,8 @@ and Pillow does the rest, as :class:`~service.codecs.pillow.PillowEncoder` does.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pyvips
 from PIL import Image
@@ -28,6 +30,21 @@ __all__ = ["VipsEncoder"]
 # would keep requests' arrays alive after they are answered.
 pyvips.concurrency_set(1)
 pyvips.cache_set_max(0)
+
+
+class _Demote(logging.Filter):
+    """libvips reports routine events at INFO, once per image ("threadpool completed with 1
+    workers"): they go to DEBUG, so that they show only where DEBUG is asked for and never
+    drown the access log or break the command's progress bar. Warnings pass unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+logging.getLogger("pyvips").addFilter(_Demote())
 
 _FILTER_NONE, _FILTER_UP = 0x08, 0x20  # libpng's row filter flags
 _PNG_LEVEL = 2
