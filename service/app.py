@@ -62,6 +62,9 @@ class Runtime:
     inflight: int = 0
     _trimming: bool = False
 
+    def __post_init__(self) -> None:
+        self.metrics.in_flight.set_function(lambda: self.inflight)
+
     @property
     def segmenter(self) -> Segmenter | None:
         """The default model."""

@@ -73,6 +73,12 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("u2serve_ready", "1 when the service accepts work", registry=r)
+        # Read from the Runtime's own count when scraped (set_function): nothing per request.
+        self.in_flight = Gauge(
+            "u2serve_requests_in_flight",
+            "/segment requests begun and not yet answered, their bodies still arriving included",
+            registry=r,
+        )
         self.memory_budget = Gauge(
             "u2serve_memory_budget_bytes",
             "Bytes that requests in flight may hold, decode to encode",

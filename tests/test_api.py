@@ -32,7 +32,7 @@ HORSE = "horse.jpg"  # 770×595
 FLOAT32_ENGINE = float32_cpu_engine(*cpu_features())  # what `auto` runs here
 
 
-async def wait_ready(rt: Runtime, limit_s: float = 60) -> None:
+async def wait_ready(rt: Runtime, limit_s: float = 300) -> None:
     for _ in range(int(limit_s / 0.05)):
         if rt.ready:
             return

@@ -94,7 +94,7 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     )
     cmd = [client, "-H", f"unix://{sock}"]
     try:
-        for _ in range(120):
+        for _ in range(480):  # only a failing daemon takes 4 minutes
             if subprocess.run([*cmd, "info"], capture_output=True).returncode == 0:
                 break
             if daemon.poll() is not None:

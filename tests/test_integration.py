@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import shutil
 import signal
@@ -25,52 +26,77 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def server(u2netp_weights: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    env = u2netp_env(
-        u2netp_weights,
-        U2SERVE_MAX_BATCH_SIZE="1",
-        # The slower engine, so that requests are still queued when SIGTERM arrives.
-        U2SERVE_ENGINE="torch",
-    )
+    env = u2netp_env(u2netp_weights, U2SERVE_MAX_BATCH_SIZE="1")
     with serving(env) as (proc, url):
         yield proc, url
 
 
-def queue_depth(url: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        if line.startswith("u2serve_queue_depth "):
-            return float(line.split()[1])
-    return 0.0
+def scrape(url: str) -> dict[str, float]:
+    """The service's metrics, each series summed over its labels."""
+    totals: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            name = series.split("{")[0]
+            totals[name] = totals.get(name, 0.0) + float(value)
+    return totals
+
+
+def begun(url: str, photo: bytes) -> http.client.HTTPConnection:
+    """A /segment request with its headers and half of its body sent; the rest is the caller's."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn.putrequest("POST", "/segment")
+    conn.putheader("Content-Type", "image/jpeg")
+    conn.putheader("Content-Length", str(len(photo)))
+    conn.endheaders(photo[: len(photo) // 2])
+    return conn
 
 
 def test_sigterm_answers_everything_accepted(server: tuple[subprocess.Popen[bytes], str]) -> None:
     proc, url = server
     photo = (reference_dir() / "images" / "bike.jpg").read_bytes()  # 3000×2000: slow enough
-    n = 6
+    n, held = 6, 3
 
     def send(_: int) -> httpx.Response:
         return httpx.post(
             f"{url}/segment", content=photo, headers={"content-type": "image/jpeg"}, timeout=120
         )
 
+    # Three requests whose bodies have only half arrived: accepted, and unanswerable until the
+    # test sends the rest, so they are in flight when SIGTERM comes however fast the machine is.
+    # Six whole ones beside them, queued or running or answered by then.
+    halves = [begun(url, photo) for _ in range(held)]
     with ThreadPoolExecutor(n) as pool:
         futures = [pool.submit(send, i) for i in range(n)]
-        end = time.monotonic() + 30
-        while queue_depth(url) < n - 2 and time.monotonic() < end:
+        # Every request has begun: in flight or answered, read from one scrape (so none is
+        # counted twice on its way from one to the other). Only a failing run waits long.
+        end = time.monotonic() + 300
+        while True:
+            m = scrape(url)
+            if m["u2serve_requests_in_flight"] + m.get("u2serve_requests_total", 0) >= n + held:
+                break
+            assert time.monotonic() < end, f"requests did not arrive: {m}"
             time.sleep(0.05)
-        assert queue_depth(url) >= n - 2, "requests did not queue up"
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        # Draining: still listening, but not ready and refusing new work.
-        assert httpx.get(f"{url}/readyz", timeout=5).status_code == 503
+        # Draining: still listening (the half-sent requests keep it so), not ready, refusing work.
+        while httpx.get(f"{url}/readyz", timeout=30).status_code != 503:
+            assert time.monotonic() < end, "SIGTERM did not start the drain"
+            time.sleep(0.02)
         late = httpx.post(
-            f"{url}/segment", content=photo, headers={"content-type": "image/jpeg"}, timeout=10
+            f"{url}/segment", content=photo, headers={"content-type": "image/jpeg"}, timeout=60
         )
         assert late.status_code == 503
         assert late.json()["error"]["code"] == "draining"
+        for conn in halves:
+            conn.send(photo[len(photo) // 2 :])
+        answers = [conn.getresponse() for conn in halves]
+        bodies = [r.read() for r in answers]
         responses = [f.result() for f in futures]
+    assert [r.status for r in answers] == [200] * held
     assert [r.status_code for r in responses] == [200] * n
-    for r in responses:
-        assert Image.open(io.BytesIO(r.content)).size == (3000, 2000)
+    for body in [*bodies, *(r.content for r in responses)]:
+        assert Image.open(io.BytesIO(body)).size == (3000, 2000)
     assert proc.wait(60) == 0
 
 
