@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "finish_on_cpu",
     "from_levels",
     "minmax",
     "resize_map",
@@ -96,3 +98,30 @@ def resize_maps(maps: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
     """Network maps ``N×1×S×S`` → one ``H×W`` float map in [0, 1] per image, on their device."""
     levels = to_levels(maps)
     return [from_levels(levels[i], hw) for i, hw in enumerate(sizes)]
+
+
+def finish_on_cpu(
+    levels: np.ndarray, size: tuple[int, int], *, probability: bool, threshold: float
+) -> np.ndarray | None:
+    """One ``S×S`` uint8 map → the ``H×W`` uint8 answer map (``to_probability`` or ``to_mask`` of
+    ``from_levels``), in OpenCV and numpy, for an enlargement (every side at least S) on the CPU;
+    None for a reduction, which :func:`from_levels` makes (anti-aliased, in PyTorch).
+
+    The same operations as the PyTorch path, each rounded in float32 as it rounds (the upscale
+    is the same OpenCV call), so the same bytes (tests/test_postprocess.py), without PyTorch:
+    the service runs this in its codec threads, where PyTorch's CPU operations would each start
+    an OpenMP team of their own beside the network's."""
+    import cv2
+
+    h, w = size
+    if h < levels.shape[0] or w < levels.shape[1]:
+        return None
+    m: np.ndarray = cv2.resize(levels.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    m /= np.float32(255)
+    if probability:
+        m *= np.float32(255)
+        np.rint(m, out=m)
+        return np.clip(m, 0, 255, out=m).astype(np.uint8)
+    # 255 where the probability is at least the threshold (compared in float32, as PyTorch
+    # compares a float32 tensor with a Python number), else 0.
+    return cv2.compare(m, float(np.float32(threshold)), cv2.CMP_GE)  # type: ignore[call-overload]

@@ -1,22 +1,30 @@
-"""Images (uint8 ``H×W×3`` tensors) to the network's normalised ``N×3×S×S`` input.
+"""Images (uint8 ``H×W×3`` arrays) to the network's normalised ``3×S×S`` input, one at a time.
 
 The authors' steps: bilinear resize to S×S without anti-aliasing, divide by the image maximum,
 ImageNet normalisation. Downscaling without anti-aliasing reads at most two source rows and two
 source columns per output pixel, so we gather only those (≤ 2S rows, ≤ 2S columns) from the uint8
-image and blend them in float: the cost does not grow with the photo, and only a small patch ever
-needs to travel to an accelerator.
+image and blend them in float: the cost does not grow with the photo.
+
+Each image is prepared on its own, on the CPU, in numpy: the service does it in its codec pool
+beside the decode, so the device worker only stacks prepared inputs. The arithmetic is
+PyTorch's bilinear kernel's, operation by operation in float32 (each multiply and add rounded on
+its own, as separate PyTorch operations round), so the input is bit for bit what
+``F.interpolate(mode="bilinear", align_corners=False)`` and the former PyTorch blend gave
+(tests/test_preprocess.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from model.weights import WeightsSpec
 
-__all__ = ["normalise", "preprocess", "resize_weights"]
+__all__ = ["normalise", "prepare", "preprocess", "resize_weights"]
 
 
 def resize_weights(src: int, dst: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -30,23 +38,43 @@ def resize_weights(src: int, dst: int) -> tuple[Tensor, Tensor, Tensor]:
     return i0, i1, pos - i0
 
 
-def _resize_one(image: Tensor, size: int, device: torch.device) -> Tensor:
-    """One uint8 ``H×W×3`` image → ``3×S×S`` float32 on ``device``.
+@lru_cache(maxsize=512)
+def _axis(src: int, dst: int, channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One axis's gather indices (lower neighbours, then upper) and the weights of each pair
+    (``1 - w``, ``w``), each repeated ``channels`` times; photos come in a few sizes, so they
+    are kept."""
+    i0, i1, w = resize_weights(src, dst)
+    wn = w.numpy().repeat(channels)
+    return torch.cat((i0, i1)).numpy(), np.float32(1) - wn, wn
 
-    Only the ``2S×2S`` patch the resize reads is gathered (rows ``[:S]`` are the upper
-    neighbours, ``[S:]`` the lower ones; the same for columns) and sent to ``device``.
-    """
-    y0, y1, wy = resize_weights(image.shape[0], size)
-    x0, x1, wx = resize_weights(image.shape[1], size)
-    patch = image.index_select(0, torch.cat((y0, y1))).index_select(1, torch.cat((x0, x1)))
-    if device.type == "cuda":
-        patch = patch.pin_memory().to(device, non_blocking=True)
-    p = patch.to(device).float()
-    wy = wy.to(device).view(size, 1, 1)
-    wx = wx.to(device).view(1, size, 1)
-    top = p[:size, :size] * (1 - wx) + p[:size, size:] * wx
-    bottom = p[size:, :size] * (1 - wx) + p[size:, size:] * wx
-    return (top * (1 - wy) + bottom * wy).permute(2, 0, 1)
+
+@lru_cache(maxsize=8)
+def _means(mean: tuple[float, ...], std: tuple[float, ...], size: int) -> tuple[np.ndarray, ...]:
+    """The normalisation's per-channel mean and std, repeated along a row of ``size`` pixels."""
+    return np.tile(np.asarray(mean, np.float32), size), np.tile(np.asarray(std, np.float32), size)
+
+
+def prepare(image: np.ndarray, spec: WeightsSpec) -> np.ndarray:
+    """One uint8 ``H×W×3`` image → its normalised ``3×S×S`` float32 input (C-contiguous)."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected a uint8 H×W×3 array, got {image.dtype} {image.shape}")
+    s = spec.input_size
+    rows, wy1, wy = _axis(image.shape[0], s, 1)
+    cols, wx1, wx = _axis(image.shape[1], s, 3)
+    # The 2S×2S patch the resize reads, each row's pixels' channels side by side: columns
+    # [:3S] are the left neighbours, [3S:] the right ones; rows [:S] the upper, [S:] the lower.
+    # Rows are 3S long, so every operation runs along a whole row.
+    p = image.take(rows, axis=0).take(cols, axis=1).astype(np.float32).reshape(2 * s, 6 * s)
+    across = p[:, : 3 * s] * wx1
+    across += p[:, 3 * s :] * wx
+    x = across[:s] * wy1[:, None]
+    x += across[s:] * wy[:, None]
+    peak = max(x.max(), np.float32(1e-6))
+    mean, std = _means(spec.mean, spec.std, s)
+    x /= peak
+    x -= mean
+    x /= std
+    return np.ascontiguousarray(x.reshape(s, s, 3).transpose(2, 0, 1))
 
 
 def normalise(x: Tensor, spec: WeightsSpec) -> Tensor:
@@ -58,16 +86,9 @@ def normalise(x: Tensor, spec: WeightsSpec) -> Tensor:
 
 
 def preprocess(
-    images: Sequence[Tensor], spec: WeightsSpec, device: torch.device | str = "cpu"
+    images: Sequence[Tensor | np.ndarray], spec: WeightsSpec, device: torch.device | str = "cpu"
 ) -> Tensor:
-    """Resize and normalise a batch of uint8 ``H×W×3`` images of any sizes → ``N×3×S×S`` float32."""
-    size = spec.input_size
-    device = torch.device(device)
-    planes = []
-    for image in images:
-        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(
-                f"expected a uint8 H×W×3 tensor, got {image.dtype} {tuple(image.shape)}"
-            )
-        planes.append(_resize_one(image, size, device))
-    return normalise(torch.stack(planes), spec)
+    """Resize and normalise a batch of uint8 ``H×W×3`` images of any sizes → ``N×3×S×S`` float32
+    on ``device``."""
+    planes = [prepare(np.asarray(im), spec) for im in images]
+    return torch.from_numpy(np.stack(planes)).to(device)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -20,7 +21,7 @@ from model.engines import (
     resolve_engine,
 )
 from model.postprocess import from_levels, to_levels
-from model.preprocess import preprocess
+from model.preprocess import prepare, preprocess
 from model.weights import SPECS, WeightsSpec, recorded_digest
 
 __all__ = ["DTYPES", "Segmenter", "resolve_device", "resolve_dtype"]
@@ -96,6 +97,7 @@ class Segmenter:
             options,
         )
         self.weights_digest = recorded_digest(weights, name)
+        self._pinned: Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -144,6 +146,36 @@ class Segmenter:
         """The network's maps after the authors' 8-bit step, ``N×S×S`` uint8 on the device."""
         x = preprocess(images, self.spec, self.device)
         return to_levels(self.forward(x))
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """One uint8 ``H×W×3`` image → its normalised ``3×S×S`` input, on the CPU: the part of
+        the network's input that is per image, for a thread beside the device's worker."""
+        return prepare(image, self.spec)
+
+    @torch.inference_mode()
+    def levels_of(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
+        """Prepared inputs (:meth:`prepare`) → their 8-bit maps, ``N×S×S`` uint8 on the CPU: the
+        batch's one trip to the device and back. On CUDA the batch is stacked into page-locked
+        memory kept for the next batch, so the copy is one asynchronous transfer."""
+        n, shape = len(inputs), (len(inputs), *inputs[0].shape)
+        if self.device.type == "cuda":
+            staging = self._staging(n, shape)
+            np.stack(inputs, out=staging.numpy())
+            x = staging.to(self.device, non_blocking=True)
+        else:
+            x = torch.from_numpy(np.stack(inputs))
+        return to_levels(self.forward(x)).cpu().numpy()
+
+    def _staging(self, n: int, shape: tuple[int, ...]) -> Tensor:
+        """Page-locked memory for ``n`` inputs, grown to the largest batch seen and reused.
+
+        Reused only once the last transfer from it is done: the device's stream runs in order,
+        and the maps of the batch that used it were copied back before this one was asked for."""
+        have = self._pinned
+        if have is None or have.shape[0] < n:
+            have = torch.empty(shape, dtype=torch.float32).pin_memory()
+            self._pinned = have
+        return have[:n]
 
     @torch.inference_mode()
     def expand(self, levels: Tensor, size: tuple[int, int]) -> Tensor:

@@ -83,3 +83,24 @@ def test_strong_reductions_on_cuda_match_the_cpu(maps: list[torch.Tensor]) -> No
         got = resize_map(levels.cuda(), size)
         assert got.device.type == "cuda"
         torch.testing.assert_close(got.cpu(), _torch_reference(levels, size), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("hw", [(320, 320), (321, 320), (595, 770), (2000, 3000), (4032, 3024)])
+def test_finish_on_cpu_is_the_pytorch_second_half_to_the_bit(hw: tuple[int, int]) -> None:
+    """OpenCV and numpy (in the codec pool) give the bytes of ``from_levels`` then
+    ``to_mask``/``to_probability`` in PyTorch, for every level and thresholds on and between
+    the levels; a reduction is left to PyTorch."""
+    import numpy as np
+
+    from model.postprocess import finish_on_cpu, from_levels
+
+    gen = torch.Generator().manual_seed(hw[0] + hw[1])
+    levels = torch.randint(0, 256, (320, 320), dtype=torch.uint8, generator=gen)
+    levels[:16] = torch.arange(256, dtype=torch.uint8).repeat(20)[:320]  # every level
+    p = from_levels(levels, hw)
+    for threshold in (0.0, 0.5, 1.0, 0.3, 128 / 255, 1 / 255, 254.5 / 255, 0.1 + 0.2):
+        got = finish_on_cpu(levels.numpy(), hw, probability=False, threshold=threshold)
+        assert np.array_equal(got, to_mask(p, threshold).numpy()), threshold
+    got = finish_on_cpu(levels.numpy(), hw, probability=True, threshold=0.5)
+    assert np.array_equal(got, to_probability(p).numpy())
+    assert finish_on_cpu(levels.numpy(), (319, 4000), probability=False, threshold=0.5) is None

@@ -58,3 +58,33 @@ def test_mask_and_probability_levels() -> None:
     p = torch.tensor([0.0, 0.499, 0.5, 0.71, 1.0])
     assert to_mask(p, 0.5).tolist() == [0, 0, 255, 255, 255]
     assert to_probability(p).tolist() == [0, 127, 128, 181, 255]
+
+
+def _torch_blend(image: torch.Tensor, size: int) -> torch.Tensor:
+    """The blend the service ran in PyTorch before ``prepare`` ran it in numpy, operation by
+    operation: the input the network saw then, on the CPU and on CUDA alike."""
+    from model.preprocess import resize_weights
+
+    y0, y1, wy = resize_weights(image.shape[0], size)
+    x0, x1, wx = resize_weights(image.shape[1], size)
+    p = image.index_select(0, torch.cat((y0, y1))).index_select(1, torch.cat((x0, x1))).float()
+    wy, wx = wy.view(size, 1, 1), wx.view(1, size, 1)
+    top = p[:size, :size] * (1 - wx) + p[:size, size:] * wx
+    bottom = p[size:, :size] * (1 - wx) + p[size:, size:] * wx
+    return (top * (1 - wy) + bottom * wy).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize(
+    "hw", [(320, 320), (173, 290), (2000, 3000), (1, 1), (5, 999), (321, 319), (4032, 3024)]
+)
+def test_prepare_is_the_pytorch_blend_to_the_bit(hw: tuple[int, int]) -> None:
+    """``prepare`` (numpy, in the codec pool) gives the very input the PyTorch blend gave, so
+    the maps and the answers are the same bytes as before it moved."""
+    import numpy as np
+
+    from model.preprocess import prepare
+
+    gen = torch.Generator().manual_seed(hw[0] * 7919 + hw[1])
+    image = torch.randint(0, 256, (*hw, 3), dtype=torch.uint8, generator=gen)
+    expected = normalise(_torch_blend(image, SPEC.input_size)[None], SPEC)[0]
+    assert np.array_equal(prepare(image.numpy(), SPEC), expected.numpy())
