@@ -11,6 +11,7 @@ from torch import Tensor
 
 __all__ = [
     "finish_on_cpu",
+    "levels_on_cpu",
     "from_levels",
     "minmax",
     "resize_map",
@@ -84,6 +85,21 @@ def to_levels(maps: Tensor) -> Tensor:
     an answer needs from the network is in these levels, which is what makes them worth caching.
     """
     return minmax(maps).mul_(255).floor_().to(torch.uint8)[:, 0]
+
+
+def levels_on_cpu(maps: np.ndarray) -> np.ndarray:
+    """:func:`to_levels` in numpy, for maps on the CPU: each step rounded in float32 as
+    PyTorch rounds it, so the same levels (tests/test_postprocess.py), without PyTorch's OpenMP
+    team, whose threads spin between parallel regions on cores the codec threads need."""
+    n = maps.shape[0]
+    flat = maps.reshape(n, -1)
+    lo = flat.min(axis=1).reshape(n, 1, 1, 1)
+    span = np.maximum(flat.max(axis=1).reshape(n, 1, 1, 1) - lo, np.float32(1e-12))
+    x = maps - lo
+    x /= span
+    x *= np.float32(255)
+    np.floor(x, out=x)
+    return x.astype(np.uint8)[:, 0]
 
 
 def from_levels(levels: Tensor, size: tuple[int, int]) -> Tensor:

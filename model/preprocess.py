@@ -63,12 +63,19 @@ def prepare(image: np.ndarray, spec: WeightsSpec) -> np.ndarray:
     cols, wx1, wx = _axis(image.shape[1], s, 3)
     # The 2S×2S patch the resize reads, each row's pixels' channels side by side: columns
     # [:3S] are the left neighbours, [3S:] the right ones; rows [:S] the upper, [S:] the lower.
-    # Rows are 3S long, so every operation runs along a whole row.
-    p = image.take(rows, axis=0).take(cols, axis=1).astype(np.float32).reshape(2 * s, 6 * s)
-    across = p[:, : 3 * s] * wx1
-    across += p[:, 3 * s :] * wx
-    x = across[:s] * wy1[:, None]
-    x += across[s:] * wy[:, None]
+    # Rows are 3S long, so every operation runs along a whole row; the uint8 patch is cast in
+    # each multiply, so no temporary reaches the 2 MiB from which glibc maps (and faults in)
+    # every buffer afresh (service/budget.py).
+    patch = image.take(rows, axis=0).take(cols, axis=1).reshape(2 * s, 6 * s)
+    left, right = patch[:, : 3 * s], patch[:, 3 * s :]
+    top = np.multiply(left[:s], wx1, dtype=np.float32)
+    top += np.multiply(right[:s], wx, dtype=np.float32)
+    bottom = np.multiply(left[s:], wx1, dtype=np.float32)
+    bottom += np.multiply(right[s:], wx, dtype=np.float32)
+    x = top
+    x *= wy1[:, None]
+    bottom *= wy[:, None]
+    x += bottom
     peak = max(x.max(), np.float32(1e-6))
     mean, std = _means(spec.mean, spec.std, s)
     x /= peak

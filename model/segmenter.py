@@ -20,7 +20,7 @@ from model.engines import (
     load_engine,
     resolve_engine,
 )
-from model.postprocess import from_levels, to_levels
+from model.postprocess import from_levels, levels_on_cpu, to_levels
 from model.preprocess import prepare, preprocess
 from model.weights import SPECS, WeightsSpec, recorded_digest
 
@@ -155,15 +155,15 @@ class Segmenter:
     @torch.inference_mode()
     def levels_of(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
         """Prepared inputs (:meth:`prepare`) → their 8-bit maps, ``N×S×S`` uint8 on the CPU: the
-        batch's one trip to the device and back. On CUDA the batch is stacked into page-locked
-        memory kept for the next batch, so the copy is one asynchronous transfer."""
-        n, shape = len(inputs), (len(inputs), *inputs[0].shape)
-        if self.device.type == "cuda":
-            staging = self._staging(n, shape)
-            np.stack(inputs, out=staging.numpy())
-            x = staging.to(self.device, non_blocking=True)
-        else:
-            x = torch.from_numpy(np.stack(inputs))
+        batch's one trip to the device and back, the same levels as :meth:`levels`. On CUDA the
+        batch is stacked into page-locked memory kept for the next batch, so the copy is one
+        asynchronous transfer."""
+        if self.device.type != "cuda":
+            # The 8-bit step in numpy: PyTorch's OpenMP threads would spin beside the codecs.
+            return levels_on_cpu(self.forward(torch.from_numpy(np.stack(inputs))).numpy())
+        staging = self._staging(len(inputs), (len(inputs), *inputs[0].shape))
+        np.stack(inputs, out=staging.numpy())
+        x = staging.to(self.device, non_blocking=True)
         return to_levels(self.forward(x)).cpu().numpy()
 
     def _staging(self, n: int, shape: tuple[int, ...]) -> Tensor:

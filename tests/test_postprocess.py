@@ -104,3 +104,18 @@ def test_finish_on_cpu_is_the_pytorch_second_half_to_the_bit(hw: tuple[int, int]
     got = finish_on_cpu(levels.numpy(), hw, probability=True, threshold=0.5)
     assert np.array_equal(got, to_probability(p).numpy())
     assert finish_on_cpu(levels.numpy(), (319, 4000), probability=False, threshold=0.5) is None
+
+
+def test_levels_on_cpu_are_to_levels() -> None:
+    """The 8-bit step in numpy (the service's, on the CPU) gives PyTorch's levels, flat maps,
+    negative values and ties included."""
+    import numpy as np
+
+    from model.postprocess import levels_on_cpu, to_levels
+
+    gen = torch.Generator().manual_seed(3)
+    maps = torch.randn(5, 1, 320, 320, generator=gen) * 7
+    maps[1] = 0.25  # flat
+    maps[2] = maps[2].round()  # ties
+    maps[3] = torch.sigmoid(maps[3])
+    assert np.array_equal(levels_on_cpu(maps.numpy()), to_levels(maps).numpy())
