@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -20,15 +21,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from model.segmenter import Segmenter, resolve_device
+from model.weights import SPECS
 from service.batcher import Batcher, QueueGroup
 from service.budget import MemoryBudget, give_back_memory, map_large_buffers
-from service.cache import Caches, open_caches
+from service.cache import open_caches
 from service.encode import BOX_HEADERS
-from service.errors import ServiceError, error_response
+from service.errors import Draining, NotReady, ServiceError, error_response
 from service.fetch import Resolver, UrlFetcher, system_resolver
-from service.infer import Job, Segmented, run_batch
+from service.infer import Model, run_batch
 from service.metrics import Metrics
+from service.pipeline import Pipeline, Queue, Ready, Served
 from service.settings import Settings
+from service.supervisor import Shared, front_slots
 
 __all__ = ["Runtime", "RuntimeDep", "Served", "create_app", "load_segmenter", "url_fetcher"]
 
@@ -36,52 +40,64 @@ log = logging.getLogger("u2serve")
 
 
 @dataclass(eq=False)
-class Served:
-    """One loaded model and the batcher that feeds it."""
-
-    segmenter: Segmenter
-    batcher: Batcher[Job, Segmented]
-
-
-@dataclass(eq=False)
 class Runtime:
-    """What the routes need, owned by one app."""
+    """What the routes need, owned by one app: the settings and metrics from the start, the
+    loaded service (``pipeline``) once the lifespan has built it."""
 
     settings: Settings
     owns_process: bool = False
+    # A front process's memory shared with the supervisor and the inference worker
+    # (U2SERVE_WORKERS > 1); None where this process runs the models itself.
+    shared: Shared | None = None
     metrics: Metrics = field(default_factory=Metrics)
-    models: dict[str, Served] = field(default_factory=dict)  # the default one first
     fetcher: UrlFetcher | None = None
-    codec_pool: ThreadPoolExecutor | None = None
-    # The thread every torch operation runs on (see _lifespan): batches, and cache hits' resize.
-    infer_pool: ThreadPoolExecutor | None = None
-    caches: Caches | None = None
-    budget: MemoryBudget | None = None
+    pipeline: Pipeline | None = None
     ready: bool = False
     draining: bool = False
     inflight: int = 0
     _trimming: bool = False
 
-    def __post_init__(self) -> None:
-        self.metrics.in_flight.set_function(lambda: self.inflight)
+    @property
+    def models(self) -> dict[str, Served]:
+        """The loaded models, the default one first (none before loading)."""
+        return self.pipeline.ready.models if self.pipeline else {}
 
     @property
-    def segmenter(self) -> Segmenter | None:
+    def segmenter(self) -> Model | None:
         """The default model."""
         default = self.models.get(self.settings.default_model)
         return default.segmenter if default else None
 
     @property
-    def batcher(self) -> Batcher[Job, Segmented] | None:
+    def batcher(self) -> Queue | None:
         """The default model's batcher."""
         default = self.models.get(self.settings.default_model)
         return default.batcher if default else None
 
+    @property
+    def budget(self) -> MemoryBudget | None:
+        return self.pipeline.ready.budget if self.pipeline else None
+
+    @property
+    def worker_ready(self) -> bool:
+        """Whether the models' process is serving: this one, or the inference worker."""
+        return self.shared is None or bool(self.shared.worker_ready.value)
+
+    def serving(self) -> Pipeline:
+        """The pipeline, while the service takes work; 503 while loading or draining."""
+        if self.draining:
+            self.metrics.rejected.labels(reason="draining").inc()
+            raise Draining("the service is shutting down", headers={"Retry-After": "1"})
+        if not self.ready or self.pipeline is None or not self.worker_ready:
+            self.metrics.rejected.labels(reason="not_ready").inc()
+            raise NotReady("the model is still loading", headers={"Retry-After": "1"})
+        return self.pipeline
+
     def give_back_memory(self) -> None:
         """Once nothing is held, return the freed heap to the OS, off the event loop."""
-        if self.codec_pool is not None and not self._trimming:
+        if self.pipeline is not None and not self._trimming:
             self._trimming = True
-            self.codec_pool.submit(self._trim)
+            self.pipeline.ready.codec_pool.submit(self._trim)
 
     def _trim(self) -> None:
         try:
@@ -106,7 +122,8 @@ class Runtime:
         return True
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    # async: FastAPI runs a plain function dependency in a thread pool, a handoff per request.
     runtime: Runtime = request.app.state.runtime
     return runtime
 
@@ -136,6 +153,18 @@ def load_segmenter(settings: Settings, model: str | None = None) -> Segmenter:
     )
 
 
+def describe(segmenter: Segmenter, max_batch_size: int) -> dict[str, object]:
+    """What ``/readyz`` says of a loaded model."""
+    return {
+        "model": segmenter.name,
+        "engine": segmenter.engine.name,
+        "device": str(segmenter.device),
+        "dtype": str(segmenter.dtype).removeprefix("torch."),
+        "max_batch_size": max_batch_size,
+        "precision": segmenter.precision,
+    }
+
+
 def _batch_size(settings: Settings, segmenter: Segmenter) -> int:
     if settings.max_batch_size is not None:
         return settings.max_batch_size
@@ -160,13 +189,18 @@ def url_fetcher(settings: Settings, resolver: Resolver = system_resolver) -> Url
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     rt: Runtime = app.state.runtime
+    if rt.shared is not None:
+        async with _front(rt, rt.shared):
+            yield
+        return
     s = rt.settings
-    # Every torch operation of the service runs on this one thread: loading, warm-up and batches.
-    # libgomp gives each thread that starts parallel work a team of its own, and once a process
-    # has more such threads than CPUs it stops spinning between parallel regions, so the batch
-    # thread's operations took twice as long when the model had been loaded on another thread
-    # (a 12 MP refine: 110 ms against 68 ms).
-    rt.infer_pool = infer = ThreadPoolExecutor(1, thread_name_prefix="u2serve-infer")
+    # Every CPU PyTorch operation of the service runs on this one thread: loading, warm-up,
+    # batches, and the maps PyTorch finishes on the CPU (service/infer.py). libgomp gives each
+    # thread that starts parallel work a team of its own, and once a process has more such
+    # threads than CPUs it stops spinning between parallel regions, so the batch thread's
+    # operations took twice as long when the model had been loaded on another thread (a 12 MP
+    # refine: 110 ms against 68 ms).
+    infer = ThreadPoolExecutor(1, thread_name_prefix="u2serve-infer")
     loop = asyncio.get_running_loop()
     segmenters: dict[str, Segmenter] = {}
     try:
@@ -179,12 +213,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     engines_allocate = any(seg.engine.allocates_per_call for seg in segmenters.values())
     if rt.owns_process and not engines_allocate and map_large_buffers():
         log.info("large buffers are mapped, and unmapped when freed")
-    rt.codec_pool = ThreadPoolExecutor(s.codec_threads, thread_name_prefix="u2serve-codec")
+    codec_pool = ThreadPoolExecutor(s.codec_threads, thread_name_prefix="u2serve-codec")
     # One queue limit for every model: they wait for the same device, on the same thread.
     group = QueueGroup(s.max_queue, rt.metrics)
+    models: dict[str, Served] = {}
+    batchers: dict[str, Batcher[np.ndarray, np.ndarray]] = {}
     for name, segmenter in segmenters.items():
         max_batch = _batch_size(s, segmenter)
-        batcher = Batcher(
+        batcher: Batcher[np.ndarray, np.ndarray] = Batcher(
             partial(run_batch, segmenter),
             max_batch_size=max_batch,
             max_wait_s=s.max_batch_wait_ms / 1000,
@@ -195,7 +231,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             model=name,
         )
         batcher.start()
-        rt.models[name] = Served(segmenter, batcher)
+        batchers[name] = batcher
+        models[name] = Served(segmenter, batcher, describe(segmenter, max_batch))
         dtype = str(segmenter.dtype).removeprefix("torch.")
         engine = segmenter.engine.name
         rt.metrics.model_info.labels(name, engine, str(segmenter.device), dtype).set(1)
@@ -210,7 +247,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             dtype,
             max_batch,
         )
-    rt.caches = open_caches(s, rt.metrics)
+    caches = open_caches(s, rt.metrics)
     log.info(
         "maps and kept uploads: %s",
         "in Redis (U2SERVE_CACHE_URL)"
@@ -219,18 +256,18 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         f"{s.cache_upload_bytes / 2**20:g} MiB of uploads",
     )
     rt.metrics.queue_capacity.set(s.max_queue)
-    default = rt.models[s.default_model].batcher
-    rt.budget = MemoryBudget(
+    budget = MemoryBudget(
         s.memory_budget_bytes,
         metrics=rt.metrics,
-        retry_after=default.retry_after,
+        retry_after=models[s.default_model].batcher.retry_after,
         on_idle=rt.give_back_memory,
     )
+    rt.pipeline = Pipeline(rt, Ready(models, codec_pool, infer, caches, budget))
 
     async def warm_up() -> None:
         if s.warmup:
-            for served in rt.models.values():
-                seg, max_batch = served.segmenter, served.batcher.max_batch_size
+            for name, seg in segmenters.items():
+                max_batch = batchers[name].max_batch_size
                 sizes = sorted({1, max_batch}) if seg.device.type == "cuda" else [1]
                 await loop.run_in_executor(infer, seg.warmup, sizes)
         if not rt.draining:
@@ -243,12 +280,68 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await rt.drain(s.drain_timeout_s)
         warming.cancel()
         await asyncio.gather(warming, return_exceptions=True)
-        for served in rt.models.values():
-            await served.batcher.stop()
-        await rt.caches.close()
+        for batcher in batchers.values():
+            await batcher.stop()
+        await caches.close()
         infer.shutdown(wait=True)
-        rt.codec_pool.shutdown(wait=True)
+        codec_pool.shutdown(wait=True)
         log.info("stopped")
+
+
+@asynccontextmanager
+async def _front(rt: Runtime, shared: Shared) -> AsyncIterator[None]:
+    """A front process's lifespan: no model of its own, the inference worker's through a link;
+    ready once connected, drained on exit like the single process."""
+    from service.cache import Caches
+    from service.remote import (
+        RemoteMapCache,
+        RemoteModel,
+        RemoteQueue,
+        RemoteUploadStore,
+        WorkerLink,
+    )
+
+    s = rt.settings
+    side = max(SPECS[name].input_size for name in s.served_models)
+    link = WorkerLink(shared, side, front_slots(s), rt.metrics)
+    described = await link.start()
+    models = {
+        name: Served(
+            RemoteModel(described[name]),
+            RemoteQueue(link, name, described[name]["max_batch_size"], s.max_queue, rt.metrics),
+            {k: v for k, v in described[name].items() if k != "identity"},
+        )
+        for name in s.served_models
+    }
+    if s.cache_url:
+        caches = open_caches(s, rt.metrics)
+    else:  # the worker's, shared by every front
+        caches = Caches(
+            RemoteMapCache(link, rt.metrics), RemoteUploadStore(link, rt.metrics), _none
+        )
+    codec_pool = ThreadPoolExecutor(s.codec_threads, thread_name_prefix="u2serve-codec")
+    infer = ThreadPoolExecutor(1, thread_name_prefix="u2serve-infer")
+    budget = MemoryBudget(
+        s.memory_budget_bytes,
+        metrics=rt.metrics,
+        retry_after=models[s.default_model].batcher.retry_after,
+        on_idle=rt.give_back_memory,
+        shared=shared.held,
+    )
+    rt.pipeline = Pipeline(rt, Ready(models, codec_pool, infer, caches, budget))
+    rt.set_ready(True)
+    try:
+        yield
+    finally:
+        await rt.drain(s.drain_timeout_s)
+        await caches.close()
+        await link.close()
+        infer.shutdown(wait=True)
+        codec_pool.shutdown(wait=True)
+
+
+async def _none() -> None:
+    return None
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -272,12 +365,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal_error", "internal error")
 
 
-def create_app(settings: Settings | None = None, *, owns_process: bool = False) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, owns_process: bool = False, shared: Shared | None = None
+) -> FastAPI:
     """Build the app; the model is loaded when its lifespan starts, not here.
 
     ``owns_process``: the app is its process's only one (``python -m service``), so it may set
     process-wide state, the C allocator's policy for large buffers, that an embedding process
-    (tests, another ASGI host) keeps for itself.
+    (tests, another ASGI host) keeps for itself. ``shared``: the app is a front process of
+    several (:mod:`service.supervisor`), whose models run in the inference worker.
     """
     from service.pages import install_pages
     from service.routes import document_segment, router
@@ -292,7 +388,9 @@ def create_app(settings: Settings | None = None, *, owns_process: bool = False) 
         docs_url=None,
         redoc_url=None,
     )
-    app.state.runtime = Runtime(settings, owns_process=owns_process, fetcher=url_fetcher(settings))
+    app.state.runtime = Runtime(
+        settings, owns_process=owns_process, shared=shared, fetcher=url_fetcher(settings)
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -63,11 +63,17 @@ class QueueGroup:
     model's batch only while fewer than ``max_queue`` wait for all of them together, because
     they all wait for the same device."""
 
-    def __init__(self, max_queue: int, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        max_queue: int,
+        metrics: Metrics,
+        on_depth: Callable[[int], None] | None = None,
+    ) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, not {max_queue}")
         self.max_queue = max_queue
         self._metrics = metrics
+        self._on_depth = on_depth  # told every change: the inference worker tells the fronts
         self._members: list[Batcher[Any, Any]] = []
 
     def join(self, batcher: Batcher[Any, Any]) -> None:
@@ -78,7 +84,10 @@ class QueueGroup:
         return sum(b.depth for b in self._members)
 
     def report(self) -> None:
-        self._metrics.queue_depth.set(self.depth)
+        depth = self.depth
+        self._metrics.queue_depth.set(depth)
+        if self._on_depth is not None:
+            self._on_depth(depth)
 
 
 class Batcher(Generic[T, R]):

@@ -15,12 +15,16 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from service.errors import ImageTooLarge, QueueFull
-from service.metrics import Metrics
+
+if TYPE_CHECKING:  # not imported before the supervisor has told prometheus-client its folder
+    from service.metrics import Metrics
 
 __all__ = [
     "MMAP_THRESHOLD",
+    "Charge",
     "MemoryBudget",
     "give_back_memory",
     "limit_arenas",
@@ -143,10 +147,14 @@ def limit_arenas(count: int) -> bool:
 
 
 class MemoryBudget:
-    """Thread-safe: charges are taken on the event loop and may be released from any thread.
+    """Thread-safe: charges are taken on the event loop or a pool thread and may be released
+    from any thread.
 
-    ``retry_after`` gives the seconds to tell a refused client. When the last charge is released,
-    ``on_idle`` runs (the service uses it to give freed memory back to the OS).
+    ``retry_after`` gives the seconds to tell a refused client. When the last charge of this
+    process is released, ``on_idle`` runs (the service uses it to give freed memory back to the
+    OS). ``shared``: with several processes, the bytes all of them hold, in shared memory (a
+    ``multiprocessing.Value`` of a signed 64-bit integer, with its lock): the budget is then the
+    service's, not each process's.
     """
 
     def __init__(
@@ -156,12 +164,14 @@ class MemoryBudget:
         metrics: Metrics,
         retry_after: Callable[[], int],
         on_idle: Callable[[], None] | None = None,
+        shared: Any = None,
     ) -> None:
         if limit_bytes < 1:
             raise ValueError(f"the memory budget must be at least 1 byte, not {limit_bytes}")
         self.limit_bytes = limit_bytes
-        self._held = 0
+        self._held = 0  # this process's
         self._lock = threading.Lock()
+        self._shared = shared
         self._metrics = metrics
         self._retry_after = retry_after
         self._on_idle = on_idle
@@ -170,6 +180,7 @@ class MemoryBudget:
 
     @property
     def held_bytes(self) -> int:
+        """What this process's requests hold."""
         return self._held
 
     def _take(self, cost: int) -> None:
@@ -180,10 +191,17 @@ class MemoryBudget:
                 f"is {self.limit_bytes}"
             )
         with self._lock:
-            if self._held + cost > self.limit_bytes:
+            if self._shared is None:
+                total = self._held
+            else:
+                with self._shared.get_lock():
+                    total = self._shared.value
+                    if total + cost <= self.limit_bytes:
+                        self._shared.value = total + cost
+            if total + cost > self.limit_bytes:
                 self._metrics.rejected.labels(reason="memory_full").inc()
                 raise QueueFull(
-                    f"the images in flight fill the memory budget ({self._held} of "
+                    f"the images in flight fill the memory budget ({total} of "
                     f"{self.limit_bytes} bytes); retry later",
                     headers={"Retry-After": str(self._retry_after())},
                 )
@@ -195,15 +213,40 @@ class MemoryBudget:
             self._held -= cost
             held = self._held
             self._metrics.memory_held.set(held)
+            if self._shared is not None:
+                with self._shared.get_lock():
+                    self._shared.value -= cost
         if held == 0 and self._on_idle is not None:
             self._on_idle()
 
+    def charge(self, cost: int) -> Charge:
+        """Charge ``cost`` bytes until the charge is released: 413 if it alone exceeds the
+        budget, 503 with ``Retry-After`` if it does not fit beside what is held now. For a charge
+        taken in one place (a pool thread) and released in another."""
+        self._take(cost)
+        return Charge(self, cost)
+
     @contextmanager
     def hold(self, cost: int) -> Iterator[None]:
-        """Charge ``cost`` bytes for the block: 413 if it alone exceeds the budget, 503 with
-        ``Retry-After`` if it does not fit beside what is held now."""
-        self._take(cost)
-        try:
+        """Charge ``cost`` bytes for the block (see :meth:`charge`)."""
+        with self.charge(cost):
             yield
-        finally:
-            self._give(cost)
+
+
+class Charge:
+    """Bytes held in a :class:`MemoryBudget`; released once, by ``release`` or the block."""
+
+    def __init__(self, budget: MemoryBudget, cost: int) -> None:
+        self._budget: MemoryBudget | None = budget
+        self.cost = cost
+
+    def release(self) -> None:
+        budget, self._budget = self._budget, None
+        if budget is not None:
+            budget._give(self.cost)
+
+    def __enter__(self) -> Charge:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -13,9 +13,10 @@ from service.codecs.pillow import read_header
 __all__ = ["FORMATS", "DecodedImage", "Header", "decode", "read_header"]
 
 
-def decode(data: bytes, *, max_pixels: int) -> DecodedImage:
-    """Decode an uploaded image; 400 if empty, 415 if not a decodable image, 413 if too large."""
-    header = read_header(data, max_pixels=max_pixels)
+def decode(data: bytes, *, max_pixels: int, header: Header | None = None) -> DecodedImage:
+    """Decode an uploaded image; 400 if empty, 415 if not a decodable image, 413 if too large.
+    ``header``: what :func:`read_header` already read of these bytes, if the caller has it."""
+    header = header or read_header(data, max_pixels=max_pixels)
     if header.decoder != "pillow":
         image = decoder(header.decoder).decode(data, header)
         if image is not None:

@@ -1,14 +1,15 @@
 """Files and folders of photos through the model in-process (``u2serve segment``).
 
-The same stages as a request, without HTTP: ``decode`` → ``run_batch`` → ``render``, so a file's
-output is byte for byte what ``POST /segment`` answers for it with the same parameters. As in the
-service, each photo's network map is kept in an in-process map cache (``U2SERVE_CACHE_MAP_BYTES``)
-under its bytes' digest: a photo that comes again (the same file under two names, or in two
-folders) skips the network, and the summary counts those hits. Reading and
-decoding the next photos, and encoding and writing the last ones, run in a thread pool while the
-model works on the current batch; at most a few photos are in flight, whatever the folder's size.
-An output is written to a hidden temporary name and renamed when complete, so an interrupted run
-leaves only whole files, and the next run skips them.
+The same stages as a request, without HTTP: ``decode`` → ``run_batch`` → ``finish`` →
+``render``, so a file's output is byte for byte what ``POST /segment`` answers for it with the
+same parameters. As in the service, each photo's network map is kept in an in-process map
+cache (``U2SERVE_CACHE_MAP_BYTES``) under its bytes' digest: a photo that comes again (the same
+file under two names, or in two folders) skips the network, and the summary counts those hits.
+Reading, decoding and preparing the next photos, and finishing, encoding and writing the last
+ones, run in a thread pool while the model works on the current batch; at most a few photos are
+in flight, whatever the folder's size. An output is written to a hidden temporary name and
+renamed when complete, so an interrupted run leaves only whole files, and the next run skips
+them.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from model.segmenter import Segmenter
@@ -34,7 +34,7 @@ from service.cache.memory import MemoryMapCache
 from service.decode import DecodedImage, decode
 from service.encode import MEDIA_TYPES, render
 from service.errors import ServiceError
-from service.infer import Job, finish, run_batch
+from service.infer import finish, finishes_on_worker, run_batch
 from service.params import SegmentParams
 
 __all__ = [
@@ -161,10 +161,24 @@ def outstanding(
     return todo
 
 
-def _read(path: Path, max_pixels: int) -> tuple[DecodedImage, str]:
-    """The decoded photo, and its bytes' digest (the map cache's key)."""
+@dataclass(frozen=True)
+class _Read:
+    image: DecodedImage
+    digest: str  # the bytes' (the map cache's key)
+    prepared: np.ndarray  # the network's input
+
+
+def _read(path: Path, max_pixels: int, segmenter: Segmenter) -> _Read:
+    """The decoded photo, its bytes' digest and the network's input, in a pool thread."""
     data = path.read_bytes()
-    return decode(data, max_pixels=max_pixels), digest(data)
+    image = decode(data, max_pixels=max_pixels)
+    return _Read(image, digest(data), segmenter.prepare(image.model_rgb))
+
+
+def _finish_and_write(
+    task: Task, segmenter: Segmenter, levels: np.ndarray, image: DecodedImage, params: SegmentParams
+) -> Path:
+    return _write(task, finish(segmenter, levels, image.model_rgb, params), image, params)
 
 
 def _write(task: Task, levels: np.ndarray, image: DecodedImage, params: SegmentParams) -> Path:
@@ -222,7 +236,7 @@ def segment_files(
     )
     maps = cache if cache is not None else MemoryMapCache(64 * 1024**2)
     side = segmenter.spec.input_size
-    ahead: deque[tuple[Task, Future[tuple[DecodedImage, str]]]] = deque()
+    ahead: deque[tuple[Task, Future[_Read]]] = deque()
     writing: dict[Future[Path], Task] = {}
     pending = iter(tasks)
 
@@ -237,7 +251,7 @@ def segment_files(
             task = next(pending, None)
             if task is None:
                 return
-            ahead.append((task, pool.submit(_read, task.source, max_pixels)))
+            ahead.append((task, pool.submit(_read, task.source, max_pixels, segmenter)))
 
     def reap(limit: int) -> None:
         """Collect finished writes; block while more than ``limit`` are outstanding."""
@@ -254,49 +268,55 @@ def segment_files(
                     summary.written += 1
                     bar.update(1)
 
+    def write(task: Task, levels: np.ndarray, image: DecodedImage) -> None:
+        """The map's second half and the encode in the pool, as the service runs them; where
+        the map needs PyTorch on the CPU, its first half here, on the network's thread."""
+        if not finishes_on_worker(segmenter, image.model_rgb.shape[:2], params):
+            fut = pool.submit(_finish_and_write, task, segmenter, levels, image, params)
+            writing[fut] = task
+            return
+        try:
+            m = finish(segmenter, levels, image.model_rgb, params)
+        except Exception as exc:
+            fail(task, exc)
+            return
+        writing[pool.submit(_write, task, m, image, params)] = task
+
     try:
         fill()
         while ahead:
-            batch: list[tuple[Task, DecodedImage, str]] = []
+            batch: list[tuple[Task, _Read, str]] = []
             while ahead and len(batch) < batch_size:
                 task, fut = ahead.popleft()
                 try:
-                    image, photo = fut.result()
+                    read = fut.result()
                 except Exception as exc:  # one bad file is reported and skipped, not fatal
                     fail(task, exc)
                     fill()
                     continue
                 fill()
-                key = map_key(segmenter.identity, photo)
+                key = map_key(segmenter.identity, read.digest)
                 cached = maps.lookup(key)
                 summary.cache_lookups += 1
                 if cached is None:
-                    batch.append((task, image, key))
+                    batch.append((task, read, key))
                     continue
                 # The same photo again: its map's second half only, as the service does on a hit.
                 summary.cache_hits += 1
-                levels = torch.frombuffer(bytearray(cached), dtype=torch.uint8).view(side, side)
-                rgb = torch.from_numpy(image.model_rgb)
-                try:
-                    result = finish(segmenter, levels, rgb, params)
-                except Exception as exc:
-                    fail(task, exc)
-                    continue
-                writing[pool.submit(_write, task, result.numpy(), image, params)] = task
+                write(task, np.frombuffer(cached, np.uint8).reshape(side, side), read.image)
             if not batch:
                 reap(limit=2 * threads)
                 continue
-            jobs = [Job(torch.from_numpy(image.model_rgb), params) for _, image, _ in batch]
             try:
-                results = run_batch(segmenter, jobs)
+                results = run_batch(segmenter, [read.prepared for _, read, _ in batch])
             except Exception as exc:
                 log.exception("inference failed for a batch of %d", len(batch))
                 for task, _, _ in batch:
                     fail(task, exc)
                 continue
-            for (task, image, key), done in zip(batch, results, strict=True):
-                maps.keep(key, done.levels.numpy().tobytes())
-                writing[pool.submit(_write, task, done.map.numpy(), image, params)] = task
+            for (task, read, key), levels in zip(batch, results, strict=True):
+                maps.keep(key, levels.tobytes())
+                write(task, levels, read.image)
             reap(limit=2 * threads)
         reap(limit=0)
     except KeyboardInterrupt:

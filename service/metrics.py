@@ -1,16 +1,71 @@
-"""Prometheus metrics, one registry per app so that tests can build several apps."""
+"""Prometheus metrics, one registry per app so that tests can build several apps.
+
+With several processes (``U2SERVE_WORKERS``), prometheus-client's multiprocess mode: each process
+writes its series to files in ``PROMETHEUS_MULTIPROC_DIR`` (set by the supervisor before any of
+them imports this module), and ``/metrics`` adds them up; each gauge says how (its
+``multiprocess_mode``: the live processes' sum, or their most). The ``process_*`` series are
+then the whole service's: the resident memory of every one of its processes, summed.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+import os
+from collections.abc import Iterator
+from pathlib import Path
 
-__all__ = ["Metrics"]
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    values,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+
+__all__ = ["Metrics", "multiprocess"]
+
+
+def multiprocess() -> bool:
+    """Whether this process is one of several whose metrics are added up."""
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ
+
+
+class _TreeMemory:
+    """``process_resident_memory_bytes`` of a process and its descendants, summed (Linux)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        page = os.sysconf("SC_PAGE_SIZE")
+        total, todo = 0, [self.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    todo.extend(int(c) for c in (task / "children").read_text().split())
+            except OSError:
+                continue  # a process that has just exited
+        yield GaugeMetricFamily(
+            "process_resident_memory_bytes",
+            "Resident memory of every process of the service, in bytes",
+            value=total,
+        )
+
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class Metrics:
     def __init__(self) -> None:
+        if multiprocess():
+            # prometheus-client chooses where values live when it is imported; a process that
+            # imported it before the supervisor named the folder would keep them to itself.
+            values.ValueClass = values.get_value_class()
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
             "u2serve_requests",
@@ -55,10 +110,16 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge(
-            "u2serve_queue_depth", "Requests waiting in the queue, every model's", registry=r
+            "u2serve_queue_depth",
+            "Requests waiting in the queue, every model's",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.queue_capacity = Gauge(
-            "u2serve_queue_capacity", "Requests that may wait (U2SERVE_MAX_QUEUE)", registry=r
+            "u2serve_queue_capacity",
+            "Requests that may wait (U2SERVE_MAX_QUEUE)",
+            registry=r,
+            multiprocess_mode="max",
         )
         self.rejected = Counter(
             "u2serve_rejected",
@@ -71,23 +132,31 @@ class Metrics:
             "A model being served (value 1; one series per model)",
             ["model", "engine", "device", "dtype"],
             registry=r,
+            multiprocess_mode="livemax",
         )
-        self.ready = Gauge("u2serve_ready", "1 when the service accepts work", registry=r)
-        # Read from the Runtime's own count when scraped (set_function): nothing per request.
+        self.ready = Gauge(
+            "u2serve_ready",
+            "1 when the service accepts work",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self.in_flight = Gauge(
             "u2serve_requests_in_flight",
             "/segment requests begun and not yet answered, their bodies still arriving included",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.memory_budget = Gauge(
             "u2serve_memory_budget_bytes",
             "Bytes that requests in flight may hold, decode to encode",
             registry=r,
+            multiprocess_mode="max",
         )
         self.memory_held = Gauge(
             "u2serve_memory_held_bytes",
             "Bytes charged to the requests in flight now",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.map_cache_hits = Counter(
             "u2serve_map_cache_hits",
@@ -105,6 +174,7 @@ class Metrics:
             "u2serve_map_cache_bytes",
             "Bytes of maps in the in-process map cache (0 with Redis)",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.map_cache_evictions = Counter(
             "u2serve_map_cache_evictions",
@@ -115,6 +185,7 @@ class Metrics:
             "u2serve_upload_cache_bytes",
             "Bytes of uploads kept in this process for image ids (0 with Redis)",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.upload_cache_evictions = Counter(
             "u2serve_upload_cache_evictions",
@@ -134,4 +205,15 @@ class Metrics:
             registry=r,
         )
         # process_resident_memory_bytes and friends, for alerts on the process's real memory.
-        ProcessCollector(registry=r)
+        if not multiprocess():
+            ProcessCollector(registry=r)
+
+    def exposition(self) -> bytes:
+        """What ``/metrics`` answers: this registry's series, or, with several processes, every
+        process's added up, and the memory of all of them."""
+        if not multiprocess():
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)
+        merged.register(_TreeMemory(os.getppid()))  # the supervisor's, every process's
+        return generate_latest(merged)

@@ -10,36 +10,21 @@ import re
 import time
 import uuid
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
-import numpy as np
-import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.access import AccessRecord
 from service.app import Runtime, RuntimeDep
-from service.batcher import Batcher, Completed
-from service.budget import MemoryBudget, request_cost, upload_cost
-from service.cache import digest, map_key, new_image_id, owner_of
-from service.decode import FORMATS, Header, decode, read_header
-from service.encode import Rendered, render
-from service.errors import (
-    BadRequest,
-    ClientGone,
-    Draining,
-    ImageNotFound,
-    ImageTooLarge,
-    NotReady,
-    ServiceError,
-    Unauthorized,
-    error_response,
-)
+from service.budget import upload_cost
+from service.cache import owner_of
+from service.decode import FORMATS
+from service.errors import ClientGone, ServiceError, Unauthorized, error_response
 from service.fetch import MAX_REDIRECTS, MAX_URL_LENGTH
-from service.infer import Job, Segmented, finish
 from service.params import SegmentParams
+from service.pipeline import RequestContext
 from service.upload import IMAGE_ID, MULTIPART_OVERHEAD, read_upload
 
 __all__ = ["document_segment", "router"]
@@ -329,14 +314,16 @@ async def _wait_for_disconnect(request: Request) -> None:
     openapi_extra=_SEGMENT_DOC,
 )
 async def segment(request: Request, rt: RuntimeDep) -> Response:
-    start = time.monotonic()
-    rid = _request_id(request)
-    record = AccessRecord(rid, request.client.host if request.client else "-")
+    ctx = RequestContext(
+        AccessRecord(_request_id(request), request.client.host if request.client else "-"),
+        time.monotonic(),
+    )
+    rid = ctx.record.request_id
     rt.inflight += 1
+    rt.metrics.in_flight.inc()
     code: str | None = None
-    timing: list[str] = []
     try:
-        response = await _segment(request, rt, start, timing, record)
+        response = await _segment(request, rt, ctx)
     except ServiceError as exc:
         response, code = exc.response(), exc.code
     except Exception:
@@ -345,12 +332,13 @@ async def segment(request: Request, rt: RuntimeDep) -> Response:
         code = "internal_error"
     finally:
         rt.inflight -= 1
-    elapsed = time.monotonic() - start
-    timing.append(f"total;dur={elapsed * 1000:.1f}")
+        rt.metrics.in_flight.dec()
+    elapsed = ctx.stage("total", ctx.start)
     response.headers["X-Request-ID"] = rid
-    response.headers["Server-Timing"] = ", ".join(timing)
+    response.headers["Server-Timing"] = ", ".join(ctx.timing)
     if rt.draining or code == "request_timeout":
         response.headers["Connection"] = "close"
+    record = ctx.record
     output, model, source = (
         v if v != "-" else "unknown" for v in (record.output, record.model, record.source)
     )
@@ -358,282 +346,50 @@ async def segment(request: Request, rt: RuntimeDep) -> Response:
     rt.metrics.requests.labels(model=model, source=source, output=output, status=status).inc()
     if response.status_code == 200:
         rt.metrics.request_duration.labels(model=model, output=output).observe(elapsed)
-    for part in timing:
+    for part in ctx.timing:
         stage, _, rest = part.partition(";dur=")
         record.stages_ms[stage] = float(rest.split(";")[0])
     record.emit(response.status_code, code, len(response.body))
     return response
 
 
-async def _segment(
-    request: Request, rt: Runtime, start: float, timing: list[str], record: AccessRecord
-) -> Response:
+async def _segment(request: Request, rt: Runtime, ctx: RequestContext) -> Response:
+    """Read the request into a Submission, run it through the pipeline, write the answer."""
+    pipeline = rt.serving()
     s = rt.settings
-    if rt.draining:
-        rt.metrics.rejected.labels(reason="draining").inc()
-        raise Draining("the service is shutting down", headers={"Retry-After": "1"})
-    if not rt.ready or rt.batcher is None or rt.codec_pool is None or rt.budget is None:
-        rt.metrics.rejected.labels(reason="not_ready").inc()
-        raise NotReady("the model is still loading", headers={"Retry-After": "1"})
     if s.api_key is not None:
         _check_api_key(request, s.api_key.get_secret_value())
-    rt.batcher.check_capacity()  # refuse before spending work on the upload
+        ctx.owner = owner_of(s.api_key.get_secret_value())
+    else:
+        ctx.owner = owner_of(None)
+    pipeline.check_capacity()  # refuse before spending work on the upload
     # The body is charged from its declared length before it is read, the pixels from the
     # image's header before they are decoded; both are held until the answer's bytes exist.
     limit = s.max_upload_bytes + MULTIPART_OVERHEAD
-    with rt.budget.hold(upload_cost(request.headers.get("content-length"), limit)):
-        return await _upload_to_answer(request, rt, rt.budget, start, timing, record)
-
-
-async def _upload_to_answer(
-    request: Request,
-    rt: Runtime,
-    budget: MemoryBudget,
-    start: float,
-    timing: list[str],
-    record: AccessRecord,
-) -> Response:
-    s = rt.settings
-    t = time.monotonic()
-    try:
-        got = await read_upload(
-            request,
-            s.max_upload_bytes,
-            s.body_timeout_s,
-            models=tuple(rt.models),
-            url_input=rt.fetcher is not None,
-        )
-    except ServiceError as exc:
-        rt.metrics.rejected.labels(reason=exc.code).inc()
-        raise
-    record.output = got.params.output
-    record.model = model = got.model or s.default_model
-    owner = owner_of(s.api_key.get_secret_value() if s.api_key else None)
-    if got.image_id is not None:
-        record.source = "image_id"
-        kept = await _kept_upload(rt, got.image_id, owner)
-        timing.append(f"upload;dur={(time.monotonic() - t) * 1000:.1f}")
-        # Charged as the upload it stands for: a copy from Redis is as large.
-        with budget.hold(len(kept)):
-            return await _bytes_to_answer(
-                request,
-                rt,
-                budget,
-                kept,
-                got.params,
-                model,
-                start,
-                timing,
-                record,
-                owner=owner,
-                image_id=got.image_id,
-            )
-    timing.append(f"upload;dur={(time.monotonic() - t) * 1000:.1f}")
-    if got.url is None:
-        if got.image is None:  # read_upload gives one of the three; this tells mypy
-            raise BadRequest("no image")
-        record.source = "upload"
-        record.bytes_in = len(got.image)
-        return await _bytes_to_answer(
-            request, rt, budget, got.image, got.params, model, start, timing, record, owner=owner
-        )
-    record.source = "url"
-    # Charged as an upload of undeclared length is: the most its body may be, twice.
-    with budget.hold(upload_cost(None, s.max_upload_bytes)):
-        data = await _fetch(rt, got.url, timing)
-        record.bytes_in = len(data)
-        # The fetched bytes are the upload: they get an image id and a map like any other.
-        return await _bytes_to_answer(
-            request, rt, budget, data, got.params, model, start, timing, record, owner=owner
-        )
-
-
-async def _fetch(rt: Runtime, url: str, timing: list[str]) -> bytes:
-    """The image's bytes from ``url``, its header judged against the pixel limit as soon as
-    it has arrived."""
-    fetcher, pool = rt.fetcher, rt.codec_pool
-    if fetcher is None or pool is None:  # checked by the callers; this tells mypy
-        raise NotReady("the model is still loading", headers={"Retry-After": "1"})
-    loop = asyncio.get_running_loop()
-    max_pixels = rt.settings.max_pixels
-
-    async def probe(prefix: bytes) -> bool:
+    with pipeline.ready.budget.hold(upload_cost(request.headers.get("content-length"), limit)):
+        ctx.received = time.monotonic()
         try:
-            await loop.run_in_executor(pool, partial(read_header, prefix, max_pixels=max_pixels))
-        except ImageTooLarge:
+            submission = await read_upload(
+                request,
+                s.max_upload_bytes,
+                s.body_timeout_s,
+                models=tuple(pipeline.ready.models),
+                url_input=rt.fetcher is not None,
+            )
+        except ServiceError as exc:
+            pipeline.reject(exc)
             raise
-        except ServiceError:
-            return False  # not enough of the file yet, or no image: the whole body decides
-        return True
-
-    t = time.monotonic()
-    try:
-        fetched = await fetcher.fetch(url, max_bytes=rt.settings.max_upload_bytes, probe=probe)
-    except ServiceError as exc:
-        rt.metrics.rejected.labels(reason=exc.code).inc()
-        raise
-    fetch_s = time.monotonic() - t
-    timing.append(f"fetch;dur={fetch_s * 1000:.1f}")
-    rt.metrics.stage_duration.labels(stage="fetch").observe(fetch_s)
-    return fetched.data
-
-
-async def _bytes_to_answer(
-    request: Request,
-    rt: Runtime,
-    budget: MemoryBudget,
-    data: bytes,
-    params: SegmentParams,
-    model: str,
-    start: float,
-    timing: list[str],
-    record: AccessRecord,
-    *,
-    owner: str,
-    image_id: str | None = None,
-) -> Response:
-    """The answer for an image's bytes; a new upload (or a URL's bytes) is kept under a new
-    image id, one given by ``image_id`` keeps its id."""
-    s = rt.settings
-    caches, pool = rt.caches, rt.codec_pool
-    if caches is None or pool is None:  # checked by the caller; this tells mypy
-        raise NotReady("the model is still loading", headers={"Retry-After": "1"})
-    loop = asyncio.get_running_loop()
-    try:
-        header, photo = await loop.run_in_executor(
-            pool, partial(_inspect, data, max_pixels=s.max_pixels)
-        )
-    except ServiceError as exc:
-        rt.metrics.rejected.labels(reason=exc.code).inc()
-        raise
-    record.size = (header.width, header.height)
-    keeping = None
-    if image_id is None:  # a new upload, kept under a new id while the answer is made
-        image_id = new_image_id()
-        keeping = asyncio.ensure_future(caches.uploads.put(image_id, owner, data))
-    # The arrays of _decode_to_answer are gone when it returns, before the charge is released.
-    cost = request_cost(
-        header.width,
-        header.height,
-        alpha=header.alpha,
-        cutout=params.output == "cutout",
-        webp=params.format == "webp",
-    )
-    with budget.hold(cost):
-        key = map_key(rt.models[model].segmenter.identity, photo)
-        answer = await _decode_to_answer(
-            request, rt, data, params, model, start, timing, record, key
-        )
-    headers = dict(answer.headers)
-    if keeping is None or await keeping:  # an upload that could not be kept has no id
-        headers["X-Image-Id"] = image_id
-    return Response(answer.body, media_type=answer.media_type, headers=headers)
-
-
-def _inspect(data: bytes, *, max_pixels: int) -> tuple[Header, str]:
-    """The image's header (cheap, with decode's errors) and the bytes' digest, off the loop."""
-    return read_header(data, max_pixels=max_pixels), digest(data)
-
-
-async def _kept_upload(rt: Runtime, image_id: str, owner: str) -> bytes:
-    """The bytes kept under an image id for this API key; 404 telling the client to upload
-    again when there are none (unknown, expired, evicted, another key's, or Redis is down)."""
-    if rt.caches is not None:
-        data = await rt.caches.uploads.get(image_id, owner)
-        if data is not None:
-            rt.metrics.image_id_requests.labels(result="found").inc()
-            return data
-    rt.metrics.image_id_requests.labels(result="not_found").inc()
-    rt.metrics.rejected.labels(reason=ImageNotFound.code).inc()
-    raise ImageNotFound(
-        f"no image with this id here: ids are kept for {rt.settings.cache_upload_ttl_s} s "
-        "after their last use (fewer when the cache is full) and only for the API key that "
-        "uploaded them; upload the image again"
-    )
-
-
-async def _decode_to_answer(
-    request: Request,
-    rt: Runtime,
-    data: bytes,
-    params: SegmentParams,
-    model: str,
-    start: float,
-    timing: list[str],
-    record: AccessRecord,
-    key: str,
-) -> Rendered:
-    s = rt.settings
-    served, pool, caches = rt.models[model], rt.codec_pool, rt.caches
-    batcher, segmenter = served.batcher, served.segmenter
-    if pool is None or caches is None:  # checked by the caller; this tells mypy
-        raise NotReady("the model is still loading", headers={"Retry-After": "1"})
-    loop = asyncio.get_running_loop()
-    lookup = asyncio.ensure_future(caches.maps.get(key))  # while the photo is decoded
-    t = time.monotonic()
-    try:
-        image = await loop.run_in_executor(pool, lambda: decode(data, max_pixels=s.max_pixels))
-    except ServiceError as exc:
-        lookup.cancel()
-        rt.metrics.rejected.labels(reason=exc.code).inc()
-        raise
-    decode_s = time.monotonic() - t
-    timing.append(f"decode;dur={decode_s * 1000:.1f}")
-    rt.metrics.stage_duration.labels(stage="decode").observe(decode_s)
-
-    t = time.monotonic()
-    cached = await lookup
-    side = segmenter.spec.input_size
-    rgb = torch.from_numpy(image.model_rgb)
-    storing = None
-    if cached is not None and len(cached) == side * side:
-        # A hit: no queue and no network; the map's second half runs as a miss's does.
-        record.cache = "hit"
-        rt.metrics.map_cache_hits.labels(model=model).inc()
-        timing.append(f'cache;dur={(time.monotonic() - t) * 1000:.1f};desc="hit"')
-        t = time.monotonic()
-        levels = torch.frombuffer(bytearray(cached), dtype=torch.uint8).view(side, side)
-        infer_pool = rt.infer_pool
-        result = await loop.run_in_executor(infer_pool, finish, segmenter, levels, rgb, params)
-        timing.append(f"resize;dur={(time.monotonic() - t) * 1000:.1f}")
-    else:
-        record.cache = "miss"
-        rt.metrics.map_cache_misses.labels(model=model).inc()
-        timing.append(f'cache;dur={(time.monotonic() - t) * 1000:.1f};desc="miss"')
-        done = await _infer(request, rt, batcher, Job(rgb, params), start)
-        timing.append(f"queue;dur={done.queue_s * 1000:.1f}")
-        timing.append(f'infer;dur={done.infer_s * 1000:.1f};desc="batch of {done.batch_size}"')
-        record.batch_size = done.batch_size
-        result = done.result.map
-        storing = asyncio.ensure_future(caches.maps.put(key, done.result.levels.numpy().tobytes()))
-
-    t = time.monotonic()
-    levels_np: np.ndarray = result.numpy()
-    answer = await loop.run_in_executor(pool, render, levels_np, image, params)
-    encode_s = time.monotonic() - t
-    timing.append(f"encode;dur={encode_s * 1000:.1f}")
-    rt.metrics.stage_duration.labels(stage="encode").observe(encode_s)
-    if storing is not None:  # kept before the answer, so that any replica may be asked next
-        await storing
-    return answer
-
-
-async def _infer(
-    request: Request, rt: Runtime, batcher: Batcher[Job, Segmented], job: Job, start: float
-) -> Completed[Segmented]:
-    """Through the queue and the network; withdrawn if the client goes away while queued."""
-    disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
-    try:
-        return await batcher.submit(
-            job,
-            start + rt.settings.request_timeout_s,
-            cancelled=disconnected,  # type: ignore[arg-type]
-        )
-    except ClientGone:
-        log.info("client went away while queued")
-        raise
-    finally:
-        disconnected.cancel()
+        # Once the body is read, the next message the server gives is the client leaving.
+        disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
+        ctx.disconnected = disconnected
+        try:
+            answer = await pipeline.answer(submission, ctx)
+        except ClientGone:
+            log.info("client went away while queued")
+            raise
+        finally:
+            disconnected.cancel()
+    return Response(answer.body, media_type=answer.media_type, headers=answer.headers)
 
 
 @router.get("/livez", summary="Liveness: the process is up and its event loop answers")
@@ -650,23 +406,13 @@ async def livez() -> dict[str, str]:
 async def readyz(rt: RuntimeDep) -> Response:
     if rt.draining:
         return error_response(503, "draining", "the service is shutting down")
-    if not rt.ready or rt.segmenter is None:
+    if not rt.ready or not rt.worker_ready:
         return error_response(503, "not_ready", "the model is loading or warming up")
-    models = [
-        {
-            "model": name,
-            "engine": m.segmenter.engine.name,
-            "device": str(m.segmenter.device),
-            "dtype": str(m.segmenter.dtype).removeprefix("torch."),
-            "max_batch_size": m.batcher.max_batch_size,
-            "precision": m.segmenter.precision,
-        }
-        for name, m in rt.models.items()
-    ]
+    models = [m.info for m in rt.models.values()]
     # The default model's fields at the top, as before there were several; all in "models".
     return JSONResponse({"status": "ready", **models[0], "models": models})
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(rt: RuntimeDep) -> Response:
-    return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(rt.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     max_batch_size: int | None = Field(
         None, ge=1, le=256, description="default: 1 on the CPU, 32 on a GPU"
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="front processes (HTTP, decoding, encoding) in front of one inference "
+        "worker; 1: one process does both",
+    )
     max_batch_wait_ms: float = Field(5.0, ge=0, le=1000)
     max_queue: int = Field(64, ge=1, le=100_000)
     request_timeout_s: float = Field(30.0, gt=0, le=3600)

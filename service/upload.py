@@ -10,11 +10,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from urllib.parse import parse_qsl
 
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
 from starlette.requests import Request
-from starlette.types import Message
 
 from service.cache import valid_image_id
 from service.errors import (
@@ -24,6 +20,7 @@ from service.errors import (
     RequestTimeout,
     UnsupportedImage,
 )
+from service.multipart import MalformedMultipart, boundary_of, parse_multipart
 from service.params import SegmentParams, parse_params
 
 __all__ = ["IMAGE_ID", "MULTIPART_OVERHEAD", "Submission", "read_upload"]
@@ -32,6 +29,8 @@ IMAGE_ID = "image_id"
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, headers and the small parameter fields
 _FORM = "application/x-www-form-urlencoded"
+# The image and every parameter once (SegmentParams' fields, url, model, image_id), and no more.
+_MAX_PARTS = 24
 
 
 @dataclass(frozen=True)
@@ -141,30 +140,27 @@ async def read_upload(
     also = " (or 'url', or 'image_id')" if url_input else " (or 'image_id')"
     if ctype == "multipart/form-data":
         body = await _read_body(request, max_bytes + MULTIPART_OVERHEAD, timeout_s)
-
-        async def replay() -> Message:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        try:
-            form = await Request(request.scope, replay).form(max_files=1, max_fields=16)
-        except MultiPartException as exc:
-            raise BadRequest(f"malformed multipart body: {exc.message}") from exc
-        except HTTPException as exc:  # what starlette makes of a MultiPartException in an app
-            raise BadRequest(f"malformed multipart body: {exc.detail}") from exc
         fields: list[tuple[str, str]] = []
         image: bytes | None = None
         try:
-            for key, value in form.multi_items():
-                if isinstance(value, UploadFile):
-                    if key != "image":
-                        raise InvalidParameter(f"{key}: unexpected file field (send 'image')")
-                    image = await value.read()
-                elif key == "image":
-                    image = value.encode("latin-1", "replace")
-                else:
-                    fields.append((key, value))
-        finally:
-            await form.close()
+            parts = parse_multipart(
+                body, boundary_of(request.headers["content-type"]), max_parts=_MAX_PARTS
+            )
+        except MalformedMultipart as exc:
+            raise BadRequest(f"malformed multipart body: {exc}") from exc
+        for part in parts:
+            if part.filename is not None and part.name != "image":
+                raise InvalidParameter(f"{part.name}: unexpected file field (send 'image')")
+            if part.name == "image":
+                if image is not None:
+                    raise BadRequest("malformed multipart body: more than one 'image' part")
+                image = part.data
+            else:
+                # As browsers send them: UTF-8, or else Latin-1, as Starlette decodes them.
+                try:
+                    fields.append((part.name, part.data.decode("utf-8")))
+                except UnicodeDecodeError:
+                    fields.append((part.name, part.data.decode("latin-1")))
         # A form field takes precedence over the query parameter of the same name, but a bad
         # query parameter is refused all the same.
         given = _once(query)

@@ -15,7 +15,7 @@ import sys
 import threading
 import types
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import service.folder
 from service.cli import main
@@ -24,10 +24,10 @@ _opened = threading.Event()
 _read = service.folder._read
 
 
-def _gated_read(path: Path, max_pixels: int) -> object:
+def _gated_read(path: Path, *args: Any) -> object:
     if path.name == sys.argv[1]:
         _opened.wait()
-    return _read(path, max_pixels)
+    return _read(path, *args)
 
 
 def _interrupt(signum: int, frame: types.FrameType | None) -> NoReturn:

@@ -52,6 +52,35 @@ async def running(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.Asyn
             yield app, client
 
 
+class Gate:
+    """Holds every batch of the models it is put on until it is opened, counting the images it
+    holds: a test that fills a queue or lets deadlines pass does it while the worker is known
+    to be busy, rather than hoping the machine is slow enough."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *segmenters: Segmenter) -> None:
+        self.opened = threading.Event()
+        self.held = 0
+        for seg in segmenters:
+            monkeypatch.setattr(seg, "levels_of", self._gated(seg.levels_of))
+
+    def _gated(self, run: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def levels_of(inputs: Any) -> Any:
+            self.held += len(inputs)
+            self.opened.wait()
+            return run(inputs)
+
+        return levels_of
+
+
+async def until(condition: Callable[[], bool], limit_s: float = 300) -> None:
+    """Wait for ``condition``; only a failing test waits ``limit_s``."""
+    for _ in range(int(limit_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail("the condition was not reached")
+
+
 def settings(weights: Path, **kw: Any) -> Settings:
     base: dict[str, Any] = {
         "model": "u2netp",
@@ -319,10 +348,24 @@ async def test_exif_rotated_jpeg_is_answered_upright(client: httpx.AsyncClient) 
 # -- batching, overload, deadlines ---------------------------------------------------------------
 
 
-async def test_concurrent_requests_are_batched(u2netp_weights: Path) -> None:
-    async with running(settings(u2netp_weights, max_batch_size=4, max_batch_wait_ms=200)) as (_, c):
-        small = jpeg_bytes(Image.open(io.BytesIO(photo())).resize((160, 120)))
-        rs = await asyncio.gather(*(post_image(c, small) for _ in range(8)))
+async def test_concurrent_requests_are_batched(
+    u2netp_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running(settings(u2netp_weights, max_batch_size=4, max_batch_wait_ms=200)) as (
+        app,
+        c,
+    ):
+        rt = app.state.runtime
+        gate = Gate(monkeypatch, rt.segmenter)
+        # Eight photos (the same one again could be answered from the map cache), queued while
+        # the first batch is held.
+        small = [
+            jpeg_bytes(Image.open(io.BytesIO(photo())).resize((160 + i, 120))) for i in range(8)
+        ]
+        sent = [asyncio.ensure_future(post_image(c, p)) for p in small]
+        await until(lambda: gate.held + rt.batcher.depth == 8)
+        gate.opened.set()
+        rs = await asyncio.gather(*sent)
         assert [r.status_code for r in rs] == [200] * 8
         text = (await c.get("/metrics")).text
     batches = metric(text, "u2serve_batch_size_count")
@@ -340,15 +383,23 @@ async def test_cpu_batches_default_to_one_image(u2netp_weights: Path) -> None:
         assert app.state.runtime.batcher.max_batch_size == 3
 
 
-async def test_full_queue_gives_503_with_retry_after(u2netp_weights: Path) -> None:
+async def test_full_queue_gives_503_with_retry_after(
+    u2netp_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     s = settings(u2netp_weights, max_batch_size=1, max_queue=2, max_batch_wait_ms=0)
-    async with running(s) as (_, c):
-        rs = await asyncio.gather(*(post_image(c, photo()) for _ in range(10)))
+    async with running(s) as (app, c):
+        rt = app.state.runtime
+        gate = Gate(monkeypatch, rt.segmenter)
+        sent = [asyncio.ensure_future(post_image(c, photo())) for _ in range(10)]
+        # Every request refused, or held by the worker, or waiting in the full queue.
+        await until(lambda: sum(f.done() for f in sent) + gate.held + rt.batcher.depth == 10)
+        gate.opened.set()
+        rs = await asyncio.gather(*sent)
         text = (await c.get("/metrics")).text
     codes = [r.status_code for r in rs]
     assert set(codes) <= {200, 503}, codes
-    assert codes.count(503) >= 1
-    assert codes.count(200) >= 3
+    assert codes.count(503) >= 7  # at most one held and two waiting
+    assert codes.count(200) >= 2
     for r in rs:
         if r.status_code == 503:
             assert_error(r, 503, "overloaded")
@@ -356,19 +407,33 @@ async def test_full_queue_gives_503_with_retry_after(u2netp_weights: Path) -> No
     assert metric(text, "u2serve_rejected_total", {"reason": "queue_full"}) == codes.count(503)
 
 
-async def test_expired_deadline_gives_504_and_skips_the_model(u2netp_weights: Path) -> None:
-    s = settings(u2netp_weights, max_batch_size=1, request_timeout_s=0.3, max_batch_wait_ms=0)
-    async with running(s) as (_, c):
-        rs = await asyncio.gather(*(post_image(c, photo("bike.jpg")) for _ in range(6)))
+async def test_expired_deadline_gives_504_and_skips_the_model(
+    u2netp_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = settings(
+        u2netp_weights,
+        max_batch_size=1,
+        request_timeout_s=0.3,
+        max_batch_wait_ms=0,
+        cache_map_bytes=0,  # every answer from the model, none from the map cache
+    )
+    async with running(s) as (app, c):
+        rt = app.state.runtime
+        gate = Gate(monkeypatch, rt.segmenter)
+        sent = [asyncio.ensure_future(post_image(c, photo())) for _ in range(6)]
+        # The worker holds at most one; the others wait past their deadline and are answered.
+        await until(lambda: sum(f.done() for f in sent) + gate.held == 6)
+        gate.opened.set()
+        rs = await asyncio.gather(*sent)
         text = (await c.get("/metrics")).text
     codes = [r.status_code for r in rs]
     assert set(codes) <= {200, 504}, codes
-    assert codes.count(504) >= 1
+    assert codes.count(504) >= 5
     for r in rs:
         if r.status_code == 504:
             assert_error(r, 504, "timeout")
     # Only the answered requests were run through the model.
-    assert metric(text, "u2serve_batch_size_sum") == codes.count(200)
+    assert metric(text, "u2serve_batch_size_sum") == codes.count(200) == gate.held
 
 
 # -- health, readiness, metrics, docs, auth ------------------------------------------------------

@@ -304,30 +304,45 @@ DEVICES = [
 async def test_a_hit_is_the_map_of_a_miss_on_every_device(
     u2netp_weights: Path, device: str, engine: str, dtype: str
 ) -> None:
-    """A batch's maps against ``finish`` from its levels as the cache returns them (on the CPU,
-    moved back to the device): the same, for shrinking and enlarging, with and without refine.
-    Runs on CUDA too whenever a GPU is present."""
+    """A batch's levels, as the cache returns them, finished as the service finishes every map
+    (``finish``, in numpy and OpenCV where it can) are the maps of PyTorch's second half on the
+    model's device, the one the service ran before: for shrinking and enlarging, with and
+    without refine. Runs on CUDA too whenever a GPU is present."""
     import torch
 
-    from service.infer import Job, finish, run_batch
+    from model.postprocess import to_mask, to_probability
+    from model.refine import refine
+    from service.infer import finish, run_batch
     from service.params import SegmentParams
 
     seg = Segmenter("u2netp", u2netp_weights, device=device, engine=engine, dtype=dtype)
     with Image.open(io.BytesIO(photo(HORSE))) as im:
         rgb = im.convert("RGB")
-    images = [
-        torch.from_numpy(np.array(rgb.resize(size))) for size in ((770, 595), (150, 90), (1, 40))
-    ]
+    images = [np.array(rgb.resize(size)) for size in ((770, 595), (150, 90), (1, 40), (320, 320))]
+    levels = run_batch(seg, [seg.prepare(image) for image in images])
+    # The service's way to the levels (numpy, one stacked batch) is the parity tests' way.
+    with torch.inference_mode():
+        direct = seg.levels([torch.from_numpy(image) for image in images]).cpu().numpy()
+    assert np.array_equal(np.stack(levels), direct)
     for params in (
         SegmentParams(),
         SegmentParams(output="probability"),
+        SegmentParams(threshold=0.3),
         SegmentParams(refine=True, threshold=0.3),
     ):
-        done = run_batch(seg, [Job(image, params) for image in images])
-        for image, d in zip(images, done, strict=True):
-            cached = torch.frombuffer(bytearray(d.levels.numpy().tobytes()), dtype=torch.uint8)
-            hit = finish(seg, cached.view(320, 320), image, params)
-            assert torch.equal(hit, d.map), (params, image.shape)
+        for image, lv in zip(images, levels, strict=True):
+            cached = np.frombuffer(lv.tobytes(), np.uint8).reshape(320, 320)
+            hit = finish(seg, cached, image, params)
+            with torch.inference_mode():
+                m = seg.expand(torch.from_numpy(lv), image.shape[:2])
+                if params.refine:
+                    m = refine(m, torch.from_numpy(image), out=m)
+                p = (
+                    to_probability(m)
+                    if params.output == "probability"
+                    else to_mask(m, params.threshold)
+                )
+            assert np.array_equal(hit, p.cpu().numpy()), (params, image.shape)
 
 
 async def test_each_model_of_one_service_keeps_its_own_maps(u2netp_weights: Path) -> None:

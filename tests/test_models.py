@@ -21,7 +21,17 @@ from model.weights import default_weights_dir
 from service.settings import Settings
 
 from .conftest import load_rgb, reference_dir, weights_file
-from .test_api import assert_error, jpeg_bytes, metric, opened, photo, post_image, running
+from .test_api import (
+    Gate,
+    assert_error,
+    jpeg_bytes,
+    metric,
+    opened,
+    photo,
+    post_image,
+    running,
+    until,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -94,14 +104,35 @@ async def test_readiness_lists_every_model(two: tuple[FastAPI, httpx.AsyncClient
     assert param["schema"]["default"] == "u2netp"
 
 
-async def test_each_model_is_batched_on_its_own(two: tuple[FastAPI, httpx.AsyncClient]) -> None:
+async def test_each_model_is_batched_on_its_own(
+    two: tuple[FastAPI, httpx.AsyncClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
     app, client = two
+    models = app.state.runtime.models
+    gate = Gate(monkeypatch, *(m.segmenter for m in models.values()))
     before = (await client.get("/metrics")).text
     # Eight different photos: the same one again could be answered from the map cache, without
     # a batch, once an earlier request's batch had run.
     small = [jpeg_bytes(Image.open(io.BytesIO(photo())).resize((160 + i, 120))) for i in range(8)]
     names = [MODELS[i % 2] for i in range(8)]  # interleaved, all at once
-    rs = await asyncio.gather(*(post_image(client, small[i], model=n) for i, n in enumerate(names)))
+    sent = [
+        asyncio.ensure_future(post_image(client, small[i], model=n)) for i, n in enumerate(names)
+    ]
+    registry = app.state.runtime.metrics.registry
+
+    def arrived() -> float:
+        """Requests waiting in a queue, or taken from it by their model's worker."""
+        taken = sum(
+            registry.get_sample_value("u2serve_queue_wait_seconds_count", {"model": n}) or 0
+            for n in models
+        )
+        return taken + sum(m.batcher.depth for m in models.values())
+
+    # Queued while the first batch (of one model or the other) is held: the rest wait together.
+    taken_before = arrived()
+    await until(lambda: arrived() - taken_before == 8)
+    gate.opened.set()
+    rs = await asyncio.gather(*sent)
     assert [r.status_code for r in rs] == [200] * 8
     after = (await client.get("/metrics")).text
     for name in MODELS:

@@ -1,0 +1,34 @@
+"""``python -m service`` whose inference worker holds every batch until a file exists, for tests
+of several processes that must act while requests are known to wait on the worker.
+
+    python -m tests.gated_service GATE [python -m service arguments...]
+
+Each batch waits for the file ``GATE`` to exist; meanwhile ``GATE.pid`` names the process that
+holds it (the inference worker), for a test that kills it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import service.worker
+from service.__main__ import main
+
+_run = service.worker.run_batch
+
+
+def _gated(*args: Any) -> Any:
+    gate = Path(sys.argv[1])
+    Path(f"{gate}.pid").write_text(str(os.getpid()))
+    while not gate.exists():
+        time.sleep(0.01)
+    return _run(*args)
+
+
+if __name__ == "__main__":
+    service.worker.run_batch = _gated  # type: ignore[assignment]
+    sys.exit(main(sys.argv[2:]))

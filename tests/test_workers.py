@@ -1,0 +1,230 @@
+"""``U2SERVE_WORKERS`` > 1: front processes on one socket in front of one inference worker, as
+real processes over a real socket. The worker holds its batches behind a gate file
+(tests/gated_service.py) wherever a test must act while requests wait on it."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.budget import MemoryBudget
+from service.errors import QueueFull
+from service.metrics import Metrics
+
+from .conftest import REPO, reference_dir
+from .procs import free_port, u2netp_env, wait_ready
+
+pytestmark = pytest.mark.integration
+
+FRONTS = 2
+
+
+@dataclass
+class Service:
+    proc: subprocess.Popen[bytes]
+    url: str
+    gate: Path
+
+    def open(self) -> None:
+        self.gate.touch()
+
+    def worker(self) -> int:
+        """The inference worker's pid (written by the gate when it holds a batch)."""
+        return int(Path(f"{self.gate}.pid").read_text())
+
+    def children(self) -> set[int]:
+        return {
+            int(c)
+            for task in Path(f"/proc/{self.proc.pid}/task").iterdir()
+            for c in (task / "children").read_text().split()
+        }
+
+    def scrape(self) -> dict[str, float]:
+        """The service's metrics, each series summed over its labels."""
+        totals: dict[str, float] = {}
+        for line in httpx.get(f"{self.url}/metrics", timeout=30).text.splitlines():
+            if line and not line.startswith("#"):
+                series, value = line.rsplit(" ", 1)
+                name = series.split("{")[0]
+                totals[name] = totals.get(name, 0.0) + float(value)
+        return totals
+
+
+@pytest.fixture
+def service(u2netp_weights: Path, tmp_path: Path) -> Iterator[Service]:
+    port = free_port()
+    gate = tmp_path / "gate"
+    env = u2netp_env(
+        u2netp_weights,
+        U2SERVE_WORKERS=str(FRONTS),
+        U2SERVE_MAX_BATCH_SIZE="4",
+        U2SERVE_MAX_BATCH_WAIT_MS="0",
+    )
+    address = ["--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.gated_service", str(gate), *address],
+        cwd=REPO,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, limit_s=300)
+        yield Service(proc, url, gate)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            gate.touch()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proc.communicate(timeout=30)
+
+
+def photos(n: int) -> list[bytes]:
+    """``n`` different small photos: the same one again could be answered from the map cache."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(reference_dir() / "images" / "horse.jpg") as im:
+        rgb = im.convert("RGB")
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        rgb.resize((200 + i, 150)).save(buf, "JPEG")
+        out.append(buf.getvalue())
+    return out
+
+
+def post(url: str, photo: bytes, **params: str) -> httpx.Response:
+    return httpx.post(
+        f"{url}/segment",
+        content=photo,
+        params=params,
+        headers={"content-type": "image/jpeg"},
+        timeout=300,
+    )
+
+
+def until(condition: object, limit_s: float = 300) -> None:
+    """Wait for ``condition()``; only a failing service makes it wait ``limit_s``."""
+    end = time.monotonic() + limit_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < end, "the condition was not reached"
+        time.sleep(0.05)
+
+
+def arrived(s: Service) -> float:
+    """Requests in the worker's queue, or taken from it into a batch."""
+    m = s.scrape()
+    return m.get("u2serve_queue_depth", 0) + m.get("u2serve_queue_wait_seconds_count", 0)
+
+
+def test_every_fronts_requests_share_the_workers_batches(service: Service) -> None:
+    n = 8
+    with ThreadPoolExecutor(n) as pool:
+        sent = [pool.submit(post, service.url, p) for p in photos(n)]
+        until(lambda: arrived(service) == n)  # all of them wait behind the held batch
+        service.open()
+        answers = [f.result() for f in sent]
+    assert [r.status_code for r in answers] == [200] * n
+    m = service.scrape()
+    assert m["u2serve_requests_total"] == n  # added up over the fronts
+    assert m["u2serve_batch_size_sum"] == n
+    assert m["u2serve_batch_size_count"] < n  # batched together, whichever front took them
+    assert m["u2serve_requests_in_flight"] == 0
+    assert m["u2serve_ready"] == 1
+    assert m["process_resident_memory_bytes"] > 0
+    # An image id answered whichever front is asked: the uploads live in the worker.
+    first = answers[0].headers["x-image-id"]
+    again = [
+        httpx.post(f"{service.url}/segment", params={"image_id": first, "output": "cutout"})
+        for _ in range(2 * FRONTS)
+    ]
+    assert [r.status_code for r in again] == [200] * len(again)
+
+
+def test_a_worker_that_dies_fails_what_waited_and_another_serves(service: Service) -> None:
+    n = 4
+    with ThreadPoolExecutor(n) as pool:
+        sent = [pool.submit(post, service.url, p) for p in photos(n)]
+        until(lambda: arrived(service) == n)
+        os.kill(service.worker(), signal.SIGKILL)
+        answers = [f.result() for f in sent]  # none is left hanging
+    assert [r.status_code for r in answers] == [503] * n
+    for r in answers:
+        assert r.json()["error"]["code"] == "overloaded"
+        assert r.headers["retry-after"] == "1"
+    service.open()
+    # A new worker; each front answers 503 until it has connected to it.
+    until(lambda: post(service.url, photos(1)[0]).status_code == 200)
+
+
+def test_a_front_that_dies_under_load_is_replaced(service: Service) -> None:
+    n = 8
+    with ThreadPoolExecutor(n) as pool:
+        sent = [pool.submit(post, service.url, p) for p in photos(n)]
+        until(lambda: arrived(service) == n)
+        fronts = service.children() - {service.worker()}
+        assert len(fronts) == FRONTS
+        victim = min(fronts)
+        os.kill(victim, signal.SIGKILL)
+        service.open()
+        # Its clients' connections are reset at once; the other front's are answered.
+        for f in sent:
+            with contextlib.suppress(httpx.TransportError):
+                assert f.result().status_code == 200
+    until(
+        lambda: (
+            victim not in service.children()
+            and len(service.children() - {service.worker()}) == FRONTS
+        )
+    )
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda p: post(service.url, p), photos(8)))
+    assert [r.status_code for r in answers] == [200] * 8
+
+
+def test_sigterm_drains_every_front_then_the_worker(service: Service) -> None:
+    n = 4
+    with ThreadPoolExecutor(n) as pool:
+        sent = [pool.submit(post, service.url, p) for p in photos(n)]
+        until(lambda: arrived(service) == n)
+        service.proc.send_signal(signal.SIGTERM)
+        until(lambda: httpx.get(f"{service.url}/readyz", timeout=30).status_code == 503)
+        late = post(service.url, photos(1)[0])
+        assert late.status_code == 503
+        assert late.json()["error"]["code"] == "draining"
+        service.open()
+        answers = [f.result() for f in sent]
+    assert [r.status_code for r in answers] == [200] * n
+    assert service.proc.wait(120) == 0
+
+
+def test_the_memory_budget_is_every_processs() -> None:
+    """Two budgets over one shared count, as two fronts have: what one holds, the other may not
+    take."""
+    held = multiprocessing.Value("q", 0)
+    a, b = (MemoryBudget(100, metrics=Metrics(), retry_after=lambda: 1, shared=held) for _ in "ab")
+    with a.hold(70):
+        with pytest.raises(QueueFull):
+            b.charge(40)
+        with b.hold(30):
+            assert held.value == 100
+    assert held.value == 0
+    assert a.held_bytes == b.held_bytes == 0
