@@ -11,8 +11,8 @@ from torch import Tensor
 
 __all__ = [
     "finish_on_cpu",
-    "levels_on_cpu",
     "from_levels",
+    "levels_on_cpu",
     "minmax",
     "resize_map",
     "resize_maps",
