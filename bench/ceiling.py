@@ -26,19 +26,14 @@ import asyncio
 import os
 import platform
 import resource
-import signal
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
-from bench.http import REPO, SIZES_MP, free_port, photo_set
+from bench.http import SIZES_MP, batch_totals, photo_set, running
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -148,16 +143,6 @@ async def _worker(
         writer.close()
 
 
-def _batches(url: str) -> tuple[float, float]:
-    total = count = 0.0
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line.startswith("u2serve_batch_size_sum"):
-            total += float(line.split()[-1])
-        elif line.startswith("u2serve_batch_size_count"):
-            count += float(line.split()[-1])
-    return total, count
-
-
 def load(
     pid: int, port: int, request: bytes, concurrency: int, seconds: float, limit: int
 ) -> Result:
@@ -173,11 +158,11 @@ def load(
         )
         return time.perf_counter() - start
 
-    b0, c0 = _batches(url), CpuTimes.of(pid)
+    b0, c0 = batch_totals(url), CpuTimes.of(pid)
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     elapsed = asyncio.run(run())
     r1 = resource.getrusage(resource.RUSAGE_SELF)
-    c1, b1 = CpuTimes.of(pid), _batches(url)
+    c1, b1 = CpuTimes.of(pid), batch_totals(url)
     n = b1[1] - b0[1]
     return Result(
         len(latencies),
@@ -191,44 +176,6 @@ def load(
 
 
 # -- servers -----------------------------------------------------------------------------------
-
-
-@contextmanager
-def instant_server(env: dict[str, str], name: str) -> Iterator[tuple[int, int]]:
-    """``python -m bench.instant`` on a free port, ready; (pid, port)."""
-    port = free_port()
-    log = (REPO / "bench" / f".ceiling-{name}.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.instant", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO,
-        env={**os.environ, **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        end = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(
-                    f"{name}: the server exited with {proc.returncode}; see {log.name}"
-                )
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > end:
-                raise SystemExit(f"{name}: not ready within 300 s")
-            time.sleep(0.2)
-        yield proc.pid, port
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -279,14 +226,19 @@ def main(argv: list[str] | None = None) -> None:
         f"{'batch':>5} {'errors':>6}"
     )
     with ExitStack() as stack:
-        running = {n: stack.enter_context(instant_server(e, n)) for n, e in servers.items()}
+        instant = [sys.executable, "-m", "bench.instant"]
+        targets = {
+            n: stack.enter_context(running(instant, e, "/readyz", f"ceiling-{n}", args.model))
+            for n, e in servers.items()
+        }
+        live = {n: (t.proc.pid, int(t.url.rsplit(":", 1)[1])) for n, t in targets.items()}
         for photos_name in args.photos:
             (photo,) = photo_set(photos_name)
             for output in args.outputs:
                 for conc in args.concurrency:
-                    results: dict[str, list[Result]] = {n: [] for n in running}
+                    results: dict[str, list[Result]] = {n: [] for n in live}
                     for _ in range(args.rounds):
-                        for n, (pid, port) in running.items():
+                        for n, (pid, port) in live.items():
                             req = request_bytes(photo, output, port, args.body)
                             load(pid, port, req, conc, 1.0, 4 * conc)  # warm
                             results[n].append(

@@ -218,17 +218,19 @@ class Result:
         return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def _batch_stats(target: Target) -> tuple[float, float]:
-    if target.is_rembg:
-        return 0.0, 0.0
+def batch_totals(url: str) -> tuple[float, float]:
+    """u2serve's images and batches so far, summed over the models' series."""
     total = count = 0.0
-    # Summed over the models' series (one per loaded model).
-    for line in httpx.get(f"{target.url}/metrics", timeout=5).text.splitlines():
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
         if line.startswith("u2serve_batch_size_sum"):
             total += float(line.split()[-1])
         elif line.startswith("u2serve_batch_size_count"):
             count += float(line.split()[-1])
     return total, count
+
+
+def _batch_stats(target: Target) -> tuple[float, float]:
+    return (0.0, 0.0) if target.is_rembg else batch_totals(target.url)
 
 
 async def load(

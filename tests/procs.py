@@ -59,6 +59,17 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], limit_s: float = 120) ->
     poll_ready(url, died, limit_s)
 
 
+def scrape(url: str) -> dict[str, float]:
+    """A service's metrics, each series summed over its labels."""
+    totals: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            name = series.split("{")[0]
+            totals[name] = totals.get(name, 0.0) + float(value)
+    return totals
+
+
 def u2netp_env(weights: Path, **settings: str) -> dict[str, str]:
     """A quick server: U2NETP on the CPU, each batch taken at once, plus ``settings``."""
     base = {

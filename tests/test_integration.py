@@ -19,7 +19,7 @@ from PIL import Image
 from model.engines import cpu_features, float32_cpu_engine
 
 from .conftest import reference_dir
-from .procs import free_port, serving, start, u2netp_env
+from .procs import free_port, scrape, serving, start, u2netp_env
 
 pytestmark = pytest.mark.integration
 
@@ -29,17 +29,6 @@ def server(u2netp_weights: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]
     env = u2netp_env(u2netp_weights, U2SERVE_MAX_BATCH_SIZE="1")
     with serving(env) as (proc, url):
         yield proc, url
-
-
-def scrape(url: str) -> dict[str, float]:
-    """The service's metrics, each series summed over its labels."""
-    totals: dict[str, float] = {}
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line and not line.startswith("#"):
-            series, value = line.rsplit(" ", 1)
-            name = series.split("{")[0]
-            totals[name] = totals.get(name, 0.0) + float(value)
-    return totals
 
 
 def begun(url: str, photo: bytes) -> http.client.HTTPConnection:

@@ -24,7 +24,7 @@ from service.errors import QueueFull
 from service.metrics import Metrics
 
 from .conftest import REPO, reference_dir
-from .procs import free_port, u2netp_env, wait_ready
+from .procs import free_port, scrape, u2netp_env, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -52,14 +52,7 @@ class Service:
         }
 
     def scrape(self) -> dict[str, float]:
-        """The service's metrics, each series summed over its labels."""
-        totals: dict[str, float] = {}
-        for line in httpx.get(f"{self.url}/metrics", timeout=30).text.splitlines():
-            if line and not line.startswith("#"):
-                series, value = line.rsplit(" ", 1)
-                name = series.split("{")[0]
-                totals[name] = totals.get(name, 0.0) + float(value)
-        return totals
+        return scrape(self.url)
 
 
 @pytest.fixture
