@@ -9,8 +9,10 @@ the k most harmful units of the committed ranking (``bench/sensitivity/MODEL.jso
 ``python -m bench.sensitivity``) for each k of ``--ks``, and scores each model's maps against
 float32's through the service's own pipeline (the authors' 8-bit step, the resize back) on
 DATASET's photos (``DATASET/images/*.jpg``; unseen by calibration and by the ranking): mean MAE,
-mean IoU@0.5, the share of photos whose mask has IoU < 0.95. k = 0 is int8 with the head in float
-(U2NET's ``fast``). With ``--save`` each model is written as ``DIR/k<k>.xml`` for ``time``.
+mean IoU@0.5, the share of photos whose mask has IoU < 0.95; with ``--parity``, also against the
+authors' maps for their 18 photos, as ``bench.parity`` scores them. k = 0 is int8 with the head
+in float (U2NET's ``fast``). ``--orders cheap`` takes the units by harm for their cost instead
+(:func:`ranked`). With ``--save`` each model is written as ``DIR/<order>-k<k>.xml`` for ``time``.
 
 ``time`` times those models, OpenVINO's float32 and ONNX Runtime's float32 on the released file,
 batch 1, in alternating rounds (this machine's timings drift by ±20%). Hold the kernels to other
@@ -35,6 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench import REFERENCE
+from bench.parity import Parity, _score
 from model.engines.openvino_engine import HEAD, _float_model, quantize_in_memory, with_float
 from model.postprocess import from_levels, to_levels
 from model.preprocess import preprocess
@@ -89,11 +93,46 @@ def _compile(core: Any, graph: Any, threads: int) -> Any:
     return core.compile_model(graph, "CPU", config)
 
 
-def curve(dataset: Path, model: str, ks: list[int], save: Path | None, threads: int) -> None:
+def _parity(run: Callable[[np.ndarray], np.ndarray], model: str) -> str:
+    """Against the authors' maps for their 18 photos, as ``bench.parity`` scores them."""
+
+    def predict(photo: Path) -> torch.Tensor:
+        with Image.open(photo) as im:
+            image = torch.from_numpy(np.array(im.convert("RGB")))
+        (out,) = _maps(run, [image], model)
+        return out
+
+    r = _score(Parity(model, "openvino", "cpu", "int8"), REFERENCE, predict)
+    return (
+        f"parity MAE mean {r.mean_mae:.5f} worst {r.worst_mae:.5f}, IoU mean {r.mean_iou:.4f} "
+        f"worst {r.worst_iou:.4f}"
+    )
+
+
+def ranked(model: str, order: str) -> list[str]:
+    """The ranking's units, most harmful first (``harm``), or by harm for the multiply-adds they
+    take from int8 (``cheap``: a unit's harm over its share of the int8 multiply-adds plus 0.1%,
+    so that a costly layer must do far more harm to come first)."""
+    layers = json.loads((RANKINGS / f"{model}.json").read_text())["layers"]
+    if order == "cheap":
+        layers = sorted(
+            layers, key=lambda r: -r["int8_alone"]["mean_mae"] / (r["macs_share"] + 0.001)
+        )
+    return [layer["name"] for layer in layers]
+
+
+def curve(
+    dataset: Path,
+    model: str,
+    ks: list[int],
+    save: Path | None,
+    threads: int,
+    parity: bool,
+    orders: list[str],
+) -> None:
     import openvino as ov
 
     ranking = json.loads((RANKINGS / f"{model}.json").read_text())
-    order = [layer["name"] for layer in ranking["layers"]]
     share = {layer["name"]: layer["macs_share"] for layer in ranking["layers"]}
     float_model = _float_model(default_weights_path(model), model)
     quantized = quantize_in_memory(float_model, model, HEAD)
@@ -104,20 +143,25 @@ def curve(dataset: Path, model: str, ks: list[int], save: Path | None, threads: 
     print(f"# {model}: {len(images)} photos of {dataset.name}, against float32", flush=True)
     if save:
         save.mkdir(parents=True, exist_ok=True)
-    for k in ks:
+    for name, k in [(name, k) for name in orders for k in ks]:
+        order = ranked(model, name)
         graph = with_float(quantized, float_model, order[:k])
         compiled = _compile(core, graph, threads)
         scores = agreement(_maps(lambda x, c=compiled: c(x)[0], images, model), reference)
         convs = sum(name.endswith("/Conv/WithoutBiases") for name in order[:k])
         macs = sum(share[name] for name in order[:k])
         print(
-            json.dumps({"k": k, "float_convs": convs, "int8_macs_in_float": round(macs, 4)})[:-1]
+            json.dumps(
+                {"order": name, "k": k, "float_convs": convs, "macs_in_float": round(macs, 4)}
+            )[:-1]
             + ", "
             + json.dumps(scores)[1:],
             flush=True,
         )
+        if parity:
+            print(f"  {name} k={k}: {_parity(lambda x, c=compiled: c(x)[0], model)}", flush=True)
         if save:
-            ov.save_model(graph, save / f"k{k}.xml", compress_to_fp16=False)
+            ov.save_model(graph, save / f"{name}-k{k}.xml", compress_to_fp16=False)
 
 
 def timing(folder: Path, model: str, threads: int, seconds: float, rounds: int) -> None:
@@ -137,8 +181,8 @@ def timing(folder: Path, model: str, threads: int, seconds: float, rounds: int) 
     runs["onnxruntime float32"] = lambda: session.run(None, {name: x})
     paths = [("openvino float32", default_weights_dir() / f"{model}.f32.xml")]
     paths += sorted(
-        ((f"openvino k={p.stem[1:]}", p) for p in folder.glob("k*.xml")),
-        key=lambda item: int(item[0].split("=")[1]),
+        ((f"openvino {p.stem}", p) for p in folder.glob("*-k*.xml")),
+        key=lambda item: (item[0].split("-k")[0], int(item[0].split("-k")[1])),
     )
     for label, path in paths:
         graph = core.read_model(path)
@@ -187,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="u2net", choices=sorted(SPECS))
     p.add_argument("--ks", nargs="+", type=int, default=list(KS))
     p.add_argument("--save", type=Path, default=None)
+    p.add_argument("--parity", action="store_true", help="curve: also the authors' 18 photos")
+    p.add_argument("--orders", nargs="+", default=["harm"], choices=["harm", "cheap"])
     p.add_argument("--precision", nargs="+", default=["faithful", "fast"])
     p.add_argument("--threads", type=int, default=None, help="default: every core")
     p.add_argument("--seconds", type=float, default=6.0, help="timed per model, in all")
@@ -195,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("NNCF_CI", "1")  # no usage reports
     threads = args.threads or len(os.sched_getaffinity(0))
     if args.command == "curve":
-        curve(args.path, args.model, args.ks, args.save, threads)
+        curve(args.path, args.model, args.ks, args.save, threads, args.parity, args.orders)
     elif args.command == "time":
         timing(args.path, args.model, threads, args.seconds, args.rounds)
     else:

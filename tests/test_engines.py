@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import model.engines as model_engines
 from model.engines import (
     ENGINES,
     MIXED_MODELS,
@@ -364,46 +365,55 @@ def test_openvino_refuses_a_gpu(u2netp_weights: Path) -> None:
         )
 
 
-@pytest.fixture
-def mixed_copy(tmp_path: Path) -> Path:
-    """The weights folder's U2NET mixed model, copied beside a link to its weights."""
-    weights = tmp_path / "u2net.safetensors"
-    weights.symlink_to(weights_file("u2net"))
-    for path in (
-        *openvino_engine.engine_files(weights_file("u2net"), "mixed"),
-        openvino_engine.record_file(weights_file("u2net"), "mixed"),
-    ):
-        shutil.copy(path, tmp_path / path.name)
-    return weights
+# Two units of U2NETP kept in float32 for the mixed model's tests: a convolution and a quantizer
+# before an addition (whichever models have a mixed model of their own, the mechanism is tested
+# on the small one).
+TEST_KEEP = (
+    "/stage1/rebnconvin/conv_s1/Conv/WithoutBiases",
+    "/stage1/rebnconvin/relu_s1/Relu/fq_output_0",
+)
 
 
 @pytest.fixture
-def a_vnni_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The OpenVINO engine sees a CPU where the rule chooses the mixed model, whatever this is."""
+def u2netp_mixed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """U2NETP has a mixed model keeping :data:`TEST_KEEP`, and the OpenVINO engine sees a CPU
+    where the rule chooses it, whatever this one is."""
+    monkeypatch.setattr(openvino_engine, "KEEP_MIXED", {"u2netp": TEST_KEEP})
+    monkeypatch.setattr(model_engines, "MIXED_MODELS", frozenset({"u2netp"}))
     monkeypatch.setattr(openvino_engine, "cpu_features", lambda: ("GenuineIntel", VNNI))
 
 
-@pytest.mark.usefixtures("a_vnni_cpu")
-def test_mixed_model_is_its_own_network(mixed_copy: Path) -> None:
+@pytest.fixture(scope="module")
+def mixed_prepared(prepared: Path) -> Path:
+    """The prepared U2NETP with its mixed model made by `prepare` (the one quantization of the
+    mixed tests: about a minute)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(openvino_engine, "KEEP_MIXED", {"u2netp": TEST_KEEP})
+        assert weights_cli(["prepare", "--model", "u2netp", str(prepared)]) == 0
+    assert openvino_engine.record_file(prepared, "mixed").is_file()
+    return prepared
+
+
+@pytest.mark.usefixtures("u2netp_mixed")
+def test_mixed_model_is_its_own_network(mixed_prepared: Path) -> None:
     """``faithful`` on OpenVINO runs the mixed model where the rule says so; it reports what it
     keeps in float32, and its identity (which keys cached maps) is neither int8's nor float32's."""
-    weights = weights_file("u2net")
-    mixed = Segmenter("u2net", weights, engine="openvino", precision="faithful")
-    layers = len(openvino_engine.HEAD) + sum(
-        name.endswith("/Conv/WithoutBiases") for name in openvino_engine.KEEP_MIXED["u2net"]
-    )
+    weights = mixed_prepared
+    mixed = Segmenter("u2netp", weights, engine="openvino", precision="faithful")
     assert (mixed.dtype, mixed.precision) == (torch.int8, "faithful")
-    assert mixed.arithmetic == f"int8+float32 ({layers} layers)"
-    fast = Segmenter("u2net", weights, engine="openvino", precision="fast")
-    float32 = Segmenter("u2net", weights, engine="openvino", precision="float32")
-    assert (fast.precision, fast.arithmetic) == ("fast", "int8+float32 (7 layers)")
+    assert mixed.arithmetic == "int8+float32 (8 layers)"  # the head and one convolution
+    fast = Segmenter("u2netp", weights, engine="openvino", precision="fast")
+    float32 = Segmenter("u2netp", weights, engine="openvino", precision="float32")
+    assert (fast.precision, fast.arithmetic) == ("fast", "int8+float32 (9 layers)")
     assert len({mixed.identity, fast.identity, float32.identity}) == 3
-    record = json.loads(openvino_engine.record_file(mixed_copy, "mixed").read_text())
-    assert record["keep_float"] == [*openvino_engine.HEAD, *openvino_engine.KEEP_MIXED["u2net"]]
+    record = json.loads(openvino_engine.record_file(weights, "mixed").read_text())
+    assert record["keep_float"] == [*openvino_engine.HEAD, *TEST_KEEP]
     assert record["calibration_sha256"] == openvino_engine.calibration_sha256()
+    x = preprocess([torch.full((64, 64, 3), 100, dtype=torch.uint8)], mixed.spec)
+    assert mixed.forward(x).shape == (1, 1, 320, 320)
 
 
-@pytest.mark.usefixtures("a_vnni_cpu")
+@pytest.mark.usefixtures("u2netp_mixed")
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
@@ -411,41 +421,30 @@ def test_mixed_model_is_its_own_network(mixed_copy: Path) -> None:
         ("calibration_sha256", "0" * 64, "calibrated on other photos"),
         ("weights_sha256", "0" * 64, "made from other weights"),
         ("quantizer", {"openvino": "2020.1", "nncf": "1.0"}, "was made by"),
-        ("format", "u2serve-openvino-int8-v1", "not a u2net"),
+        ("format", "u2serve-openvino-int8-v1", "not a u2netp"),
     ],
 )
 def test_stale_mixed_file_is_refused(
-    mixed_copy: Path, key: str, value: object, message: str
+    mixed_prepared: Path, tmp_path: Path, key: str, value: object, message: str
 ) -> None:
     """The mixed file's record names what int8's does and the layers kept in float32: another
     list in this code (a new ranking) makes the file stale too."""
-    record_path = openvino_engine.record_file(mixed_copy, "mixed")
+    weights = _damaged_copy(mixed_prepared, tmp_path)
+    record_path = openvino_engine.record_file(weights, "mixed")
     record = json.loads(record_path.read_text())
     record[key] = value
     record_path.write_text(json.dumps(record))
     with pytest.raises(WeightsError, match=message):
-        Segmenter("u2net", mixed_copy, engine="openvino", precision="faithful")
+        Segmenter("u2netp", weights, engine="openvino", precision="faithful")
 
 
-@pytest.mark.usefixtures("a_vnni_cpu")
-def test_damaged_mixed_file_is_refused_and_prepare_remakes_it(mixed_copy: Path) -> None:
-    """A flipped byte is found by its digest; `prepare` makes the file again (the one test that
-    quantizes U2NET: about three minutes), the same bytes as `weights fetch` made on this CPU."""
-    xml, bin_ = openvino_engine.engine_files(mixed_copy, "mixed")
-    data = bytearray(bin_.read_bytes())
+@pytest.mark.usefixtures("u2netp_mixed")
+@pytest.mark.parametrize("part", [0, 1])
+def test_damaged_mixed_file_is_refused(mixed_prepared: Path, tmp_path: Path, part: int) -> None:
+    weights = _damaged_copy(mixed_prepared, tmp_path)
+    path = openvino_engine.engine_files(weights, "mixed")[part]
+    data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
-    bin_.write_bytes(bytes(data))
+    path.write_bytes(bytes(data))
     with pytest.raises(WeightsError, match="is corrupt"):
-        Segmenter("u2net", mixed_copy, engine="openvino", precision="faithful")
-    made = openvino_engine._prepare(
-        mixed_copy, "u2net", openvino_engine.recorded_digest(mixed_copy, "u2net"), "mixed"
-    )
-    assert made == xml
-    Segmenter("u2net", mixed_copy, engine="openvino", precision="faithful")
-    record = json.loads(openvino_engine.record_file(mixed_copy, "mixed").read_text())
-    fetched = json.loads(openvino_engine.record_file(weights_file("u2net"), "mixed").read_text())
-    if record["made_on"] == fetched["made_on"]:
-        assert (record["xml_sha256"], record["bin_sha256"]) == (
-            fetched["xml_sha256"],
-            fetched["bin_sha256"],
-        )
+        Segmenter("u2netp", weights, engine="openvino", precision="faithful")

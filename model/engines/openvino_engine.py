@@ -298,18 +298,18 @@ def float_units(quantized: Any) -> list[str]:
     return units
 
 
-def _quantize(weights: Path, model: str, out: Path, kind: str = "int8") -> None:
-    """Export, quantize (for ``mixed``, then return :data:`KEEP_MIXED` to float32) and save to
-    ``out`` (``.xml``, with its ``.bin``); run in a child."""
+def _quantize(weights: Path, model: str, out: Path, kind: str, *keep: str) -> None:
+    """Export, quantize with ``keep`` in float32 (for ``mixed``: the head, then return the rest
+    of ``keep`` to float32 by :func:`with_float`) and save to ``out`` (``.xml``, with its
+    ``.bin``); run in a child."""
     import openvino as ov
 
     float_model = _float_model(weights, model)
     if kind == "mixed":
-        quantized = with_float(
-            quantize_in_memory(float_model, model, HEAD), float_model, KEEP_MIXED[model]
-        )
+        quantized = quantize_in_memory(float_model, model, HEAD)
+        quantized = with_float(quantized, float_model, [n for n in keep if n not in HEAD])
     else:
-        quantized = quantize_in_memory(float_model, model, KEEP_FLOAT[model])
+        quantized = quantize_in_memory(float_model, model, keep)
     # Float layers stay float32 in the file (save_model would halve them to float16).
     ov.save_model(quantized, out, compress_to_fp16=False)
 
@@ -317,6 +317,7 @@ def _quantize(weights: Path, model: str, out: Path, kind: str = "int8") -> None:
 def to_int8(weights: Path, model: str, xml: Path, kind: Arithmetic = "int8") -> tuple[str, str]:
     """Quantize verified weights to an OpenVINO int8 model at ``xml`` (and its ``.bin``), or
     for ``kind="mixed"`` to the mixed model; return both files' SHA-256."""
+    keep = _keep_float(model, kind)
     with tempfile.TemporaryDirectory(prefix=f"u2serve-{kind}-") as tmp:
         part = Path(tmp) / xml.name
         # In a child process, as MNN's converter is: NNCF's progress output and any crash stay
@@ -324,10 +325,12 @@ def to_int8(weights: Path, model: str, xml: Path, kind: Arithmetic = "int8") -> 
         env = {**os.environ, "NNCF_CI": "1"}
         code = (
             "import sys; from pathlib import Path; from model.engines.openvino_engine import "
-            "_quantize; _quantize(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4])"
+            "_quantize; _quantize(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), "
+            "*sys.argv[4:])"
         )
+        # The layers kept in float go by name, so that the child makes what this process chose.
         done = subprocess.run(
-            [sys.executable, "-c", code, str(weights), model, str(part), kind],
+            [sys.executable, "-c", code, str(weights), model, str(part), kind, *keep],
             capture_output=True,
             text=True,
             check=False,
