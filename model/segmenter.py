@@ -47,9 +47,9 @@ def resolve_dtype(
     :class:`model.weights.WeightsSpec`) and float32 on the CPU: the paths the parity tests hold.
     With the ``fast`` precision it is float16 on CUDA for both models (for U2NETP at a measured
     cost, README "Faithfulness"); on the CPU the engine makes it int8, see
-    :func:`model.engines.resolve_engine`."""
+    :func:`model.engines.resolve_engine`. With ``float32`` it is float32 everywhere."""
     if dtype == "auto":
-        if device.type != "cuda":
+        if device.type != "cuda" or precision == "float32":
             return torch.float32
         return torch.float16 if precision == "fast" else DTYPES[spec.cuda_dtype]
     if dtype not in DTYPES:
