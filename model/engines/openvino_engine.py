@@ -139,7 +139,8 @@ KEEP_FLOAT: dict[str, tuple[str, ...]] = {
 # The mixed model (what ``faithful`` runs on CPUs where int8 pays, model.engines.cpu_arithmetic):
 # int8 with the head in float32 as above, and then these layers returned to float32, the most
 # harmful first by the measured ranking in bench/sensitivity/<model>.json (`python -m
-# bench.sensitivity --model MODEL`), as many as it takes to meet the faithful bounds.
+# bench.sensitivity --model MODEL`), as many as it takes to meet the faithful bounds. Empty: no
+# model met them at a speed worth having (model.engines.MIXED_MODELS says why).
 KEEP_MIXED: dict[str, tuple[str, ...]] = {}
 
 
