@@ -31,6 +31,7 @@ class InstantEngine:
     name: EngineName = "torch"  # the label metrics and /readyz show; the identity says instant
     allocates_per_call = False
     artifact_digest: str | None = "instant"
+    arithmetic = "none (an instant stand-in)"
 
     def __init__(self, options: EngineOptions) -> None:
         self.device = options.device

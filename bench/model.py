@@ -3,14 +3,16 @@ and batch, with ONNX Runtime (rembg's engine) on the same file in the same run.
 
     python -m bench.model                # u2net: every engine here, ONNX Runtime, batch 1 2 4
     python -m bench.model --model u2netp --engines mnn --batches 1 --rounds 5
-    python -m bench.model --engines mnn openvino --batches 1    # float32 both, and int8 (fast)
+    python -m bench.model --engines mnn openvino --batches 1    # float32 both, int8, mixed
     ONEDNN_MAX_CPU_ISA=AVX2 OV_CPU_MAX_ISA=AVX2 python -m bench.model --engines openvino
     python -m bench.model --devices cuda --dtypes float16 float32 --batches 1 8 32 64
 
 Configurations are timed in alternating rounds (this machine's timings drift by ±20%), after a
 warm-up each. Prints one row per configuration: images/s, latency per batch (median and p90),
 FLOP per image, achieved FLOP/s, and the speed relative to ONNX Runtime at batch 1. The CPU
-dtypes are float32 and int8 (OpenVINO's quantized model, what ``U2SERVE_PRECISION=fast`` runs).
+dtypes are float32, int8 (OpenVINO's quantized model, what ``U2SERVE_PRECISION=fast`` runs) and
+mixed (the int8 model with its most sensitive layers in float32, what ``faithful`` runs where
+:func:`model.engines.cpu_arithmetic` chooses it; left out where it does not).
 Preprocessing and postprocessing are not included: this is the ceiling the HTTP benchmark is
 compared against.
 """
@@ -72,10 +74,10 @@ def _timed(c: Config, seconds: float, *, keep: bool = True) -> None:
             break
 
 
-def segmenter_config(seg: Segmenter, batch: int) -> Config:
+def segmenter_config(seg: Segmenter, batch: int, label: str | None = None) -> Config:
     size = seg.spec.input_size
     x = torch.randn(batch, 3, size, size).to(seg.device)
-    dtype = str(seg.dtype).removeprefix("torch.")
+    dtype = label or str(seg.dtype).removeprefix("torch.")
     return Config(seg.engine.name, seg.device, dtype, batch, lambda: seg.forward(x))
 
 
@@ -133,15 +135,15 @@ def main(argv: list[str] | None = None) -> None:
         configs.append(onnxruntime_config(args.model, threads))
     for dev in devices:
         device = resolve_device(dev)
-        cpu_dtypes = ["float32", "int8"]
+        cpu_dtypes = ["float32", "int8", "mixed"]
         dtypes = args.dtypes or (["float16", "float32"] if device.type == "cuda" else cpu_dtypes)
         batches = args.batches or (GPU_BATCHES if device.type == "cuda" else CPU_BATCHES)
         engines = args.engines or (["torch"] if device.type == "cuda" else list(ENGINES))
         for engine in engines:
             for dtype in dtypes:
-                int8 = dtype == "int8"
+                int8 = dtype in ("int8", "mixed")
                 if int8 and engine != "openvino":
-                    continue  # the one int8 model
+                    continue  # the int8 models are OpenVINO's
                 if engine in ("mnn", "openvino") and (
                     device.type != "cpu" or dtype not in cpu_dtypes
                 ):
@@ -154,9 +156,12 @@ def main(argv: list[str] | None = None) -> None:
                     engine=engine,
                     channels_last=not args.no_channels_last,
                     threads=threads,
-                    precision="fast" if int8 else "faithful",
+                    # float32 is float32 here, whatever `faithful` runs on this CPU.
+                    precision={"int8": "fast", "mixed": "faithful"}.get(dtype, "float32"),
                 )
-                configs += [segmenter_config(seg, batch) for batch in batches]
+                if dtype == "mixed" and seg.dtype != torch.int8:
+                    continue  # no mixed model for this model on this CPU
+                configs += [segmenter_config(seg, batch, dtype) for batch in batches]
     flop = flop_per_image(args.model)
     print(
         f"# {args.model}, torch {torch.__version__}, {platform.processor() or platform.machine()}"

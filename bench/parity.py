@@ -5,6 +5,7 @@
     python -m bench.parity --models u2net --dtype bfloat16 --per-image
     python -m bench.parity --emulate float16                     # a GPU's float16, on the CPU
     python -m bench.parity --precision fast --rembg              # int8, and rembg's own maps
+    python -m bench.parity --precision faithful float32 fast     # mixed (VNNI, AMX), float32, int8
 
 Prints, per model, the mean absolute error of the maps (0..1 scale) and the IoU of the masks at
 0.5, mean and worst over the photos. tests/test_parity.py holds the default paths to the bounds
@@ -41,6 +42,7 @@ class Parity:
     device: str
     dtype: str
     precision: str = "faithful"  # what the path claims (model.segmenter.Segmenter.precision)
+    arithmetic: str = ""  # what runs (Segmenter.arithmetic), when it says more than the dtype
     photos: list[str] = field(default_factory=list)
     maes: list[float] = field(default_factory=list)
     ious: list[float] = field(default_factory=list)
@@ -63,7 +65,8 @@ class Parity:
 
     def summary(self) -> str:
         return (
-            f"{self.name} {self.engine} {self.device} {self.dtype} ({self.precision}): MAE mean "
+            f"{self.name} {self.engine} {self.device} {self.arithmetic or self.dtype} "
+            f"({self.precision}): MAE mean "
             f"{self.mean_mae:.5f} worst {self.worst_mae:.5f}, IoU@0.5 mean {self.mean_iou:.4f} "
             f"worst {self.worst_iou:.4f} ({len(self.maes)} photos)"
         )
@@ -109,7 +112,9 @@ def _compare(seg: Segmenter, reference: Path) -> Parity:
         return ours.cpu()
 
     dtype = str(seg.dtype).removeprefix("torch.")
-    report = Parity(seg.name, seg.engine.name, str(seg.device), dtype, seg.precision)
+    report = Parity(
+        seg.name, seg.engine.name, str(seg.device), dtype, seg.precision, seg.arithmetic
+    )
     return _score(report, reference, predict)
 
 

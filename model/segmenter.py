@@ -48,9 +48,9 @@ def resolve_dtype(
     :class:`model.weights.WeightsSpec`) and float32 on the CPU: the paths the parity tests hold.
     With the ``fast`` precision it is float16 on CUDA for both models (for U2NETP at a measured
     cost, README "Faithfulness"); on the CPU the engine makes it int8, see
-    :func:`model.engines.resolve_engine`."""
+    :func:`model.engines.resolve_engine`. With ``float32`` it is float32 everywhere."""
     if dtype == "auto":
-        if device.type != "cuda":
+        if device.type != "cuda" or precision == "float32":
             return torch.float32
         return torch.float16 if precision == "fast" else DTYPES[spec.cuda_dtype]
     if dtype not in DTYPES:
@@ -91,13 +91,14 @@ class Segmenter:
             precision=cast(Precision, precision),
         )
         self.engine: Engine = load_engine(
-            resolve_engine(engine, options.device, options.dtype, precision),
+            resolve_engine(engine, options.device, options.dtype, precision, name),
             Path(weights),
             name,
             options,
         )
         self.weights_digest = recorded_digest(weights, name)
         self._pinned: Tensor | None = None
+        self._asked: Precision = options.precision
 
     @property
     def device(self) -> torch.device:
@@ -115,11 +116,20 @@ class Segmenter:
     def precision(self) -> Precision:
         """What runs, whatever was asked for: ``faithful`` where the arithmetic is one the parity
         tests hold to the faithful bounds (float32; float16 on CUDA for the model whose CUDA
-        default it is), ``fast`` otherwise (int8, bfloat16, float16 where it misses them)."""
+        default it is; the mixed int8/float32 model, which an engine loads only when asked for
+        ``faithful``), ``fast`` otherwise (int8, bfloat16, float16 where it misses them)."""
         faithful = {torch.float32}
         if self.device.type == "cuda":
             faithful.add(DTYPES[self.spec.cuda_dtype])
+        if self.dtype == torch.int8 and self._asked == "faithful":
+            return "faithful"
         return "faithful" if self.dtype in faithful else "fast"
+
+    @property
+    def arithmetic(self) -> str:
+        """The arithmetic that runs, for people: ``float32``, ``float16``, ``bfloat16``, or for
+        an int8 model ``int8+float32 (N layers)``, N convolutions kept in float32."""
+        return self.engine.arithmetic
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalised ``N×3×S×S`` input → the fused map, ``N×1×S×S`` float32."""

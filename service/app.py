@@ -162,6 +162,7 @@ def describe(segmenter: Segmenter, max_batch_size: int) -> dict[str, object]:
         "dtype": str(segmenter.dtype).removeprefix("torch."),
         "max_batch_size": max_batch_size,
         "precision": segmenter.precision,
+        "arithmetic": segmenter.arithmetic,
     }
 
 

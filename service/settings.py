@@ -47,8 +47,9 @@ class Settings(BaseSettings):
     )
     precision: Precision = Field(
         DEFAULT_PRECISION,
-        description="faithful (float32 on the CPU, within the parity bounds) or fast (int8 on "
-        "the CPU, float16 on a GPU; less faithful, see the README)",
+        description="faithful (within the parity bounds: on the CPU float32, or U2NET's mixed "
+        "int8/float32 model where the CPU has VNNI or AMX), fast (int8 on the CPU, float16 on a "
+        "GPU; less faithful, see the README) or float32 (float32 on the CPU, whatever the CPU)",
     )
     channels_last: bool = True
     max_batch_size: int | None = Field(

@@ -480,6 +480,7 @@ async def test_fast_precision_serves_the_int8_model(u2netp_weights: Path) -> Non
     async with running(settings(u2netp_weights, precision="fast")) as (_, c):
         ready = (await c.get("/readyz")).json()
         assert (ready["engine"], ready["dtype"], ready["precision"]) == ("openvino", "int8", "fast")
+        assert ready["arithmetic"].startswith("int8+float32 (")  # the head kept in float32
         r = await post_image(c, photo())
         assert r.status_code == 200
         assert r.headers["content-type"] == "image/png"

@@ -9,12 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import model.engines as model_engines
 from model.engines import (
     ENGINES,
+    MIXED_MODELS,
+    Arithmetic,
     EngineOptions,
-    Precision,
+    cpu_arithmetic,
     cpu_features,
     float32_cpu_engine,
+    int8_pays,
     openvino_engine,
     prepare_engines,
     resolve_engine,
@@ -47,8 +51,12 @@ def test_float32_engines_agree_with_pytorch(
     """
     weights = weights_file(name)
     ours = Segmenter(name, weights, device="cpu", engine="torch")
-    other = Segmenter(name, weights, device="cpu", engine=engine)
-    assert (other.dtype, other.precision) == (torch.float32, "faithful")
+    other = Segmenter(name, weights, device="cpu", engine=engine, precision="float32")
+    assert (other.dtype, other.precision, other.arithmetic) == (
+        torch.float32,
+        "faithful",
+        "float32",
+    )
     for path in reference_images[::4]:
         image = load_rgb(path)
         x = preprocess([image], ours.spec)
@@ -85,6 +93,9 @@ def test_mnn_runs_batches(u2netp_weights: Path, reference_images: list[Path]) ->
 def test_auto_picks_the_cpus_float32_engine_and_torch_elsewhere() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_engine("auto", cpu, torch.float32) == float32_cpu_engine(*cpu_features())
+    assert resolve_engine("auto", cpu, torch.float32, "float32", "u2net") == float32_cpu_engine(
+        *cpu_features()
+    )
     assert float32_cpu_engine("GenuineIntel", frozenset({"avx2", "avx512f"})) == "openvino"
     assert float32_cpu_engine("GenuineIntel", frozenset({"avx2"})) == "mnn"
     assert float32_cpu_engine("AuthenticAMD", frozenset({"avx2", "avx512f"})) == "mnn"
@@ -96,17 +107,54 @@ def test_auto_picks_the_cpus_float32_engine_and_torch_elsewhere() -> None:
         resolve_engine("tensorrt", cpu, torch.float32)
 
 
+AMX = frozenset({"avx2", "avx512f", "avx512_vnni", "amx_int8", "amx_tile"})
+VNNI = frozenset({"avx2", "avx512f", "avx512_vnni"})  # Intel Cascade Lake on, AMD Zen 4 on
+AVX512 = frozenset({"avx2", "avx512f"})  # Skylake-SP: AVX-512 without int8 dot products
+AVX2 = frozenset({"avx2", "avx_vnni"})  # a client CPU's 256-bit VNNI is not measured
+
+
+def test_the_cpu_rule_is_a_function_of_its_features() -> None:
+    """``faithful`` runs the mixed model for a model that has one where int8 pays (VNNI or AMX),
+    float32 elsewhere; ``fast`` is int8 and ``float32`` float32 on every CPU."""
+    assert [int8_pays(f) for f in (AMX, VNNI, AVX512, AVX2, frozenset())] == [
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
+    for flags in (AMX, VNNI, AVX512, AVX2):
+        for model in ("u2net", "u2netp"):
+            mixed = model in MIXED_MODELS and int8_pays(flags)
+            assert cpu_arithmetic(model, "faithful", flags) == ("mixed" if mixed else "float32")
+            assert cpu_arithmetic(model, "fast", flags) == "int8"
+            assert cpu_arithmetic(model, "float32", flags) == "float32"
+    assert cpu_arithmetic(None, "faithful", AMX) == "float32"
+    assert set(MIXED_MODELS) == set(openvino_engine.KEEP_MIXED)
+
+
 def test_precision_picks_the_engine_and_is_reported(u2netp_weights: Path) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_engine("auto", cpu, torch.float32, "fast") == "openvino"
     assert resolve_engine("auto", cpu, torch.float32, "faithful") == float32_cpu_engine(
         *cpu_features()
     )
+    mixed = cpu_arithmetic("u2net", "faithful", cpu_features()[1]) == "mixed"
+    assert resolve_engine("auto", cpu, torch.float32, "faithful", "u2net") == (
+        "openvino" if mixed else float32_cpu_engine(*cpu_features())
+    )
     assert resolve_engine("auto", cuda, torch.float16, "fast") == "torch"
     with pytest.raises(ValueError, match="precision must be"):
         resolve_engine("auto", cpu, torch.float32, "quick")
     fast = Segmenter("u2netp", u2netp_weights, device="cpu", precision="fast")
     assert (fast.engine.name, fast.dtype, fast.precision) == ("openvino", torch.int8, "fast")
+    assert fast.arithmetic == "int8+float32 (9 layers)"  # the head and two stage2d layers
+    forced = Segmenter("u2netp", u2netp_weights, engine="openvino", precision="float32")
+    assert (forced.dtype, forced.precision, forced.arithmetic) == (
+        torch.float32,
+        "faithful",
+        "float32",
+    )
     faithful = Segmenter("u2netp", u2netp_weights, device="cpu", precision="faithful")
     assert (faithful.engine.name, faithful.dtype, faithful.precision) == (
         float32_cpu_engine(*cpu_features()),
@@ -127,7 +175,7 @@ def test_precision_picks_the_engine_and_is_reported(u2netp_weights: Path) -> Non
         Segmenter("u2netp", u2netp_weights, precision="int8")
 
 
-@pytest.mark.parametrize("precision", ["fast", "faithful"])
+@pytest.mark.parametrize("precision", ["fast", "float32"])
 def test_openvino_runs_batches(
     u2netp_weights: Path, reference_images: list[Path], precision: str
 ) -> None:
@@ -187,15 +235,15 @@ def test_prepare_is_idempotent(prepared: Path, caplog: pytest.LogCaptureFixture)
     before = engine_file(prepared).stat().st_mtime_ns
     caplog.set_level("INFO")
     int8_before = openvino_engine.engine_files(prepared)[1].stat().st_mtime_ns
-    f32_before = openvino_engine.engine_files(prepared, "faithful")[1].stat().st_mtime_ns
+    f32_before = openvino_engine.engine_files(prepared, "float32")[1].stat().st_mtime_ns
     assert prepare_engines(prepared, "u2netp") == [
         engine_file(prepared),
-        openvino_engine.engine_files(prepared, "faithful")[0],
+        openvino_engine.engine_files(prepared, "float32")[0],
         openvino_engine.engine_files(prepared)[0],
     ]
     assert engine_file(prepared).stat().st_mtime_ns == before
     assert openvino_engine.engine_files(prepared)[1].stat().st_mtime_ns == int8_before
-    assert openvino_engine.engine_files(prepared, "faithful")[1].stat().st_mtime_ns == f32_before
+    assert openvino_engine.engine_files(prepared, "float32")[1].stat().st_mtime_ns == f32_before
     assert "converting" not in caplog.text
     assert "quantizing" not in caplog.text
 
@@ -203,11 +251,12 @@ def test_prepare_is_idempotent(prepared: Path, caplog: pytest.LogCaptureFixture)
 def _damaged_copy(prepared: Path, folder: Path) -> Path:
     openvino = [
         path
-        for precision in ("fast", "faithful")
+        for kind in ("int8", "float32", "mixed")
         for path in (
-            *openvino_engine.engine_files(prepared, precision),
-            openvino_engine.record_file(prepared, precision),
+            *openvino_engine.engine_files(prepared, kind),
+            openvino_engine.record_file(prepared, kind),
         )
+        if path.is_file()
     ]
     for path in (prepared, engine_file(prepared), record_file(prepared), *openvino):
         shutil.copy(path, folder / path.name)
@@ -246,13 +295,19 @@ def test_engine_file_of_other_weights_is_refused(prepared: Path, tmp_path: Path)
         Segmenter("u2netp", weights, device="cpu", engine="mnn")
 
 
-@pytest.mark.parametrize(("precision", "part"), [("fast", 0), ("fast", 1), ("faithful", 1)])
+# The precision that loads each OpenVINO file on every CPU (the mixed one only where the rule
+# chooses it: tested apart, on U2NET).
+PRECISION_OF: dict[Arithmetic, str] = {"int8": "fast", "float32": "float32"}
+
+
+@pytest.mark.parametrize(("kind", "part"), [("int8", 0), ("int8", 1), ("float32", 1)])
 def test_damaged_openvino_file_is_refused_and_prepare_repairs_it(
-    prepared: Path, tmp_path: Path, precision: Precision, part: int
+    prepared: Path, tmp_path: Path, kind: Arithmetic, part: int
 ) -> None:
     """A flipped byte in the graph (.xml) or the constants (.bin) is found by its digest."""
+    precision = PRECISION_OF[kind]
     weights = _damaged_copy(prepared, tmp_path)
-    path = openvino_engine.engine_files(weights, precision)[part]
+    path = openvino_engine.engine_files(weights, kind)[part]
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
@@ -266,24 +321,25 @@ def test_damaged_openvino_file_is_refused_and_prepare_repairs_it(
 
 
 @pytest.mark.parametrize(
-    ("precision", "key", "value", "message"),
+    ("kind", "key", "value", "message"),
     [
-        ("fast", "weights_sha256", "0" * 64, "made from other weights"),
-        ("fast", "calibration_sha256", "0" * 64, "calibrated on other photos"),
-        ("fast", "quantizer", {"openvino": "2020.1", "nncf": "1.0"}, "was made by"),
-        ("fast", "format", "u2serve-openvino-int8-v0", "not a u2netp"),
-        ("faithful", "weights_sha256", "0" * 64, "made from other weights"),
-        ("faithful", "converter", {"openvino": "2020.1"}, "was made by"),
-        ("faithful", "format", "u2serve-openvino-int8-v1", "not a u2netp"),
+        ("int8", "weights_sha256", "0" * 64, "made from other weights"),
+        ("int8", "calibration_sha256", "0" * 64, "calibrated on other photos"),
+        ("int8", "quantizer", {"openvino": "2020.1", "nncf": "1.0"}, "was made by"),
+        ("int8", "format", "u2serve-openvino-int8-v0", "not a u2netp"),
+        ("float32", "weights_sha256", "0" * 64, "made from other weights"),
+        ("float32", "converter", {"openvino": "2020.1"}, "was made by"),
+        ("float32", "format", "u2serve-openvino-int8-v1", "not a u2netp"),
     ],
 )
 def test_stale_openvino_file_is_refused(
-    prepared: Path, tmp_path: Path, precision: Precision, key: str, value: object, message: str
+    prepared: Path, tmp_path: Path, kind: Arithmetic, key: str, value: object, message: str
 ) -> None:
     """Its record names the weights, the converter, the recipe and for int8 the calibration set
     it was made from; any of them other than now makes the file stale."""
+    precision = PRECISION_OF[kind]
     weights = _damaged_copy(prepared, tmp_path)
-    record_path = openvino_engine.record_file(weights, precision)
+    record_path = openvino_engine.record_file(weights, kind)
     record = json.loads(record_path.read_text())
     record[key] = value
     record_path.write_text(json.dumps(record))
@@ -291,12 +347,13 @@ def test_stale_openvino_file_is_refused(
         Segmenter("u2netp", weights, device="cpu", engine="openvino", precision=precision)
 
 
-@pytest.mark.parametrize("precision", ["fast", "faithful"])
+@pytest.mark.parametrize("kind", ["int8", "float32"])
 def test_missing_openvino_record_is_refused(
-    prepared: Path, tmp_path: Path, precision: Precision
+    prepared: Path, tmp_path: Path, kind: Arithmetic
 ) -> None:
+    precision = PRECISION_OF[kind]
     weights = _damaged_copy(prepared, tmp_path)
-    openvino_engine.record_file(weights, precision).unlink()
+    openvino_engine.record_file(weights, kind).unlink()
     with pytest.raises(WeightsError, match="missing or not a u2netp"):
         Segmenter("u2netp", weights, device="cpu", engine="openvino", precision=precision)
 
@@ -306,3 +363,88 @@ def test_openvino_refuses_a_gpu(u2netp_weights: Path) -> None:
         openvino_engine.load(
             u2netp_weights, "u2netp", EngineOptions(torch.device("cuda"), torch.float16)
         )
+
+
+# Two units of U2NETP kept in float32 for the mixed model's tests: a convolution and a quantizer
+# before an addition (whichever models have a mixed model of their own, the mechanism is tested
+# on the small one).
+TEST_KEEP = (
+    "/stage1/rebnconvin/conv_s1/Conv/WithoutBiases",
+    "/stage1/rebnconvin/relu_s1/Relu/fq_output_0",
+)
+
+
+@pytest.fixture
+def u2netp_mixed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """U2NETP has a mixed model keeping :data:`TEST_KEEP`, and the OpenVINO engine sees a CPU
+    where the rule chooses it, whatever this one is."""
+    monkeypatch.setattr(openvino_engine, "KEEP_MIXED", {"u2netp": TEST_KEEP})
+    monkeypatch.setattr(model_engines, "MIXED_MODELS", frozenset({"u2netp"}))
+    monkeypatch.setattr(openvino_engine, "cpu_features", lambda: ("GenuineIntel", VNNI))
+
+
+@pytest.fixture(scope="module")
+def mixed_prepared(prepared: Path) -> Path:
+    """The prepared U2NETP with its mixed model made by `prepare` (the one quantization of the
+    mixed tests: about a minute)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(openvino_engine, "KEEP_MIXED", {"u2netp": TEST_KEEP})
+        assert weights_cli(["prepare", "--model", "u2netp", str(prepared)]) == 0
+    assert openvino_engine.record_file(prepared, "mixed").is_file()
+    return prepared
+
+
+@pytest.mark.usefixtures("u2netp_mixed")
+def test_mixed_model_is_its_own_network(mixed_prepared: Path) -> None:
+    """``faithful`` on OpenVINO runs the mixed model where the rule says so; it reports what it
+    keeps in float32, and its identity (which keys cached maps) is neither int8's nor float32's."""
+    weights = mixed_prepared
+    mixed = Segmenter("u2netp", weights, engine="openvino", precision="faithful")
+    assert (mixed.dtype, mixed.precision) == (torch.int8, "faithful")
+    assert mixed.arithmetic == "int8+float32 (8 layers)"  # the head and one convolution
+    fast = Segmenter("u2netp", weights, engine="openvino", precision="fast")
+    float32 = Segmenter("u2netp", weights, engine="openvino", precision="float32")
+    assert (fast.precision, fast.arithmetic) == ("fast", "int8+float32 (9 layers)")
+    assert len({mixed.identity, fast.identity, float32.identity}) == 3
+    record = json.loads(openvino_engine.record_file(weights, "mixed").read_text())
+    assert record["keep_float"] == [*openvino_engine.HEAD, *TEST_KEEP]
+    assert record["calibration_sha256"] == openvino_engine.calibration_sha256()
+    x = preprocess([torch.full((64, 64, 3), 100, dtype=torch.uint8)], mixed.spec)
+    assert mixed.forward(x).shape == (1, 1, 320, 320)
+
+
+@pytest.mark.usefixtures("u2netp_mixed")
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("keep_float", list(openvino_engine.HEAD), "keeps other layers in float32"),
+        ("calibration_sha256", "0" * 64, "calibrated on other photos"),
+        ("weights_sha256", "0" * 64, "made from other weights"),
+        ("quantizer", {"openvino": "2020.1", "nncf": "1.0"}, "was made by"),
+        ("format", "u2serve-openvino-int8-v1", "not a u2netp"),
+    ],
+)
+def test_stale_mixed_file_is_refused(
+    mixed_prepared: Path, tmp_path: Path, key: str, value: object, message: str
+) -> None:
+    """The mixed file's record names what int8's does and the layers kept in float32: another
+    list in this code (a new ranking) makes the file stale too."""
+    weights = _damaged_copy(mixed_prepared, tmp_path)
+    record_path = openvino_engine.record_file(weights, "mixed")
+    record = json.loads(record_path.read_text())
+    record[key] = value
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(WeightsError, match=message):
+        Segmenter("u2netp", weights, engine="openvino", precision="faithful")
+
+
+@pytest.mark.usefixtures("u2netp_mixed")
+@pytest.mark.parametrize("part", [0, 1])
+def test_damaged_mixed_file_is_refused(mixed_prepared: Path, tmp_path: Path, part: int) -> None:
+    weights = _damaged_copy(mixed_prepared, tmp_path)
+    path = openvino_engine.engine_files(weights, "mixed")[part]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="is corrupt"):
+        Segmenter("u2netp", weights, engine="openvino", precision="faithful")

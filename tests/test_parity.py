@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench.parity import Parity, measure
-from model.engines import DEFAULT_PRECISION, ENGINES
+from model.engines import DEFAULT_PRECISION, ENGINES, MIXED_MODELS, openvino_engine
 from model.preprocess import preprocess
 from model.segmenter import Segmenter
 from model.u2net import u2net, u2netp
@@ -17,11 +17,11 @@ from model.weights import SPECS
 
 from .conftest import load_rgb, reference_dir, weights_file
 
-# Every path: each engine on the CPU (OpenVINO in float32 and in int8), PyTorch on a GPU when
-# there is one.
+# Every path: each engine on the CPU (OpenVINO in what ``faithful`` runs on this CPU, the mixed
+# model or float32; in float32; in int8), PyTorch on a GPU when there is one.
 PATHS = (
     [("cpu", engine, "faithful") for engine in ENGINES]
-    + [("cpu", "openvino", "fast")]
+    + [("cpu", "openvino", "float32"), ("cpu", "openvino", "fast")]
     + ([("cuda", "torch", "faithful")] if torch.cuda.is_available() else [])
 )
 
@@ -81,7 +81,7 @@ def test_maps_match_the_authors(name: str, device: str, engine: str, precision: 
         engine=engine,
         precision=precision,
     )
-    assert report.precision == precision
+    assert report.precision == ("faithful" if precision == "float32" else precision)
     check = within_bounds if report.precision == "faithful" else within_fast_bounds
     assert check(report), report.summary()
 
@@ -96,6 +96,18 @@ def test_default_precision_is_chosen_by_parity() -> None:
     assert all(r.dtype == "int8" for r in reports)
     expected = "fast" if all(within_bounds(r) for r in reports) else "faithful"
     assert expected == DEFAULT_PRECISION, [r.summary() for r in reports]
+
+
+@pytest.mark.parametrize("model", sorted(openvino_engine.KEEP_MIXED))
+def test_mixed_model_is_faithful(model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model has a mixed model (what ``faithful`` runs where the CPU has VNNI or AMX) only if
+    it meets the faithful bounds; held on every CPU, the rule made to choose it here."""
+    vnni = frozenset({"avx2", "avx512f", "avx512_vnni"})
+    monkeypatch.setattr(openvino_engine, "cpu_features", lambda: ("GenuineIntel", vnni))
+    report = measure(model, weights_file(model), reference_dir(), engine="openvino")
+    assert report.dtype == "int8"
+    assert within_bounds(report), report.summary()
+    assert model in MIXED_MODELS
 
 
 def test_cuda_default_dtype_is_chosen_by_emulated_parity(name: str) -> None:

@@ -70,6 +70,9 @@ def test_dtype_and_device_resolution() -> None:
     assert resolve_dtype("auto", cuda, u2netp, "fast") is torch.float16
     assert resolve_dtype("auto", cuda, u2net, "fast") is torch.float16
     assert resolve_dtype("auto", cpu, u2netp, "fast") is torch.float32
+    # `float32`: float32 everywhere, U2NET's CUDA default included.
+    assert resolve_dtype("auto", cuda, u2net, "float32") is torch.float32
+    assert resolve_dtype("auto", cpu, u2net, "float32") is torch.float32
     with pytest.raises(ValueError, match="float16 is for CUDA"):
         resolve_dtype("float16", cpu, u2net)
     with pytest.raises(ValueError, match="dtype must be"):
@@ -88,6 +91,8 @@ def test_precision_defaults_to_the_rule(monkeypatch: pytest.MonkeyPatch) -> None
     assert Settings().precision == DEFAULT_PRECISION
     monkeypatch.setenv("U2SERVE_PRECISION", "fast")
     assert Settings().precision == "fast"
+    monkeypatch.setenv("U2SERVE_PRECISION", "float32")
+    assert Settings().precision == "float32"
 
 
 def test_codec_threads_leave_a_core_to_the_network() -> None:

@@ -22,16 +22,20 @@ from torch import Tensor
 __all__ = [
     "DEFAULT_PRECISION",
     "ENGINES",
+    "MIXED_MODELS",
     "PRECISIONS",
+    "Arithmetic",
     "Engine",
     "EngineModule",
     "EngineName",
     "EngineOptions",
     "Precision",
+    "cpu_arithmetic",
     "cpu_features",
     "engine_module",
     "file_sha256",
     "float32_cpu_engine",
+    "int8_pays",
     "load_engine",
     "prepare_engines",
     "prepare_hint",
@@ -41,20 +45,31 @@ __all__ = [
 EngineName = Literal["torch", "mnn", "openvino"]
 ENGINES: tuple[EngineName, ...] = ("torch", "mnn", "openvino")
 
-Precision = Literal["faithful", "fast"]
-PRECISIONS: tuple[Precision, ...] = ("faithful", "fast")
+Precision = Literal["faithful", "fast", "float32"]
+PRECISIONS: tuple[Precision, ...] = ("faithful", "fast", "float32")
 # The rule: int8 (``fast``) would be the CPU default only if it met the faithful parity bounds
 # on both models (mean MAE ≤ 0.001, worst ≤ 0.003, mean IoU@0.5 ≥ 0.995, worst ≥ 0.99 against
 # the authors' maps). It does not (README, Faithfulness; tests/test_parity.py holds the choice),
-# so it is one setting away.
+# so it is one setting away. ``faithful`` is the fastest arithmetic held to those bounds on this
+# CPU (:func:`cpu_arithmetic`); ``float32`` is float32 everywhere, whatever the CPU.
 DEFAULT_PRECISION: Precision = "faithful"
+
+# What runs on the CPU: float32; int8 (with the head in float32: ``fast``); or the mixed model,
+# int8 with the layers int8 moves the maps most kept in float32, held to the faithful bounds.
+Arithmetic = Literal["float32", "int8", "mixed"]
+# The models whose mixed model meets the faithful bounds on the authors' photos and against
+# float32 on unseen ones (tests/test_parity.py holds it there); its layers are
+# ``model.engines.openvino_engine.KEEP_MIXED``'s. None yet: measured (bench/README.md, "Mixed
+# precision"), U2NET's worst photo stayed under IoU 0.99 with 56% of the work back in float32,
+# where int8's speed was gone, and U2NETP was far outside the bounds with 35%.
+MIXED_MODELS: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
 class EngineOptions:
     """How to run: the device, the body's dtype, the layout, CPU threads (None: the engine's
     own default), and the precision asked for (an engine that has an int8 model runs it for
-    ``fast``)."""
+    ``fast``, and its mixed model for ``faithful`` where :func:`cpu_arithmetic` says so)."""
 
     device: torch.device
     dtype: torch.dtype = torch.float32
@@ -73,6 +88,8 @@ class Engine(Protocol):
     # on the CPU), rather than once at load (MNN's pools) or on a GPU: the service tunes the
     # allocator for its image buffers only where the engine does not.
     allocates_per_call: bool
+    # The arithmetic that runs, for people: "float32", "int8+float32 (12 layers)".
+    arithmetic: str
     # The SHA-256 of the engine's own model file, derived from the weights (converted or
     # quantised); None when it runs the verified weights themselves. Maps are cached under it.
     artifact_digest: str | None
@@ -102,13 +119,18 @@ def engine_module(name: str) -> EngineModule:
 
 
 def resolve_engine(
-    name: str, device: torch.device, dtype: torch.dtype, precision: str = DEFAULT_PRECISION
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    precision: str = DEFAULT_PRECISION,
+    model: str | None = None,
 ) -> EngineName:
-    """``auto``: PyTorch on a GPU (cuDNN, float16, batches); on the CPU, the fastest float32
-    engine for this CPU (:func:`float32_cpu_engine`), or OpenVINO in int8 for the ``fast``
-    precision: for U2NET 6.8× ONNX Runtime's float32 with AMX, 3.5× with AVX-512 VNNI, 1.25× with
-    AVX2 alone, which bfloat16 (2× at best, and outside the faithful bounds) does not approach.
-    Any other CPU dtype stays with PyTorch.
+    """``auto``: PyTorch on a GPU (cuDNN, float16, batches); on the CPU, OpenVINO where the
+    arithmetic for this precision, model and CPU is int8 or mixed (:func:`cpu_arithmetic`),
+    otherwise the fastest float32 engine for this CPU (:func:`float32_cpu_engine`). int8 is
+    OpenVINO's alone: for U2NET 6.8× ONNX Runtime's float32 with AMX, 3.5× with AVX-512 VNNI,
+    1.25× with AVX2 alone, which bfloat16 (2× at best, and outside the faithful bounds) does not
+    approach. Any other CPU dtype stays with PyTorch.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -116,8 +138,31 @@ def resolve_engine(
         engine_module(name)  # validates the name
         return cast(EngineName, name)
     if device.type == "cpu" and dtype == torch.float32:
-        return "openvino" if precision == "fast" else float32_cpu_engine(*cpu_features())
+        vendor, flags = cpu_features()
+        if cpu_arithmetic(model, cast(Precision, precision), flags) != "float32":
+            return "openvino"
+        return float32_cpu_engine(vendor, flags)
     return "torch"
+
+
+def int8_pays(flags: frozenset[str]) -> bool:
+    """Whether int8 is worth it on a CPU: where it has int8 dot products in AVX-512 (VNNI) or
+    AMX tiles. Measured for U2NET at batch 1 on two threads (bench/README.md): int8 6.8× ONNX
+    Runtime's float32 with AMX, 3.5× held to AVX-512 VNNI, 1.25× held to AVX2 alone, where the
+    mixed model's float32 layers leave nothing of that. AVX-VNNI (256-bit, on client CPUs) is
+    not measured, so it counts as AVX2."""
+    return "amx_int8" in flags or "avx512_vnni" in flags
+
+
+def cpu_arithmetic(model: str | None, precision: Precision, flags: frozenset[str]) -> Arithmetic:
+    """What runs on a CPU with these feature flags: ``fast`` is int8; ``float32`` is float32;
+    ``faithful`` is the mixed model for a model that has one (:data:`MIXED_MODELS`) on a CPU
+    where int8 pays (:func:`int8_pays`), float32 otherwise."""
+    if precision == "fast":
+        return "int8"
+    if precision == "faithful" and model in MIXED_MODELS and int8_pays(flags):
+        return "mixed"
+    return "float32"
 
 
 def float32_cpu_engine(vendor: str, flags: frozenset[str]) -> EngineName:

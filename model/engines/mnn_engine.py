@@ -136,6 +136,7 @@ class MNNEngine:
         self.artifact_digest: str | None = digest
         self.device = torch.device("cpu")
         self.dtype = torch.float32
+        self.arithmetic = "float32"
         self.threads = threads
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="u2serve-mnn")
         self._module = self._thread.submit(self._load, path, threads).result()

@@ -1,17 +1,22 @@
-"""OpenVINO on the CPU: int8 for the ``fast`` precision (about 3× ONNX Runtime's float32), and
-float32, the faithful engine on Intel CPUs with AVX-512 (:func:`model.engines.float32_cpu_engine`).
+"""OpenVINO on the CPU: int8 for the ``fast`` precision (about 3× ONNX Runtime's float32); the
+mixed int8/float32 model, what ``faithful`` runs where int8 pays (:func:`model.engines.
+cpu_arithmetic`); and float32, the faithful engine elsewhere on Intel CPUs with AVX-512
+(:func:`model.engines.float32_cpu_engine`) and what ``float32`` runs.
 
-Both model files are derived from the verified weights: the fused PyTorch model is exported to
+Every model file is derived from the verified weights: the fused PyTorch model is exported to
 ONNX and read by ``openvino.convert_model`` (whose graph keeps the biases apart from the
 convolutions, which NNCF's bias correction needs; ``Core.read_model``'s does not, and the maps
 were twice as far from the authors'). :func:`to_float32` saves it as it is (``<weights>.f32.xml``
 and ``.f32.bin``); :func:`to_int8` quantizes it with NNCF's post-training ``quantize`` on the
 calibration photos in ``model/calibration`` (never the photos the parity tests measure) into
 ``<weights>.int8.xml`` and ``.int8.bin``: weights int8 per output channel, activations int8 per
-tensor, the layers in :data:`KEEP_FLOAT` in float32. A record beside each pair (``.f32.json``,
-``.int8.json``) names the weights digest, the converter's versions, for int8 the calibration
-set's digest, and both files' SHA-256; :func:`load` checks them all before use, so a stale,
-truncated or swapped file is refused like a bad weights file.
+tensor, the layers in :data:`KEEP_FLOAT` in float32. The mixed model (``<weights>.mixed.xml`` and
+``.bin``) is the same quantization with the head in float32, then the layers of
+:data:`KEEP_MIXED` returned to float32 by editing the graph (:func:`with_float`). A record beside
+each pair (``.f32.json``, ``.int8.json``, ``.mixed.json``) names the weights digest, the
+converter's versions, for int8 and mixed the calibration set's digest and the layers kept in
+float, and both files' SHA-256; :func:`load` checks them all before use, so a stale, truncated or
+swapped file is refused like a bad weights file.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -37,9 +43,10 @@ from PIL import Image
 from torch import Tensor
 
 from model.engines import (
+    Arithmetic,
     EngineName,
     EngineOptions,
-    Precision,
+    cpu_arithmetic,
     cpu_features,
     file_sha256,
     prepare_hint,
@@ -52,17 +59,21 @@ __all__ = [
     "CALIBRATION",
     "HEAD",
     "KEEP_FLOAT",
+    "KEEP_MIXED",
     "OpenVINOEngine",
     "calibration_inputs",
     "calibration_photos",
     "calibration_sha256",
     "engine_files",
+    "float_units",
     "instruction_set",
     "load",
     "prepare",
+    "quantize_in_memory",
     "record_file",
     "to_float32",
     "to_int8",
+    "with_float",
 ]
 
 log = logging.getLogger(__name__)
@@ -70,7 +81,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class _Kind:
-    """One of the engine's model files, by the precision it serves."""
+    """One of the engine's model files, by the arithmetic it runs."""
 
     suffix: str  # the files' middle suffix: <weights>.<suffix>.xml/.bin/.json
     name: str  # in messages
@@ -86,12 +97,22 @@ class _Kind:
         return {name: metadata.version(name) for name in self.packages}
 
 
-_KINDS: dict[Precision, _Kind] = {
-    "fast": _Kind(
+_KINDS: dict[Arithmetic, _Kind] = {
+    "int8": _Kind(
         "int8", "int8", "u2serve-openvino-int8-v1", "quantizing", "quantizer", ("openvino", "nncf")
     ),
-    "faithful": _Kind(
+    "float32": _Kind(
         "f32", "float32", "u2serve-openvino-f32-v1", "converting", "converter", ("openvino",)
+    ),
+    # v1: NNCF's quantize with the head in float (as int8's for U2NET), then the layers of
+    # KEEP_MIXED returned to float32 by with_float.
+    "mixed": _Kind(
+        "mixed",
+        "mixed int8/float32",
+        "u2serve-openvino-mixed-v1",
+        "quantizing (mixed)",
+        "quantizer",
+        ("openvino", "nncf"),
     ),
 }
 CALIBRATION = Path(__file__).resolve().parents[1] / "calibration"
@@ -115,15 +136,23 @@ KEEP_FLOAT: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# The mixed model (what ``faithful`` runs on CPUs where int8 pays, model.engines.cpu_arithmetic):
+# int8 with the head in float32 as above, and then these layers returned to float32, the most
+# harmful first by the measured ranking in bench/sensitivity/<model>.json (`python -m
+# bench.sensitivity --model MODEL`), as many as it takes to meet the faithful bounds. Empty: no
+# model met them at a speed worth having (model.engines.MIXED_MODELS says why).
+KEEP_MIXED: dict[str, tuple[str, ...]] = {}
 
-def engine_files(weights: Path, precision: Precision = "fast") -> tuple[Path, Path]:
-    """An OpenVINO model: its graph (``.int8.xml``, ``.f32.xml``) and its constants (``.bin``)."""
-    kind = _KINDS[precision].suffix
-    return weights.with_suffix(f".{kind}.xml"), weights.with_suffix(f".{kind}.bin")
+
+def engine_files(weights: Path, kind: Arithmetic = "int8") -> tuple[Path, Path]:
+    """An OpenVINO model: its graph (``.int8.xml``, ``.f32.xml``, ``.mixed.xml``) and its
+    constants (``.bin``)."""
+    suffix = _KINDS[kind].suffix
+    return weights.with_suffix(f".{suffix}.xml"), weights.with_suffix(f".{suffix}.bin")
 
 
-def record_file(weights: Path, precision: Precision = "fast") -> Path:
-    return weights.with_suffix(f".{_KINDS[precision].suffix}.json")
+def record_file(weights: Path, kind: Arithmetic = "int8") -> Path:
+    return weights.with_suffix(f".{_KINDS[kind].suffix}.json")
 
 
 def calibration_photos() -> list[Path]:
@@ -190,36 +219,119 @@ def _float_model(weights: Path, model: str) -> Any:
         return ov.convert_model(onnx_path)
 
 
-def _quantize(weights: Path, model: str, out: Path) -> None:
-    """Export, quantize and save to ``out`` (``.xml``, with its ``.bin``); run in a child."""
+def quantize_in_memory(float_model: Any, model: str, keep_float: Sequence[str]) -> Any:
+    """NNCF's post-training quantization of the float32 graph on the calibration inputs, the
+    convolutions in ``keep_float`` left out."""
     import nncf
-    import openvino as ov
 
     inputs = calibration_inputs(model)
-    quantized = nncf.quantize(
-        _float_model(weights, model),
+    return nncf.quantize(
+        float_model,
         nncf.Dataset(inputs),
         subset_size=len(inputs),
-        ignored_scope=nncf.IgnoredScope(names=list(KEEP_FLOAT[model])),
+        ignored_scope=nncf.IgnoredScope(names=list(keep_float)),
     )
+
+
+# Operations that move int8 values without arithmetic on them: a quantizer before one of these
+# quantizes the convolution after it.
+_PASS_THROUGH = frozenset({"Concat", "MaxPool", "Interpolate"})
+
+
+def with_float(quantized: Any, float_model: Any, names: Sequence[str]) -> Any:
+    """A copy of a quantized graph with the operations ``names`` in float32 again, made by
+    editing the graph: for a convolution, its weights and bias from the float32 graph (NNCF's
+    bias correction compensated its own rounding, which is gone) and its input taken from
+    before the FakeQuantize nodes that feed it, directly or through concatenations, pooling and
+    resizing; for a FakeQuantize (one before an addition, say), the quantizer removed. This is
+    how the mixed model is made from the int8 one, and how ``python -m bench.sensitivity``
+    measures each layer: seconds a layer, not a quantization."""
+    model = quantized.clone()
+    ops = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
+    float_ops = {op.get_friendly_name(): op for op in float_model.get_ordered_ops()}
+    for name in names:
+        op = ops[name]
+        if op.get_type_name() == "FakeQuantize":
+            for target in list(op.output(0).get_target_inputs()):
+                target.replace_source_output(op.input_value(0))
+            continue
+        float_conv = float_ops[name]
+        _float_input(op.input(0))
+        op.input(1).replace_source_output(float_conv.input_value(1))
+        # The bias: the Add after the convolution, its constant from the float32 graph.
+        for target in op.output(0).get_target_inputs():
+            add = target.get_node()
+            float_add = float_ops.get(add.get_friendly_name())
+            if add.get_type_name() != "Add" or float_add is None:
+                continue
+            for i in range(2):
+                if add.input_value(i).get_node().get_type_name() == "Constant":
+                    add.input(i).replace_source_output(float_add.input_value(i))
+    model.validate_nodes_and_infer_types()
+    return model
+
+
+def _float_input(port: Any) -> None:
+    """Rewire ``port`` (and the inputs of the pass-through operations above it) to take the
+    values from before their FakeQuantize."""
+    source = port.get_source_output().get_node()
+    if source.get_type_name() == "FakeQuantize":
+        port.replace_source_output(source.input_value(0))
+        _float_input(port)  # a concatenation's output may be quantized, and its inputs too
+    elif source.get_type_name() in _PASS_THROUGH:
+        for upstream in source.inputs():
+            _float_input(upstream)
+
+
+def float_units(quantized: Any) -> list[str]:
+    """What a mixed model can keep in float: every int8 convolution, and every quantizer that
+    feeds something other than a convolution or a pass-through operation (additions)."""
+    units = []
+    for op in quantized.get_ordered_ops():
+        kind = op.get_type_name()
+        if kind == "Convolution":
+            if "fq_weights" in op.input_value(1).get_node().get_friendly_name():
+                units.append(op.get_friendly_name())
+        elif kind == "FakeQuantize":
+            consumers = {t.get_node().get_type_name() for t in op.output(0).get_target_inputs()}
+            if consumers - _PASS_THROUGH - {"Convolution", "ShapeOf"}:
+                units.append(op.get_friendly_name())
+    return units
+
+
+def _quantize(weights: Path, model: str, out: Path, kind: str, *keep: str) -> None:
+    """Export, quantize with ``keep`` in float32 (for ``mixed``: the head, then return the rest
+    of ``keep`` to float32 by :func:`with_float`) and save to ``out`` (``.xml``, with its
+    ``.bin``); run in a child."""
+    import openvino as ov
+
+    float_model = _float_model(weights, model)
+    if kind == "mixed":
+        quantized = quantize_in_memory(float_model, model, HEAD)
+        quantized = with_float(quantized, float_model, [n for n in keep if n not in HEAD])
+    else:
+        quantized = quantize_in_memory(float_model, model, keep)
     # Float layers stay float32 in the file (save_model would halve them to float16).
     ov.save_model(quantized, out, compress_to_fp16=False)
 
 
-def to_int8(weights: Path, model: str, xml: Path) -> tuple[str, str]:
-    """Quantize verified weights to an OpenVINO int8 model at ``xml`` (and its ``.bin``); return
-    both files' SHA-256."""
-    with tempfile.TemporaryDirectory(prefix="u2serve-int8-") as tmp:
+def to_int8(weights: Path, model: str, xml: Path, kind: Arithmetic = "int8") -> tuple[str, str]:
+    """Quantize verified weights to an OpenVINO int8 model at ``xml`` (and its ``.bin``), or
+    for ``kind="mixed"`` to the mixed model; return both files' SHA-256."""
+    keep = _keep_float(model, kind)
+    with tempfile.TemporaryDirectory(prefix=f"u2serve-{kind}-") as tmp:
         part = Path(tmp) / xml.name
         # In a child process, as MNN's converter is: NNCF's progress output and any crash stay
         # there, and NNCF_CI turns off NNCF's usage reports, which it would otherwise try to send.
         env = {**os.environ, "NNCF_CI": "1"}
         code = (
             "import sys; from pathlib import Path; from model.engines.openvino_engine import "
-            "_quantize; _quantize(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))"
+            "_quantize; _quantize(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), "
+            "*sys.argv[4:])"
         )
+        # The layers kept in float go by name, so that the child makes what this process chose.
         done = subprocess.run(
-            [sys.executable, "-c", code, str(weights), model, str(part)],
+            [sys.executable, "-c", code, str(weights), model, str(part), kind, *keep],
             capture_output=True,
             text=True,
             check=False,
@@ -261,40 +373,52 @@ def _install(part: Path, xml: Path) -> tuple[str, str]:
     return digests
 
 
-def _read_record(weights: Path, precision: Precision) -> dict[str, Any]:
+def _read_record(weights: Path, kind: Arithmetic) -> dict[str, Any]:
     try:
-        record = json.loads(record_file(weights, precision).read_text())
+        record = json.loads(record_file(weights, kind).read_text())
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
 
 
-def _check(weights: Path, model: str, weights_sha256: str, precision: Precision) -> Path:
+def _keep_float(model: str, kind: Arithmetic) -> list[str]:
+    """What the model file of this kind keeps in float32, by name (none for float32's)."""
+    if kind == "mixed":
+        return [*HEAD, *KEEP_MIXED[model]]
+    return list(KEEP_FLOAT[model]) if kind == "int8" else []
+
+
+def _check(weights: Path, model: str, weights_sha256: str, kind: Arithmetic) -> Path:
     """The engine's model for these weights, verified; :class:`WeightsError` otherwise."""
-    (xml, bin_), hint = engine_files(weights, precision), prepare_hint(weights, model)
-    kind = _KINDS[precision]
-    what, fmt = f"{kind.name} model file", kind.format
+    (xml, bin_), hint = engine_files(weights, kind), prepare_hint(weights, model)
+    made = _KINDS[kind]
+    what, fmt = f"{made.name} model file", made.format
     for path in (xml, bin_):
         if not path.is_file():
             raise WeightsError(f"{what} {path} not found. {hint}")
-    record = _read_record(weights, precision)
+    record = _read_record(weights, kind)
     if record.get("format") != fmt or record.get("model") != model:
         raise WeightsError(
-            f"{record_file(weights, precision)} is missing or not a {model} {fmt} record. {hint}"
+            f"{record_file(weights, kind)} is missing or not a {model} {fmt} record. {hint}"
         )
     if record.get("weights_sha256") != weights_sha256:
         raise WeightsError(
             f"{what} {xml} was made from other weights (tensors "
             f"{record.get('weights_sha256')}, expected {weights_sha256}). {hint}"
         )
-    if precision == "fast":
+    if kind != "float32":
         calibration = calibration_sha256()
         if record.get("calibration_sha256") != calibration:
             raise WeightsError(
                 f"{what} {xml} was calibrated on other photos (calibration set "
                 f"{record.get('calibration_sha256')}, now {calibration}). {hint}"
             )
-    versions, made_by = kind.versions(), record.get(kind.made_by)
+    if kind == "mixed" and record.get("keep_float") != _keep_float(model, kind):
+        # The layers kept in float are this code's choice: another list is another model.
+        raise WeightsError(
+            f"{what} {xml} keeps other layers in float32 than this version chooses. {hint}"
+        )
+    versions, made_by = made.versions(), record.get(made.made_by)
     if made_by != versions:
         raise WeightsError(
             f"{what} {xml} was made by {made_by}, not the installed {versions}. {hint}"
@@ -309,36 +433,40 @@ def _check(weights: Path, model: str, weights_sha256: str, precision: Precision)
 
 
 def prepare(weights: Path, model: str) -> list[Path]:
-    """Make ``<weights>.f32.xml``/``.bin`` and ``<weights>.int8.xml``/``.bin``, and their
-    records, unless verified ones are there."""
+    """Make ``<weights>.f32.xml``/``.bin``, ``<weights>.int8.xml``/``.bin`` and, for a model in
+    :data:`KEEP_MIXED`, ``<weights>.mixed.xml``/``.bin``, and their records, unless verified ones
+    are there."""
     weights_sha256 = verified_digest(weights, model)
-    return [_prepare(weights, model, weights_sha256, p) for p in ("faithful", "fast")]
+    kinds: list[Arithmetic] = ["float32", "int8"]
+    if model in KEEP_MIXED:
+        kinds.append("mixed")
+    return [_prepare(weights, model, weights_sha256, kind) for kind in kinds]
 
 
-def _prepare(weights: Path, model: str, weights_sha256: str, precision: Precision) -> Path:
+def _prepare(weights: Path, model: str, weights_sha256: str, kind: Arithmetic) -> Path:
     try:
-        return _check(weights, model, weights_sha256, precision)
+        return _check(weights, model, weights_sha256, kind)
     except WeightsError as exc:
-        log.info("%s; %s", exc.args[0].split(". ")[0], _KINDS[precision].verb)
-    xml, _ = engine_files(weights, precision)
-    kind = _KINDS[precision]
+        log.info("%s; %s", exc.args[0].split(". ")[0], _KINDS[kind].verb)
+    xml, _ = engine_files(weights, kind)
+    made = _KINDS[kind]
     record: dict[str, Any] = {
-        "format": kind.format,
+        "format": made.format,
         "model": model,
         "weights_sha256": weights_sha256,
-        kind.made_by: kind.versions(),
+        made.made_by: made.versions(),
     }
-    if precision == "fast":
-        xml_sha256, bin_sha256 = to_int8(weights, model, xml)
+    if kind == "float32":
+        xml_sha256, bin_sha256 = to_float32(weights, model, xml)
+    else:
+        xml_sha256, bin_sha256 = to_int8(weights, model, xml, kind)
         record |= {
             "calibration_sha256": calibration_sha256(),
-            "keep_float": list(KEEP_FLOAT[model]),
+            "keep_float": _keep_float(model, kind),
             "made_on": instruction_set(),
         }
-    else:
-        xml_sha256, bin_sha256 = to_float32(weights, model, xml)
     record |= {"xml_sha256": xml_sha256, "bin_sha256": bin_sha256}
-    path = record_file(weights, precision)
+    path = record_file(weights, kind)
     part = path.with_suffix(".part")
     part.write_text(json.dumps(record, indent=2) + "\n")
     part.replace(path)
@@ -352,7 +480,9 @@ class OpenVINOEngine:
     name: EngineName = "openvino"
     allocates_per_call = False  # the CPU plugin plans its buffers when a shape is compiled
 
-    def __init__(self, path: Path, threads: int, digest: str, dtype: torch.dtype) -> None:
+    def __init__(
+        self, path: Path, threads: int, digest: str, dtype: torch.dtype, arithmetic: str
+    ) -> None:
         import openvino as ov
         import openvino.properties as props
         import openvino.properties.hint as hints
@@ -360,7 +490,8 @@ class OpenVINOEngine:
         # Both files decide the maps: the graph (which layers stay float) and the int8 tensors.
         self.artifact_digest: str | None = digest
         self.device = torch.device("cpu")
-        self.dtype = dtype  # int8, or float32 for the unquantized model
+        self.dtype = dtype  # int8 (the body of the int8 and mixed models), or float32
+        self.arithmetic = arithmetic
         self.threads = threads
         self._core = ov.Core()
         self._model = self._core.read_model(path)
@@ -401,10 +532,12 @@ def load(weights: Path, model: str, options: EngineOptions) -> OpenVINOEngine:
     # The tensors were verified when the model files were made from them; what runs is those
     # files, checked by their own digests, so the weights file is only read for the digest it
     # names.
-    precision = options.precision
-    path = _check(weights, model, recorded_digest(weights, model), precision)
+    kind = cpu_arithmetic(model, options.precision, cpu_features()[1])
+    path = _check(weights, model, recorded_digest(weights, model), kind)
     threads = options.threads or len(os.sched_getaffinity(0))
-    record = _read_record(weights, precision)
+    record = _read_record(weights, kind)
     digest = hashlib.sha256(f"{record['xml_sha256']}:{record['bin_sha256']}".encode()).hexdigest()
-    dtype = torch.int8 if precision == "fast" else torch.float32
-    return OpenVINOEngine(path, threads, digest, dtype)
+    if kind == "float32":
+        return OpenVINOEngine(path, threads, digest, torch.float32, "float32")
+    layers = sum(name.endswith("/Conv/WithoutBiases") for name in record["keep_float"])
+    return OpenVINOEngine(path, threads, digest, torch.int8, f"int8+float32 ({layers} layers)")

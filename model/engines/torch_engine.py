@@ -20,6 +20,7 @@ class TorchEngine:
     def __init__(self, net: U2Net, options: EngineOptions) -> None:
         self.device = options.device
         self.dtype = options.dtype
+        self.arithmetic = str(self.dtype).removeprefix("torch.")
         self.allocates_per_call = self.device.type == "cpu"
         self.memory_format = (
             torch.channels_last if options.channels_last else torch.contiguous_format
