@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # not imported before the supervisor has told prometheus-clie
 
 __all__ = [
     "MMAP_THRESHOLD",
+    "TRIM_THRESHOLD",
     "Charge",
     "MemoryBudget",
     "give_back_memory",
@@ -89,7 +90,8 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 _LIBC = _glibc()
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter numbers, from glibc's <malloc.h>
+_M_TRIM_THRESHOLD = -1  # mallopt's parameter numbers, from glibc's <malloc.h>
+_M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 # Left alone, glibc starts at 128 KiB and raises the threshold to the size of each mapped block
 # that is freed (up to 32 MiB), after which requests' image buffers come from the heap and stay
@@ -103,6 +105,15 @@ _M_ARENA_MAX = -8
 # 4.06-4.27 at 32 MiB, in alternating runs on a machine drifting by 10%: it may cost up to 7%
 # there. 8 MiB ran 3.87-4.02, but left 16 MiB behind after the test suite's burst (2 MiB: 1-6).
 MMAP_THRESHOLD = 2 * 1024 * 1024
+# Setting the threshold also stops glibc's moving trim threshold at its start, 128 KiB: each time
+# more than that lies free at a heap's top, the top is given back, so a request's working arrays
+# below 2 MiB (the network's input is gathered and blended in 1-2 MiB steps, the map is resized
+# back into 1 MiB at 1 MP) were faulted in afresh for each request. A 1 MP mask's codec work
+# measured 2.5-4 ms more CPU so (of about 11: the gather and blend 4.9-6.2 against 2.9-3.5 ms,
+# the map back 1.9-2.5 against 0.8-0.9); bench.ceiling, 1 MP masks at 16 clients, 20.4 against
+# 22.9 ms of CPU an image. 16 MiB kept at each heap's top while requests run is what stops it;
+# the budget's idle hook (give_back_memory) returns it all once nothing is held.
+TRIM_THRESHOLD = 16 * 1024 * 1024
 
 
 def give_back_memory() -> None:
@@ -122,12 +133,18 @@ def map_large_buffers(threshold: int = MMAP_THRESHOLD) -> bool:
     is allocated once: PyTorch's CPU kernels allocate tens of megabytes of activations per call,
     which would then be mapped and faulted in on every call (U2NET measured 1.4-1.7x slower).
     A threshold the operator set for glibc in the environment is left as it is (False).
+
+    The heap's top is then kept up to :data:`TRIM_THRESHOLD` while requests run (unless the
+    operator set that threshold too), and given back when the budget is idle.
     """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get(
-        "GLIBC_TUNABLES", ""
-    ):
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in tunables:
         return False
-    return _LIBC is not None and _LIBC.mallopt(_M_MMAP_THRESHOLD, threshold) == 1
+    if _LIBC is None or _LIBC.mallopt(_M_MMAP_THRESHOLD, threshold) != 1:
+        return False
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ and "trim_threshold" not in tunables:
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, max(TRIM_THRESHOLD, threshold))
+    return True
 
 
 def limit_arenas(count: int) -> bool:

@@ -397,6 +397,42 @@ def test_large_buffers_are_mapped_unless_the_operator_set_a_threshold(
     assert _allocator_child(_MAPPED_CHILD, env).stdout.strip() == expected
 
 
+_TRIM_CHILD = """
+import numpy as np
+from service.budget import give_back_memory, map_large_buffers
+
+def top():
+    heap = next(line for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]"))
+    return int(heap.split()[0].split("-")[1], 16)
+
+map_large_buffers()
+before = top()
+blocks = [np.ones(1 << 20, np.uint8) for _ in range(6)]  # below the mapping threshold: the heap
+grown = top()
+del blocks  # 6 MiB free at the heap's top
+kept = top()
+give_back_memory()
+print(grown - before >= 6 << 20, kept == grown, top() < grown - (4 << 20))
+"""
+
+
+@glibc_only
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        # Kept while requests run, so the next request's arrays are not faulted in afresh;
+        # given back once the budget is idle.
+        ({}, "True True True"),
+        # glibc's fixed 128 KiB without our threshold: the top is given back at once.
+        ({"MALLOC_TRIM_THRESHOLD_": str(128 << 10)}, "True False True"),
+    ],
+)
+def test_a_heaps_top_is_kept_while_busy_and_given_back_when_idle(
+    env: dict[str, str], expected: str
+) -> None:
+    assert _allocator_child(_TRIM_CHILD, env).stdout.strip() == expected
+
+
 _ARENAS_CHILD = """
 import ctypes, threading
 from service.budget import limit_arenas
