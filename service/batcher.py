@@ -126,6 +126,10 @@ class Batcher(Generic[T, R]):
         self.max_queue = self._group.max_queue
         self.model = model
         self._metrics = metrics
+        # This queue's children of the labelled metrics, looked up once rather than per item.
+        self._queue_wait = metrics.queue_wait.labels(model=model)
+        self._batch_size = metrics.batch_size.labels(model=model)
+        self._inference_duration = metrics.inference_duration.labels(model=model)
         self._queue: collections.deque[_Pending[T, R]] = collections.deque()
         self._wakeup = asyncio.Event()
         self._throughput = _Throughput()
@@ -263,7 +267,7 @@ class Batcher(Generic[T, R]):
             self._busy = True
             start = time.monotonic()
             for p in batch:
-                self._metrics.queue_wait.labels(model=self.model).observe(start - p.enqueued)
+                self._queue_wait.observe(start - p.enqueued)
             try:
                 results = await loop.run_in_executor(
                     self._executor, self._fn, [p.item for p in batch]
@@ -285,5 +289,5 @@ class Batcher(Generic[T, R]):
                 elapsed = time.monotonic() - start
                 self._busy = False
                 self._throughput.add(len(batch), elapsed)
-                self._metrics.batch_size.labels(model=self.model).observe(len(batch))
-                self._metrics.inference_duration.labels(model=self.model).observe(elapsed)
+                self._batch_size.observe(len(batch))
+                self._inference_duration.observe(elapsed)

@@ -130,6 +130,11 @@ class Pipeline:
             name: runtime.metrics.stage_duration.labels(stage=name)
             for name in ("fetch", "decode", "encode")
         }
+        # Each model's cache counters, looked up once rather than per request.
+        self._cache_hits = {m: runtime.metrics.map_cache_hits.labels(model=m) for m in ready.models}
+        self._cache_misses = {
+            m: runtime.metrics.map_cache_misses.labels(model=m) for m in ready.models
+        }
 
     def check_capacity(self) -> None:
         """503 now if the queue is full, before any work is spent on the upload."""
@@ -295,11 +300,11 @@ class Pipeline:
         if cached is not None and len(cached) == side * side:
             # A hit: no queue and no network; the map's second half runs as a miss's does.
             ctx.record.cache = "hit"
-            self.metrics.map_cache_hits.labels(model=model).inc()
+            self._cache_hits[model].inc()
             ctx.stage("cache", t, "hit")
             return np.frombuffer(cached, dtype=np.uint8).reshape(side, side), None
         ctx.record.cache = "miss"
-        self.metrics.map_cache_misses.labels(model=model).inc()
+        self._cache_misses[model].inc()
         ctx.stage("cache", t, "miss")
         done = await self._infer(served.batcher, prepared, ctx)
         ctx.timing.append(f"queue;dur={done.queue_s * 1000:.1f}")
