@@ -14,8 +14,8 @@ used, so that each backend does not write its own ``requests.post`` and get the 
 - A :class:`Result` gives the subject's box (``X-Foreground-*``), the image id, and the stage
   timings (``Server-Timing``).
 
-The two clients share every rule (what to send, when to wait, what an answer means); only how
-they wait differs.
+:class:`Client` is :class:`AsyncClient` run on an event loop of its own: one implementation of
+every rule, and a Ctrl-C that cancels the requests in flight rather than waiting for them.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import logging
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self, TypeGuard
@@ -34,6 +34,7 @@ import httpx
 
 from u2serve.errors import ConnectionFailed, ImageNotFound, U2ServeError, error_for
 from u2serve.images import ImageInput, as_fields, upload_of
+from u2serve.loop import LoopThread
 
 __all__ = [
     "DEFAULT_RETRY_S",
@@ -44,6 +45,8 @@ __all__ = [
     "Outcome",
     "Result",
 ]
+
+log = logging.getLogger("u2serve.client")
 
 DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_RETRY_S = 60.0
@@ -225,6 +228,12 @@ def _result(response: httpx.Response, retries: int) -> Result:
     )
 
 
+def _why(answer: httpx.Response | Exception) -> str:
+    if isinstance(answer, httpx.Response):
+        return f"{answer.status_code} {_error(answer).code}"
+    return type(answer).__name__
+
+
 def _failed(url: str, exc: Exception) -> ConnectionFailed:
     return ConnectionFailed(f"no answer from {url}: {type(exc).__name__}: {exc}".rstrip(": "))
 
@@ -284,126 +293,13 @@ def _client_kwargs(url: str, headers: Mapping[str, str], timeout_s: float) -> di
 # -- the clients ---------------------------------------------------------------------------------
 
 
-class Client:
-    """A running service at ``url`` (``http://host:8000``, or a prefix behind a proxy), with its
-    API key if it has one. ``timeout_s``: the longest wait for one answer; ``retry_s``: how
-    long a call keeps asking again after 503s and failed connections, in all.
-
-    Thread-safe: one client may serve many threads (its connections are pooled). Close it, or
-    use it in a ``with`` block.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        api_key: str | None = None,
-        *,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        retry_s: float = DEFAULT_RETRY_S,
-    ) -> None:
-        self._requests = _Requests(url, api_key)
-        self.url = self._requests.url
-        self.retry_s = retry_s
-        self._http = httpx.Client(**_client_kwargs(self.url, self._requests.headers, timeout_s))
-
-    def segment(self, image_or_url: ImageInput, **options: object) -> Result:
-        """The answer for an image (bytes, a path, a PIL image or a numpy array: sent as the
-        bytes :mod:`u2serve.images` says), or for an ``http(s)://`` URL the service fetches.
-        ``options``: the parameters of ``POST /segment`` (``output``, ``threshold``, ``format``,
-        ``crop``, ``bg_color``, …) and ``model``, validated by the service."""
-        if _is_url(image_or_url):
-            return self._call(self._requests.by_reference("url", image_or_url, options))
-        data, _ = upload_of(image_or_url)
-        return self._call(self._requests.upload(data, options))
-
-    def again(self, result_or_id: Result | str, **options: object) -> Result:
-        """Another answer for the photo of an earlier one (its :class:`Result`, or its image
-        id), from the upload the service kept: nothing is sent again. :class:`ImageNotFound`
-        when the service no longer has it: send the image again with :meth:`segment`."""
-        image_id = _image_id(result_or_id)
-        return self._call(self._requests.by_reference("image_id", image_id, options))
-
-    def segment_many(
-        self, images: Iterable[ImageInput], *, concurrency: int | None = None, **options: object
-    ) -> Generator[Outcome, None, None]:
-        """Every image's :class:`Outcome`, **as each completes, not in the order given**
-        (``Outcome.index`` is its position there). ``concurrency`` requests are kept in flight
-        (None: twice the model's batch size as ``/readyz`` gives it, at least 4, so that one
-        batch fills while the last one runs). ``images`` is read as requests go out, so it may
-        be a generator of any length. A failed image is an outcome with its error, not an
-        exception; stopping early (``break``) sends nothing more."""
-        if concurrency is None:
-            concurrency = _concurrency(self.info(), options.get("model"))
-        if concurrency < 1:
-            raise ValueError(f"concurrency is at least 1, not {concurrency}")
-        pool = ThreadPoolExecutor(concurrency, thread_name_prefix="u2serve-client")
-        running: dict[Future[Result], tuple[int, ImageInput]] = {}
-        pending = enumerate(images)
-        try:
-            while True:
-                while len(running) < concurrency:
-                    item = next(pending, None)
-                    if item is None:
-                        break
-                    running[pool.submit(self.segment, item[1], **options)] = item
-                if not running:
-                    return
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    index, image = running.pop(fut)
-                    exc = fut.exception()
-                    if exc is None:
-                        yield Outcome(index, image, result=fut.result())
-                    elif isinstance(exc, U2ServeError | OSError):
-                        yield Outcome(index, image, error=exc)
-                    else:
-                        raise exc
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-
-    def info(self) -> dict[str, Any]:
-        """What the service serves (``GET /readyz``): its models, engine, device, batch size;
-        waits while it is starting, as a call does after a 503."""
-        response = self._send(lambda: self._http.build_request("GET", "/readyz"))[0]
-        _result(response, 0)  # raises what a refusal means
-        data: dict[str, Any] = response.json()
-        return data
-
-    def _call(self, request: dict[str, Any]) -> Result:
-        response, retries = self._send(
-            lambda: self._http.build_request("POST", "/segment", **request)
-        )
-        return _result(response, retries)
-
-    def _send(self, build: Callable[[], httpx.Request]) -> tuple[httpx.Response, int]:
-        waits = _Waits(self.retry_s)
-        while True:
-            try:
-                answer: httpx.Response | Exception = self._http.send(build())
-            except httpx.TransportError as exc:
-                answer = exc
-            wait = waits.after(answer)
-            if wait is None:
-                if isinstance(answer, Exception):
-                    raise _failed(self.url, answer) from answer
-                return answer, waits.count
-            time.sleep(wait)
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
 class AsyncClient:
-    """:class:`Client` for asyncio: the same arguments, rules and results, its calls awaited.
-    Close it with ``await client.aclose()``, or use it in an ``async with`` block."""
+    """A running service at ``url`` (``http://host:8000``, or a prefix behind a proxy), with its
+    API key if it has one, for asyncio. ``timeout_s``: the longest wait for one answer;
+    ``retry_s``: how long a call keeps asking again after 503s and failed connections, in all.
+
+    Close it with ``await client.aclose()``, or use it in an ``async with`` block.
+    """
 
     def __init__(
         self,
@@ -421,7 +317,11 @@ class AsyncClient:
         )
 
     async def segment(self, image_or_url: ImageInput, **options: object) -> Result:
-        """:meth:`Client.segment`; a file is read and a PIL image or array encoded in a thread."""
+        """The answer for an image (bytes, a path, a PIL image or a numpy array: sent as the
+        bytes :mod:`u2serve.images` says; a file is read, an image encoded, in a thread), or for
+        an ``http(s)://`` URL the service fetches. ``options``: the parameters of
+        ``POST /segment`` (``output``, ``threshold``, ``format``, ``crop``, ``bg_color``, …) and
+        ``model``, validated by the service."""
         if _is_url(image_or_url):
             return await self._call(self._requests.by_reference("url", image_or_url, options))
         if isinstance(image_or_url, bytes):
@@ -431,15 +331,21 @@ class AsyncClient:
         return await self._call(self._requests.upload(data, options))
 
     async def again(self, result_or_id: Result | str, **options: object) -> Result:
-        """:meth:`Client.again`."""
+        """Another answer for the photo of an earlier one (its :class:`Result`, or its image
+        id), from the upload the service kept: nothing is sent again. :class:`ImageNotFound`
+        when the service no longer has it: send the image again with :meth:`segment`."""
         image_id = _image_id(result_or_id)
         return await self._call(self._requests.by_reference("image_id", image_id, options))
 
     async def segment_many(
         self, images: Iterable[ImageInput], *, concurrency: int | None = None, **options: object
-    ) -> AsyncIterator[Outcome]:
-        """:meth:`Client.segment_many`: outcomes as each completes, ``concurrency`` requests in
-        flight; leaving the loop early cancels those still in flight."""
+    ) -> AsyncGenerator[Outcome, None]:
+        """Every image's :class:`Outcome`, **as each completes, not in the order given**
+        (``Outcome.index`` is its position there). ``concurrency`` requests are kept in flight
+        (None: twice the model's batch size as ``/readyz`` gives it, at least 4, so that one
+        batch fills while the last one runs). ``images`` is read as requests go out, so it may
+        be a generator of any length. A failed image is an outcome with its error, not an
+        exception. Closing the generator early cancels the requests in flight."""
         if concurrency is None:
             concurrency = _concurrency(await self.info(), options.get("model"))
         if concurrency < 1:
@@ -471,9 +377,10 @@ class AsyncClient:
             await asyncio.gather(*running, return_exceptions=True)
 
     async def info(self) -> dict[str, Any]:
-        """:meth:`Client.info`."""
-        response = (await self._send(lambda: self._http.build_request("GET", "/readyz")))[0]
-        _result(response, 0)
+        """What the service serves (``GET /readyz``): its models, engine, device, batch size;
+        waits while it is starting, as a call does after a 503."""
+        response, _ = await self._send(lambda: self._http.build_request("GET", "/readyz"))
+        _result(response, 0)  # raises what a refusal means
         data: dict[str, Any] = response.json()
         return data
 
@@ -495,6 +402,7 @@ class AsyncClient:
                 if isinstance(answer, Exception):
                     raise _failed(self.url, answer) from answer
                 return answer, waits.count
+            log.info("%s: %s; asking again in %.1f s", self.url, _why(answer), wait)
             await asyncio.sleep(wait)
 
     async def aclose(self) -> None:
@@ -507,3 +415,87 @@ class AsyncClient:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+
+class Client:
+    """:class:`AsyncClient` for code without asyncio: the same arguments, rules and results,
+    its calls waited for. It runs an :class:`AsyncClient` on an event loop of its own, in a
+    thread, so it is thread-safe (calls from many threads share its connections) and a call or
+    ``segment_many`` interrupted by Ctrl-C cancels its requests at once.
+
+    Close it, or use it in a ``with`` block.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retry_s: float = DEFAULT_RETRY_S,
+    ) -> None:
+        _Requests(url, api_key)  # a bad URL is refused here, in the caller's thread
+        self._loop = LoopThread("u2serve-client")
+
+        async def made() -> AsyncClient:
+            return AsyncClient(url, api_key, timeout_s=timeout_s, retry_s=retry_s)
+
+        self._async = self._loop.run(made())
+        self._closed = False
+        self.url = self._async.url
+        self.retry_s = retry_s
+
+    def segment(self, image_or_url: ImageInput, **options: object) -> Result:
+        """The answer for an image (bytes, a path, a PIL image or a numpy array: sent as the
+        bytes :mod:`u2serve.images` says), or for an ``http(s)://`` URL the service fetches.
+        ``options``: the parameters of ``POST /segment`` (``output``, ``threshold``, ``format``,
+        ``crop``, ``bg_color``, …) and ``model``, validated by the service."""
+        return self._loop.run(self._async.segment(image_or_url, **options))
+
+    def again(self, result_or_id: Result | str, **options: object) -> Result:
+        """Another answer for the photo of an earlier one (its :class:`Result`, or its image
+        id), from the upload the service kept: nothing is sent again. :class:`ImageNotFound`
+        when the service no longer has it: send the image again with :meth:`segment`."""
+        return self._loop.run(self._async.again(result_or_id, **options))
+
+    def segment_many(
+        self, images: Iterable[ImageInput], *, concurrency: int | None = None, **options: object
+    ) -> Generator[Outcome, None, None]:
+        """Every image's :class:`Outcome`, **as each completes, not in the order given**
+        (``Outcome.index`` is its position there). ``concurrency`` requests are kept in flight
+        (None: twice the model's batch size as ``/readyz`` gives it, at least 4, so that one
+        batch fills while the last one runs). ``images`` is read as requests go out, so it may
+        be a generator of any length. A failed image is an outcome with its error, not an
+        exception. Leaving the loop early (``break``, Ctrl-C) cancels the requests in flight."""
+        outcomes = self._async.segment_many(images, concurrency=concurrency, **options)
+        try:
+            while True:
+                try:
+                    outcome = self._loop.run(anext(outcomes))
+                except StopAsyncIteration:
+                    return
+                yield outcome
+        finally:
+            self._loop.run(outcomes.aclose())
+
+    def info(self) -> dict[str, Any]:
+        """What the service serves (``GET /readyz``): its models, engine, device, batch size;
+        waits while it is starting, as a call does after a 503."""
+        return self._loop.run(self._async.info())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._loop.run(self._async.aclose())
+        finally:
+            self._loop.stop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -18,16 +18,16 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Coroutine
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, Self, overload
 
 import numpy as np
 from PIL import Image
 
 from u2serve.errors import InvalidParameter, U2ServeError, error_for
 from u2serve.images import ImageInput, answer_as, as_fields, upload_of
+from u2serve.loop import LoopThread
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
@@ -44,7 +44,6 @@ __all__ = ["Remover", "remove"]
 Output = Literal["mask", "probability", "cutout", "box"]
 Precision = Literal["faithful", "fast", "float32"]
 Engine = Literal["auto", "torch", "mnn", "openvino"]
-T = TypeVar("T")
 
 # The service's own settings that mean nothing in process, pinned whatever the environment says:
 # images are given, not fetched; no API key, CORS or Redis; no image ids (nothing asks again).
@@ -139,17 +138,13 @@ class Remover:
         _ensure_weights(settings, model)
         self.model = model
         self._closed = False
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="u2serve-remover", daemon=True
-        )
-        self._thread.start()
+        self._loop = LoopThread("u2serve-remover")
         try:
             app = create_app(settings)
             self._runtime: Runtime = app.state.runtime
             self._lifespan: AbstractAsyncContextManager[Any] = app.router.lifespan_context(app)
             try:
-                self._pipeline = self._run(self._open())
+                self._pipeline = self._loop.run(self._open())
             except WeightsError:
                 if settings.weights is not None:
                     raise
@@ -161,9 +156,9 @@ class Remover:
                 app = create_app(settings)
                 self._runtime = app.state.runtime
                 self._lifespan = app.router.lifespan_context(app)
-                self._pipeline = self._run(self._open())
+                self._pipeline = self._loop.run(self._open())
         except BaseException:
-            self._stop_loop()
+            self._loop.stop()
             raise
 
     # -- calls -----------------------------------------------------------------------------------
@@ -251,7 +246,7 @@ class Remover:
             return await pipeline.answer(Submission(params, image=data), ctx)
 
         try:
-            return self._run(answer())
+            return self._loop.run(answer())
         except ServiceError as exc:
             raise _translated(exc) from None
 
@@ -266,30 +261,15 @@ class Remover:
             await asyncio.sleep(0)
         raise RuntimeError("the in-process service did not become ready")
 
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the Remover's loop and wait for it; withdrawn if the wait is
-        interrupted (Ctrl-C)."""
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()
-            raise
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-
     def close(self) -> None:
         """Finish the calls under way, then stop the model's threads."""
         if self._closed:
             return
         self._closed = True
         try:
-            self._run(self._lifespan.__aexit__(None, None, None))
+            self._loop.run(self._lifespan.__aexit__(None, None, None))
         finally:
-            self._stop_loop()
+            self._loop.stop()
 
     def __enter__(self) -> Self:
         return self
