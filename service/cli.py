@@ -203,12 +203,8 @@ def _step(
 ) -> Step | None:
     """The run's per-image step: the service at ``--server``, or the model loaded here (None
     with the reason printed when it cannot be loaded)."""
-    from model.weights import WeightsError
-    from service.app import _batch_size, load_segmenter
-    from service.cache.memory import MemoryMapCache
-    from service.folder import InProcess, Remote
-
     if args.server is not None:
+        from service.folder import Remote
         from u2serve import Client
 
         model = settings.model if "model" in settings.model_fields_set else None
@@ -218,6 +214,12 @@ def _step(
         except ValueError as exc:
             parser.error(f"--server: {exc}")
         return Remote(client, args.concurrency, model)
+
+    from model.weights import WeightsError
+    from service.app import _batch_size, load_segmenter
+    from service.cache.memory import MemoryMapCache
+    from service.folder import InProcess
+
     try:
         segmenter = load_segmenter(settings)
     except (WeightsError, RuntimeError, ValueError, OSError) as exc:
