@@ -294,6 +294,25 @@ def test_threads_are_batched_together(
         ]
 
 
+def test_close_finishes_the_calls_under_way(
+    u2netp_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = (reference_dir() / "images" / SMALL).read_bytes()
+    remover = Remover("u2netp", device="cpu", weights_dir=u2netp_weights.parent)
+    gate = Gate(monkeypatch, remover)
+    answers: list[bytes] = []
+    call = threading.Thread(target=lambda: answers.append(remover.remove(data, output="mask")))
+    call.start()
+    until(lambda: gate.sizes == [1])  # the call is in the network
+    closing = threading.Thread(target=remover.close)
+    closing.start()
+    until(lambda: remover._runtime.draining)  # close() has begun, and waits
+    gate.opened.set()
+    call.join()
+    closing.join()
+    assert Image.open(io.BytesIO(answers[0])).mode == "L"  # answered whole, not cut short
+
+
 # -- weights -------------------------------------------------------------------------------------
 
 

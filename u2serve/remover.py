@@ -238,12 +238,18 @@ class Remover:
 
         if self._closed:
             raise RuntimeError("this Remover is closed")
-        pipeline = self._pipeline
+        pipeline, runtime = self._pipeline, self._runtime
 
         async def answer() -> Rendered:
             now = time.monotonic()
             ctx = RequestContext(AccessRecord(uuid.uuid4().hex, "in-process"), now, received=now)
-            return await pipeline.answer(Submission(params, image=data), ctx)
+            # Counted as the route counts a request, so that close() (the lifespan's drain)
+            # waits for it.
+            runtime.inflight += 1
+            try:
+                return await pipeline.answer(Submission(params, image=data), ctx)
+            finally:
+                runtime.inflight -= 1
 
         try:
             return self._loop.run(answer())
