@@ -3,13 +3,21 @@
     python -m bench.folder                       # the 18 reference photos, mask and cut-out
     python -m bench.folder --repeat 3 --rounds 2 --outputs cutout
     python -m bench.folder --u2serve-flags "" "--threads 1"   # two u2serve variants
+    python -m bench.folder --serve                # and u2serve segment --server, against a
+                                                  # python -m service started for the run
+    python -m bench.folder --server http://gpu-host:8000   # against a service already running
 
 Both commands run as real processes, one after the other (never at once), each into an empty
 output folder, and are timed from start to exit: start-up and loading the model included, as an
-operator would see them. rembg is the copy that ``bench.http`` installs into ``bench/.rembg-venv``,
-pointed through ``U2NET_HOME`` at the very ``u2net.onnx`` that ``python -m weights fetch u2net``
-verified, so both use the same weights. ``output=mask`` is compared with ``rembg p -om`` (its
-soft mask), ``output=cutout`` with its default RGBA cut-out.
+operator would see them. With ``--serve`` or ``--server``, ``u2serve segment --server URL`` is
+timed too: the service is already up (``--serve`` starts ``python -m service`` with its default
+settings, as ``make serve`` does, before the first run and stops it after the last), so that
+run's time is the photos' way there and back and the service's work, not its start-up; the
+idle service stays loaded while the other commands run. rembg is the copy that ``bench.http``
+installs into ``bench/.rembg-venv``, pointed through ``U2NET_HOME`` at the very ``u2net.onnx``
+that ``python -m weights fetch u2net`` verified, so both use the same weights. ``output=mask``
+is compared with ``rembg p -om`` (its soft mask), ``output=cutout`` with its default RGBA
+cut-out.
 """
 
 from __future__ import annotations
@@ -23,9 +31,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
-from bench.http import REFERENCE, REPO, ensure_rembg, rembg_home
+from bench.http import REFERENCE, REPO, ensure_rembg, rembg_home, running, u2serve_server
 
 
 def make_folder(root: Path, repeat: int) -> int:
@@ -85,6 +94,19 @@ def main(argv: list[str] | None = None) -> None:
         metavar="FLAGS",
         help='one u2serve run per entry, with these extra flags (e.g. "" "--threads 1")',
     )
+    served = p.add_mutually_exclusive_group()
+    served.add_argument(
+        "--server",
+        metavar="URL",
+        help="also time `u2serve segment --server URL` against this running service (it must "
+        "serve --model)",
+    )
+    served.add_argument(
+        "--serve",
+        action="store_true",
+        help="also time `u2serve segment --server` against a `python -m service` started here "
+        "for the run, with its default settings (as `make serve`)",
+    )
     args = p.parse_args(argv)
 
     ensure_rembg()
@@ -92,8 +114,22 @@ def main(argv: list[str] | None = None) -> None:
         f"# {time.strftime('%Y-%m-%d')}, {platform.node()}, {platform.machine()}, "
         f"{os.cpu_count()} cores; model {args.model}"
     )
-    targets = [f"u2serve {f}".strip() for f in args.u2serve_flags] + ["rembg"]
-    width = max(len(t) for t in targets)
+    with ExitStack() as stack:
+        url = args.server
+        if args.serve:
+            cmd, env, ready = u2serve_server({"U2SERVE_MODEL": args.model})
+            url = stack.enter_context(running(cmd, env, ready, "u2serve-served", args.model)).url
+        if url:
+            print(f"# u2serve --server: {url}")
+        variants = [*args.u2serve_flags, *([f"--server {url}"] if url else [])]
+        run(args, [*(f"u2serve {f}".strip() for f in variants), "rembg"], url)
+
+
+def run(args: argparse.Namespace, targets: list[str], url: str | None) -> None:
+    """Time each target (see :func:`commands`), alternating, for each output."""
+    # The --server variant is named without its URL, which the header gives.
+    names = {t: "u2serve --server" if url and t.endswith(f"--server {url}") else t for t in targets}
+    width = max(len(n) for n in names.values())
     print(f"{'output':7} {'round':>5} {'target':{width}} {'images':>6} {'seconds':>8} {'img/s':>7}")
     with tempfile.TemporaryDirectory(prefix="u2serve-bench-") as tmp:
         folder = Path(tmp) / "photos"
@@ -101,15 +137,15 @@ def main(argv: list[str] | None = None) -> None:
         for output in args.outputs:
             totals = dict.fromkeys(targets, 0.0)
             for r in range(args.rounds):
-                for target in totals:
-                    out = Path(tmp) / f"out-{target}"
+                for i, target in enumerate(totals):
+                    out = Path(tmp) / f"out-{i}"
                     cmd, env = commands(target, output, folder, out, args.model)
                     seconds, written = timed(cmd, env, out)
                     if written != n:
                         raise SystemExit(f"{target} wrote {written} files for {n} photos")
                     totals[target] += seconds
                     print(
-                        f"{output:7} {r + 1:>5} {target:{width}} {n:>6} {seconds:>8.1f} "
+                        f"{output:7} {r + 1:>5} {names[target]:{width}} {n:>6} {seconds:>8.1f} "
                         f"{n / seconds:>7.2f}",
                         flush=True,
                     )
@@ -117,8 +153,8 @@ def main(argv: list[str] | None = None) -> None:
             for target in targets[:-1]:
                 rate = n * args.rounds / totals[target]
                 print(
-                    f"{output:7} {'all':>5} {target}: {rate:.2f} img/s, rembg p {rembg:.2f} "
-                    f"img/s, ratio {rate / rembg:.2f}x",
+                    f"{output:7} {'all':>5} {names[target]}: {rate:.2f} img/s, rembg p "
+                    f"{rembg:.2f} img/s, ratio {rate / rembg:.2f}x",
                     flush=True,
                 )
 

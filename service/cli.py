@@ -1,5 +1,6 @@
 """The ``u2serve`` command: ``serve`` (the HTTP service), ``fetch`` (the weights) and ``segment``
-(files and folders, in-process, with a progress bar).
+(files and folders, in-process or sent to a running service with ``--server``, with a progress
+bar).
 
 ``segment``'s options are generated from ``SegmentParams`` (the parameters of ``POST /segment``)
 and from the model settings, so a parameter or setting added there appears here by itself, with
@@ -17,13 +18,16 @@ import sys
 import types
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal, NoReturn, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, Union, get_args, get_origin
 
 from pydantic import ValidationError
 
 from service.errors import InvalidParameter
 from service.params import SegmentParams, parse_params
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.folder import Step
 
 __all__ = ["main"]
 
@@ -47,6 +51,8 @@ _SETTING_FLAGS = (
     "cache_map_bytes",
     "log_level",
 )
+# What a --server run still reads of the settings: the model it asks for, and its own logging.
+_REMOTE_SETTINGS = frozenset({"model", "log_level"})
 # Exit statuses beyond 0/1/2: interrupted by the user, like a shell's 128 + SIGINT.
 _INTERRUPTED = 130
 
@@ -119,9 +125,10 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     sub.add_parser("fetch", help="fetch and verify weights (as `python -m weights fetch`)")
     p = sub.add_parser(
         "segment",
-        help="segment image files and folders in-process",
-        description="Segment image files and folders with the model in-process; outputs are "
-        "what POST /segment answers for the same parameters. Files already done are skipped.",
+        help="segment image files and folders, in-process or by a running service",
+        description="Segment image files and folders with the model in-process, or with "
+        "--server by a running service; outputs are what POST /segment answers for the same "
+        "parameters. Files already done are skipped.",
         allow_abbrev=False,
     )
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
@@ -135,6 +142,21 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("-r", "--recursive", action="store_true", help="descend into subfolders")
     p.add_argument("--overwrite", action="store_true", help="redo files whose output exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    remote = p.add_argument_group("a running service instead of the model in-process")
+    remote.add_argument(
+        "--server",
+        metavar="URL",
+        help="send the photos to the service at URL (e.g. http://gpu-host:8000), which runs "
+        "them with its own model settings; --model asks for one of its models; its API key, if "
+        "it has one, from $U2SERVE_API_KEY",
+    )
+    remote.add_argument(
+        "--concurrency",
+        type=int,
+        metavar="N",
+        help="with --server: requests in flight (default: twice the service's batch size, at "
+        "least 4)",
+    )
     _param_options(p)
     _setting_options(p)
     return parser, p
@@ -176,51 +198,101 @@ def _interrupt(signum: int, frame: types.FrameType | None) -> NoReturn:
     raise KeyboardInterrupt
 
 
-def _segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _step(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, settings: Settings
+) -> Step | None:
+    """The run's per-image step: the service at ``--server``, or the model loaded here (None
+    with the reason printed when it cannot be loaded)."""
+    if args.server is not None:
+        from service.folder import Remote
+        from u2serve import Client
+
+        model = settings.model if "model" in settings.model_fields_set else None
+        key = settings.api_key.get_secret_value() if settings.api_key else None
+        try:
+            client = Client(args.server, key)
+        except ValueError as exc:
+            parser.error(f"--server: {exc}")
+        return Remote(client, args.concurrency, model)
+
     from model.weights import WeightsError
     from service.app import _batch_size, load_segmenter
     from service.cache.memory import MemoryMapCache
+    from service.folder import InProcess
+
+    try:
+        segmenter = load_segmenter(settings)
+    except (WeightsError, RuntimeError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    return InProcess(
+        segmenter,
+        max_pixels=settings.max_pixels,
+        batch_size=_batch_size(settings, segmenter),
+        threads=settings.codec_threads,
+        cache=MemoryMapCache(settings.cache_map_bytes),
+    )
+
+
+def _check_remote(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """With --server the service's settings decide how its model runs: such flags are refused
+    rather than silently ignored."""
+    if args.server is None:
+        if args.concurrency is not None:
+            parser.error("--concurrency: only with --server")
+        return
+    local = sorted(set(_given(args, "setting_", _SETTING_FLAGS)) - _REMOTE_SETTINGS)
+    if local:
+        flags = ", ".join("--" + name.replace("_", "-") for name in local)
+        parser.error(
+            f"{flags}: how the model runs here; with --server the service's settings decide"
+        )
+    if args.concurrency is not None and args.concurrency < 1:
+        parser.error(f"--concurrency: at least 1, not {args.concurrency}")
+
+
+def _segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from service.folder import Summary, outstanding, plan, segment_files
+    from u2serve.errors import U2ServeError
 
     params = _params(args, parser)
+    _check_remote(args, parser)
     settings = _settings(args, parser)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
+    if settings.log_level != "debug":
+        # httpx reports every request of a --server run at INFO: the bar would drown in them.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     for name in Settings.unknown_variables(os.environ):
         log.warning("%s is not a setting and is ignored", name)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     summary = Summary()
+    step, status = None, 0
     try:
         tasks = plan(args.inputs, args.out_dir, recursive=args.recursive, summary=summary)
         todo = outstanding(tasks, params, summary, overwrite=args.overwrite)
         for path, reason in summary.failed:
             print(f"failed: {path}: {reason}", file=sys.stderr)
         if todo:
-            try:
-                segmenter = load_segmenter(settings)
-            except (WeightsError, RuntimeError, ValueError, OSError) as exc:
-                print(f"error: {exc}", file=sys.stderr)
+            step = _step(args, parser, settings)
+            if step is None:
                 return 1
-            segment_files(
-                segmenter,
-                todo,
-                params,
-                summary,
-                max_pixels=settings.max_pixels,
-                batch_size=_batch_size(settings, segmenter),
-                threads=settings.codec_threads,
-                progress=not args.quiet,
-                cache=MemoryMapCache(settings.cache_map_bytes),
-            )
+            try:
+                segment_files(step, todo, params, summary, progress=not args.quiet)
+            except U2ServeError as exc:  # the service's refusal of the whole run
+                print(f"error: {exc}", file=sys.stderr)
+                status = 1
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if step is not None:
+            step.close()
     print(summary.line(), file=sys.stderr)
     if summary.interrupted:
         return _INTERRUPTED
-    return 1 if summary.failed else 0
+    return 1 if summary.failed else status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,15 +1,22 @@
-"""Files and folders of photos through the model in-process (``u2serve segment``).
+"""Files and folders of photos (``u2serve segment``): in-process, or sent to a running service.
 
-The same stages as a request, without HTTP: ``decode`` → ``run_batch`` → ``finish`` →
-``render``, so a file's output is byte for byte what ``POST /segment`` answers for it with the
-same parameters. As in the service, each photo's network map is kept in an in-process map
-cache (``U2SERVE_CACHE_MAP_BYTES``) under its bytes' digest: a photo that comes again (the same
-file under two names, or in two folders) skips the network, and the summary counts those hits.
-Reading, decoding and preparing the next photos, and finishing, encoding and writing the last
-ones, run in a thread pool while the model works on the current batch; at most a few photos are
-in flight, whatever the folder's size. An output is written to a hidden temporary name and
-renamed when complete, so an interrupted run leaves only whole files, and the next run skips
-them.
+What a run does is the same either way: plan the outputs (a folder's images under their relative
+paths), skip those already written, show progress, write each answer to a hidden temporary name
+and rename it when complete (so an interrupted run leaves only whole files, and the next run
+skips them), and report each photo that failed with the service's error code and message. What
+turns a photo into its answer is the run's :class:`Step`:
+
+- :class:`InProcess`: the model here, through the same stages as a request, without HTTP:
+  ``decode`` → ``run_batch`` → ``finish`` → ``render``, so a file's output is byte for byte what
+  ``POST /segment`` answers for it with the same parameters. As in the service, each photo's
+  network map is kept in an in-process map cache (``U2SERVE_CACHE_MAP_BYTES``) under its bytes'
+  digest: a photo that comes again (the same file under two names, or in two folders) skips the
+  network, and the summary counts those hits. Reading, decoding and preparing the next photos,
+  and finishing, encoding and writing the last ones, run in a thread pool while the model works
+  on the current batch; at most a few photos are in flight, whatever the folder's size.
+- :class:`Remote`: ``POST /segment`` on a running service (``--server``), through
+  :class:`u2serve.Client`, which keeps enough requests in flight for the service's batcher and
+  waits out its 503s; the summary counts the service's map cache hits.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -32,18 +40,27 @@ from model.segmenter import Segmenter
 from service.cache import digest, map_key
 from service.cache.memory import MemoryMapCache
 from service.decode import DecodedImage, decode
-from service.encode import MEDIA_TYPES, render
+from service.encode import MEDIA_TYPES, Rendered, render
 from service.errors import ServiceError
 from service.infer import finish, finishes_on_worker, run_batch
 from service.params import SegmentParams
+from u2serve.errors import ConnectionFailed, U2ServeError, Unauthorized
+
+if TYPE_CHECKING:
+    from u2serve.client import Client
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "InProcess",
+    "Remote",
+    "Report",
+    "Step",
     "Summary",
     "Task",
     "outstanding",
     "plan",
     "segment_files",
+    "store",
     "suffix_for",
 ]
 
@@ -161,6 +178,105 @@ def outstanding(
     return todo
 
 
+class Report:
+    """A run's progress bar and summary, told what became of each photo (on the run's thread)."""
+
+    def __init__(self, summary: Summary, total: int, *, progress: bool) -> None:
+        self.summary = summary
+        self.bar = tqdm(
+            total=total,
+            unit="img",
+            disable=not progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            smoothing=0.1,
+            # Images per second throughout, where tqdm would switch to seconds per image.
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, "
+            "{rate_noinv_fmt}{postfix}]",
+        )
+
+    def written(self, task: Task) -> None:
+        self.summary.written += 1
+        self.bar.update(1)
+
+    def failed(self, task: Task, exc: BaseException) -> None:
+        self.summary.failed.append((task.source, _reason(exc)))
+        self.bar.write(f"failed: {task.source}: {_reason(exc)}", file=sys.stderr)
+        self.bar.set_postfix(failed=len(self.summary.failed), refresh=False)
+        self.bar.update(1)
+
+    def cache(self, *, hit: bool) -> None:
+        """A photo's map was looked up in a map cache (this process's, or the service's)."""
+        self.summary.cache_lookups += 1
+        self.summary.cache_hits += hit
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Step(Protocol):
+    """What turns a run's photos into answers: the model here, or a running service."""
+
+    def run(self, tasks: list[Task], params: SegmentParams, report: Report) -> None:
+        """Write every task's answer with :func:`store`, telling ``report`` what became of each.
+
+        On ``KeyboardInterrupt``: take no new photo, deal with what is already being written as
+        the step's documentation says, then raise it again."""
+        ...
+
+    def close(self) -> None:
+        """Let go of what the step holds (a connection pool)."""
+        ...
+
+
+def store(task: Task, answer: Rendered) -> Path:
+    """Write an answer to its task's output, whole or not at all: under a hidden temporary name,
+    renamed when complete."""
+    target = task.target(suffix_for(answer.media_type))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.parent / f".{target.name}.{os.getpid()}.part"
+    try:
+        partial.write_bytes(answer.body)
+        partial.replace(target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ServiceError | U2ServeError):
+        return f"{exc.code}: {exc.message}"
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+    return f"{type(exc).__name__}: {exc}"
+
+
+def segment_files(
+    step: Step,
+    tasks: list[Task],
+    params: SegmentParams,
+    summary: Summary,
+    *,
+    progress: bool = True,
+) -> Summary:
+    """Segment every task (see ``outstanding``) with ``step``, recording what happened in
+    ``summary``. A ``KeyboardInterrupt`` stops it and sets ``summary.interrupted``."""
+    start = time.monotonic()
+    report = Report(summary, len(tasks), progress=progress)
+    try:
+        step.run(tasks, params, report)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        report.close()
+        summary.seconds += time.monotonic() - start
+    return summary
+
+
+# -- in process ----------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class _Read:
     image: DecodedImage
@@ -182,151 +298,163 @@ def _finish_and_write(
 
 
 def _write(task: Task, levels: np.ndarray, image: DecodedImage, params: SegmentParams) -> Path:
-    answer = render(levels, image, params)
-    target = task.target(suffix_for(answer.media_type))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.parent / f".{target.name}.{os.getpid()}.part"
-    try:
-        partial.write_bytes(answer.body)
-        partial.replace(target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    return target
+    return store(task, render(levels, image, params))
 
 
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ServiceError):
-        return f"{exc.code}: {exc.message}"
-    if isinstance(exc, OSError):
-        return f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
-    return f"{type(exc).__name__}: {exc}"
+@dataclass(eq=False)
+class InProcess:
+    """The model in this process: photos decoded ahead in a pool of ``threads``, batches of up
+    to ``batch_size`` through the network on the run's thread, answers finished, encoded and
+    written in the pool. Maps are kept in ``cache`` (a new one of 64 MiB if none is given).
 
+    On ``KeyboardInterrupt``, photos not yet decoded are dropped and outputs being written are
+    finished."""
 
-def segment_files(
-    segmenter: Segmenter,
-    tasks: list[Task],
-    params: SegmentParams,
-    summary: Summary,
-    *,
-    max_pixels: int,
-    batch_size: int = 1,
-    threads: int = 2,
-    progress: bool = True,
-    cache: MemoryMapCache | None = None,
-) -> Summary:
-    """Segment every task (see ``outstanding``), recording what happened in ``summary``; maps
-    are kept in ``cache`` (a new one of 64 MiB if none is given).
+    segmenter: Segmenter
+    max_pixels: int
+    batch_size: int = 1
+    threads: int = 2
+    cache: MemoryMapCache | None = None
 
-    A ``KeyboardInterrupt`` stops it: photos not yet decoded are dropped, outputs being written
-    are finished, and ``summary.interrupted`` is set."""
-    start = time.monotonic()
-    window = max(2 * threads, 2 * batch_size)  # decodes ahead of the model
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="u2serve-codec")
-    bar = tqdm(
-        total=len(tasks),
-        unit="img",
-        disable=not progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        smoothing=0.1,
-        # Images per second throughout, where tqdm would switch to seconds per image.
-        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, "
-        "{rate_noinv_fmt}{postfix}]",
-    )
-    maps = cache if cache is not None else MemoryMapCache(64 * 1024**2)
-    side = segmenter.spec.input_size
-    ahead: deque[tuple[Task, Future[_Read]]] = deque()
-    writing: dict[Future[Path], Task] = {}
-    pending = iter(tasks)
+    def run(self, tasks: list[Task], params: SegmentParams, report: Report) -> None:
+        segmenter, batch_size, threads = self.segmenter, self.batch_size, self.threads
+        window = max(2 * threads, 2 * batch_size)  # decodes ahead of the model
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="u2serve-codec")
+        maps = self.cache if self.cache is not None else MemoryMapCache(64 * 1024**2)
+        side = segmenter.spec.input_size
+        ahead: deque[tuple[Task, Future[_Read]]] = deque()
+        writing: dict[Future[Path], Task] = {}
+        pending = iter(tasks)
 
-    def fail(task: Task, exc: BaseException) -> None:
-        summary.failed.append((task.source, _reason(exc)))
-        bar.write(f"failed: {task.source}: {_reason(exc)}", file=sys.stderr)
-        bar.set_postfix(failed=len(summary.failed), refresh=False)
-        bar.update(1)
+        def fill() -> None:
+            while len(ahead) < window:
+                task = next(pending, None)
+                if task is None:
+                    return
+                ahead.append((task, pool.submit(_read, task.source, self.max_pixels, segmenter)))
 
-    def fill() -> None:
-        while len(ahead) < window:
-            task = next(pending, None)
-            if task is None:
+        def reap(limit: int) -> None:
+            """Collect finished writes; block while more than ``limit`` are outstanding."""
+            while writing:
+                done, _ = wait(list(writing), timeout=None if len(writing) > limit else 0)
+                if not done:
+                    return
+                for fut in done:
+                    task = writing.pop(fut)
+                    exc = fut.exception()
+                    if exc is not None:
+                        report.failed(task, exc)
+                    else:
+                        report.written(task)
+
+        def write(task: Task, levels: np.ndarray, image: DecodedImage) -> None:
+            """The map's second half and the encode in the pool, as the service runs them; where
+            the map needs PyTorch on the CPU, its first half here, on the network's thread."""
+            if not finishes_on_worker(segmenter, image.model_rgb.shape[:2], params):
+                fut = pool.submit(_finish_and_write, task, segmenter, levels, image, params)
+                writing[fut] = task
                 return
-            ahead.append((task, pool.submit(_read, task.source, max_pixels, segmenter)))
-
-    def reap(limit: int) -> None:
-        """Collect finished writes; block while more than ``limit`` are outstanding."""
-        while writing:
-            done, _ = wait(list(writing), timeout=None if len(writing) > limit else 0)
-            if not done:
-                return
-            for fut in done:
-                task = writing.pop(fut)
-                exc = fut.exception()
-                if exc is not None:
-                    fail(task, exc)
-                else:
-                    summary.written += 1
-                    bar.update(1)
-
-    def write(task: Task, levels: np.ndarray, image: DecodedImage) -> None:
-        """The map's second half and the encode in the pool, as the service runs them; where
-        the map needs PyTorch on the CPU, its first half here, on the network's thread."""
-        if not finishes_on_worker(segmenter, image.model_rgb.shape[:2], params):
-            fut = pool.submit(_finish_and_write, task, segmenter, levels, image, params)
-            writing[fut] = task
-            return
-        try:
-            m = finish(segmenter, levels, image.model_rgb, params)
-        except Exception as exc:
-            fail(task, exc)
-            return
-        writing[pool.submit(_write, task, m, image, params)] = task
-
-    try:
-        fill()
-        while ahead:
-            batch: list[tuple[Task, _Read, str]] = []
-            while ahead and len(batch) < batch_size:
-                task, fut = ahead.popleft()
-                try:
-                    read = fut.result()
-                except Exception as exc:  # one bad file is reported and skipped, not fatal
-                    fail(task, exc)
-                    fill()
-                    continue
-                fill()
-                key = map_key(segmenter.identity, read.digest)
-                cached = maps.lookup(key)
-                summary.cache_lookups += 1
-                if cached is None:
-                    batch.append((task, read, key))
-                    continue
-                # The same photo again: its map's second half only, as the service does on a hit.
-                summary.cache_hits += 1
-                write(task, np.frombuffer(cached, np.uint8).reshape(side, side), read.image)
-            if not batch:
-                reap(limit=2 * threads)
-                continue
             try:
-                results = run_batch(segmenter, [read.prepared for _, read, _ in batch])
+                m = finish(segmenter, levels, image.model_rgb, params)
             except Exception as exc:
-                log.exception("inference failed for a batch of %d", len(batch))
-                for task, _, _ in batch:
-                    fail(task, exc)
-                continue
-            for (task, read, key), levels in zip(batch, results, strict=True):
-                maps.keep(key, levels.tobytes())
-                write(task, levels, read.image)
-            reap(limit=2 * threads)
-        reap(limit=0)
-    except KeyboardInterrupt:
-        summary.interrupted = True
-        for _, fut in ahead:
-            fut.cancel()
-        # Outputs already being encoded are finished (and renamed) rather than abandoned.
-        reap(limit=0)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
-        summary.seconds += time.monotonic() - start
-    return summary
+                report.failed(task, exc)
+                return
+            writing[pool.submit(_write, task, m, image, params)] = task
+
+        try:
+            fill()
+            while ahead:
+                batch: list[tuple[Task, _Read, str]] = []
+                while ahead and len(batch) < batch_size:
+                    task, fut = ahead.popleft()
+                    try:
+                        read = fut.result()
+                    except Exception as exc:  # one bad file is reported and skipped, not fatal
+                        report.failed(task, exc)
+                        fill()
+                        continue
+                    fill()
+                    key = map_key(segmenter.identity, read.digest)
+                    cached = maps.lookup(key)
+                    report.cache(hit=cached is not None)
+                    if cached is None:
+                        batch.append((task, read, key))
+                        continue
+                    # The same photo again: its map's second half only, as the service does on a
+                    # hit.
+                    write(task, np.frombuffer(cached, np.uint8).reshape(side, side), read.image)
+                if not batch:
+                    reap(limit=2 * threads)
+                    continue
+                try:
+                    results = run_batch(segmenter, [read.prepared for _, read, _ in batch])
+                except Exception as exc:
+                    log.exception("inference failed for a batch of %d", len(batch))
+                    for task, _, _ in batch:
+                        report.failed(task, exc)
+                    continue
+                for (task, read, key), levels in zip(batch, results, strict=True):
+                    maps.keep(key, levels.tobytes())
+                    write(task, levels, read.image)
+                reap(limit=2 * threads)
+            reap(limit=0)
+        except KeyboardInterrupt:
+            for _, fut in ahead:
+                fut.cancel()
+            # Outputs already being encoded are finished (and renamed) rather than abandoned.
+            reap(limit=0)
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        """Nothing is held between runs: the pool is the run's."""
+
+
+# -- by a running service ------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Remote:
+    """``POST /segment`` on a running service, through ``client``: ``concurrency`` requests in
+    flight (None: as many as its batcher needs, see :meth:`u2serve.Client.segment_many`),
+    ``model`` one of the service's (None: its default). Answers are written as they come.
+
+    An error that is the run's rather than a photo's (the service cannot be reached, or refuses
+    the API key) stops the run and is raised. On ``KeyboardInterrupt``, no new request is sent,
+    and the answers of those in flight are dropped, for the next run to ask again."""
+
+    client: Client
+    concurrency: int | None = None
+    model: str | None = None
+
+    def run(self, tasks: list[Task], params: SegmentParams, report: Report) -> None:
+        # The parameters as they were given: the service validates which were, as here.
+        options: dict[str, object] = params.model_dump(exclude_unset=True)
+        if self.model is not None:
+            options["model"] = self.model
+        outcomes = self.client.segment_many(
+            [task.source for task in tasks], concurrency=self.concurrency, **options
+        )
+        try:
+            for outcome in outcomes:
+                task = tasks[outcome.index]
+                if outcome.error is not None:
+                    if isinstance(outcome.error, ConnectionFailed | Unauthorized):
+                        raise outcome.error
+                    report.failed(task, outcome.error)
+                    continue
+                result = outcome.get()
+                try:
+                    store(task, Rendered(result.content, result.media_type))
+                except OSError as exc:
+                    report.failed(task, exc)
+                    continue
+                if result.map_cache is not None:
+                    report.cache(hit=result.map_cache == "hit")
+                report.written(task)
+        finally:
+            outcomes.close()
+
+    def close(self) -> None:
+        self.client.close()

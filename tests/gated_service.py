@@ -1,10 +1,12 @@
-"""``python -m service`` whose inference worker holds every batch until a file exists, for tests
-of several processes that must act while requests are known to wait on the worker.
+"""``python -m service`` whose batches are held until a file exists, for tests that must act while
+requests are known to wait on the model: with several processes (the inference worker's batches)
+or in one (the lifespan's batcher).
 
     python -m tests.gated_service GATE [python -m service arguments...]
 
 Each batch waits for the file ``GATE`` to exist; meanwhile ``GATE.pid`` names the process that
-holds it (the inference worker), for a test that kills it.
+holds it (the inference worker, or the service's one process), for a test that kills it or waits
+for a batch to be held.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import service.app
 import service.worker
 from service.__main__ import main
 
@@ -31,4 +34,5 @@ def _gated(*args: Any) -> Any:
 
 if __name__ == "__main__":
     service.worker.run_batch = _gated  # type: ignore[assignment]
+    service.app.run_batch = _gated  # type: ignore[assignment]
     sys.exit(main(sys.argv[2:]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -94,3 +95,31 @@ def serving(env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], str]
         if proc.poll() is None:
             proc.kill()
         proc.communicate(timeout=10)  # also closes the pipe
+
+
+@contextmanager
+def serving_gated(env: dict[str, str], gate: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A real server process with ``env`` whose batches wait for the file ``gate``
+    (tests/gated_service.py), ready; afterwards the gate is opened and the server drained."""
+    port = free_port()
+    address = ["--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.gated_service", str(gate), *address],
+        cwd=REPO,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        yield proc, url
+    finally:
+        gate.touch()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proc.communicate(timeout=30)

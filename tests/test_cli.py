@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
 from importlib import import_module
 from pathlib import Path
 from typing import Literal, get_args, get_origin
@@ -25,7 +26,7 @@ from service.cli import _parsers, _settings, main
 from service.params import SegmentParams
 
 from .conftest import REPO, reference_dir
-from .procs import free_port, wait_ready
+from .procs import free_port, serving, serving_gated, u2netp_env, wait_ready
 from .test_api import running, settings
 
 SMALL = ["girl.png", "rifle2.jpeg", "long.jpg"]  # small photos keep this quick
@@ -138,12 +139,32 @@ def make_folder(root: Path) -> None:
     (root / ".hidden.jpg").write_bytes(good)  # hidden files are left alone
 
 
+@pytest.fixture(scope="module")
+def service(u2netp_weights: Path) -> Iterator[str]:
+    """A real service process, for ``--server``: the same model, weights and device."""
+    with serving(u2netp_env(u2netp_weights)) as (_, url):
+        yield url
+
+
+def where(run: str, request: pytest.FixtureRequest, weights: Path) -> list[str]:
+    """The flags of a run in-process (``local``), or by the service (``server``)."""
+    if run == "local":
+        return flags(weights)
+    return ["--server", request.getfixturevalue("service"), "--model", "u2netp"]
+
+
+@pytest.mark.parametrize("run", ["local", pytest.param("server", marks=pytest.mark.integration)])
 def test_folder_with_broken_files_and_resumption(
-    u2netp_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    u2netp_weights: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+    run: str,
 ) -> None:
+    """The same reports, resumption and summary in-process and by a running service."""
     src, out = tmp_path / "photos", tmp_path / "out"
     make_folder(src)
-    args = ["segment", str(src), "-o", str(out), "-q", *flags(u2netp_weights)]
+    args = ["segment", str(src), "-o", str(out), "-q", *where(run, request, u2netp_weights)]
 
     assert main(args) == 1  # some files failed
     err = capsys.readouterr().err
@@ -316,3 +337,103 @@ def test_the_same_photo_twice_is_a_map_cache_hit(
     assert main([*off, "--cache-map-bytes", "0", *flags(u2netp_weights)]) == 0
     assert "map cache: 0 hits of 3 (0%)" in capsys.readouterr().err
     assert (again / "again.png").read_bytes() == (out / "again.png").read_bytes()
+
+
+# -- by a running service: --server --------------------------------------------------------------
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def reports(err: str) -> list[str]:
+    """What a run reported: its failures, and its summary's counts (not its time)."""
+    lines = [line for line in err.splitlines() if line.startswith("failed: ")]
+    (summary,) = [line for line in err.splitlines() if " written, " in line]
+    return [*sorted(lines), summary.split(" in ")[0]]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "options",
+    [
+        [],
+        ["--output", "cutout", "--format", "webp"],
+        ["--output", "cutout", "--bg-color", "ffffff", "--format", "jpeg", "--max-side", "300"],
+        ["--output", "probability", "--crop", "--crop-margin", "5%", "--threshold", "0.3"],
+        ["--output", "box"],
+    ],
+    ids=["mask", "cutout-webp", "cutout-jpeg", "probability-crop", "box"],
+)
+def test_a_served_folder_is_the_local_one_byte_for_byte(
+    u2netp_weights: Path,
+    service: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    options: list[str],
+) -> None:
+    src, local, served = tmp_path / "photos", tmp_path / "local", tmp_path / "served"
+    make_folder(src)
+    with_alpha(src / SMALL[0])
+    common = ["segment", str(src), "-r", "-q", *options]
+    assert main([*common, "-o", str(local), *flags(u2netp_weights)]) == 1  # the broken files
+    local_err = capsys.readouterr().err
+    assert main([*common, "-o", str(served), "--server", service, "--model", "u2netp"]) == 1
+    served_err = capsys.readouterr().err
+    assert len(tree(local)) == 4
+    assert tree(served) == tree(local)
+    assert reports(served_err) == reports(local_err)
+
+
+def test_server_refuses_what_only_a_local_run_means(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photos(tmp_path / "in", SMALL[:1])
+    args = ["segment", str(tmp_path / "in"), "-o", str(tmp_path / "out")]
+    for extra, message in [
+        (["--server", "http://127.0.0.1:9", "--device", "cpu"], "--device: how the model runs"),
+        (["--server", "http://127.0.0.1:9", "--threads", "2"], "--threads: how the model runs"),
+        (["--concurrency", "2"], "--concurrency: only with --server"),
+        (["--server", "http://127.0.0.1:9", "--concurrency", "0"], "--concurrency: at least 1"),
+        (["--server", "127.0.0.1:9"], "--server: the service's URL is http(s)://"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main([*args, *extra])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.integration
+def test_ctrl_c_stops_a_served_run_at_once_and_the_next_resumes(
+    u2netp_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The service holds every batch (tests/gated_service.py): the run is interrupted with its
+    requests in flight, and ends without waiting for them; nothing is written."""
+    src, out, gate = tmp_path / "photos", tmp_path / "out", tmp_path / "gate"
+    photos(src)
+    with serving_gated(u2netp_env(u2netp_weights), gate) as (_, url):
+        args = ["segment", str(src), "-o", str(out), "--server", url, "--model", "u2netp"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        held = Path(f"{gate}.pid")
+        end = time.monotonic() + 300  # only a failing run ever waits this long
+        while not held.exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < end, "no request reached the service's batch"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)  # the gate is still shut: nothing was waited for
+        assert proc.returncode == 130, err
+        assert "0 written" in err
+        assert "interrupted" in err
+        assert not out.exists() or not list(out.rglob("*"))
+        gate.touch()
+        assert main([*args, "-q"]) == 0
+    assert f"{len(SMALL)} written, 0 skipped" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["girl.png", "long.png", "rifle2.png"]

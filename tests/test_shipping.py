@@ -1,12 +1,14 @@
 """The shipping files are checked by their own tools: hadolint, the Kubernetes schemas,
-docker-compose and promtool."""
+docker-compose and promtool; the wheel holds what ``pip install .`` must give."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,38 @@ def test_every_dashboard_and_alert_query_names_an_exported_metric() -> None:
     shown = {exported[n] for e in exprs for n in _named_metrics(e)}
     missing = {f for f in exported.values() if f.startswith("u2serve_")} - shown
     assert not missing, f"not on the dashboard or in an alert: {sorted(missing)}"
+
+
+def test_the_wheel_holds_the_public_package_and_the_command(tmp_path: Path) -> None:
+    """``pip install .`` gives ``import u2serve`` (typed) beside the packages it is the face of,
+    and the ``u2serve`` command. Built from a copy of the sources, so nothing is left behind in
+    the working tree."""
+    src = tmp_path / "src"
+    for name in ("pyproject.toml", "README.md", "requirements.txt"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, src / name)
+    packages = ("u2serve", "service", "model", "weights")
+    for package in packages:
+        shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    built = tmp_path / "dist"
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(built), str(src)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    (wheel,) = built.glob("u2serve-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        scripts = zf.read(entry_points).decode()
+    for package in packages:
+        sources = {
+            p.relative_to(REPO).as_posix()
+            for p in (REPO / package).rglob("*.py")
+            if "__pycache__" not in p.parts
+        }
+        assert sources <= names, sorted(sources - names)
+    assert "u2serve/py.typed" in names
+    assert "u2serve = service.cli:main" in scripts
