@@ -125,13 +125,19 @@ async def _worker(
     try:
         while time.perf_counter() < end and len(latencies) + len(errors) < limit:
             t = time.perf_counter()
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            await reader.readexactly(length)
+            try:
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                await reader.readexactly(length)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                # An early answer (a 503 for memory) closes the connection after a lingering
+                # wait; a client still sending its upload then may be reset before it reads
+                # the answer. Counted as an error (status 0), on a new connection.
+                head = b"HTTP/1.1 000 reset\r\nconnection: close\r\n"
             if head[9:12] == b"200":
                 latencies.append(time.perf_counter() - t)
             else:
