@@ -10,6 +10,7 @@ import re
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -17,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.access import AccessRecord
+from service.api import Api, Call, Reading
 from service.app import Runtime, RuntimeDep
 from service.budget import upload_cost
 from service.cache import owner_of
@@ -24,10 +26,11 @@ from service.decode import FORMATS
 from service.errors import ClientGone, ServiceError, Unauthorized, error_response
 from service.fetch import MAX_REDIRECTS, MAX_URL_LENGTH
 from service.params import SegmentParams
-from service.pipeline import RequestContext
-from service.upload import IMAGE_ID, MULTIPART_OVERHEAD, read_upload
+from service.pipeline import Pipeline, RequestContext
+from service.settings import Settings
+from service.upload import IMAGE_ID, MULTIPART_OVERHEAD, Submission, read_upload
 
-__all__ = ["document_segment", "router"]
+__all__ = ["SEGMENT", "document_segment", "router", "serve"]
 
 log = logging.getLogger("u2serve")
 router = APIRouter()
@@ -314,8 +317,52 @@ async def _wait_for_disconnect(request: Request) -> None:
     openapi_extra=_SEGMENT_DOC,
 )
 async def segment(request: Request, rt: RuntimeDep) -> Response:
+    return await serve(request, rt, SEGMENT)
+
+
+@dataclass(frozen=True)
+class _SegmentCall:
+    submission: Submission
+
+    async def answer(self, pipeline: Pipeline, ctx: RequestContext) -> Response:
+        answer = await pipeline.answer(self.submission, ctx)
+        return Response(answer.body, media_type=answer.media_type, headers=answer.headers)
+
+
+class _Segment:
+    """``POST /segment``: the service's own API (:mod:`service.upload` reads it)."""
+
+    name = "segment"
+
+    def body_limit(self, settings: Settings) -> int:
+        return settings.max_upload_bytes + MULTIPART_OVERHEAD
+
+    async def read(self, request: Request, reading: Reading) -> Call:
+        return _SegmentCall(
+            await read_upload(
+                request,
+                reading.max_bytes,
+                reading.timeout_s,
+                models=reading.models,
+                url_input=reading.url_input,
+            )
+        )
+
+    def error(self, exc: ServiceError) -> Response:
+        return exc.response()
+
+
+SEGMENT: Api = _Segment()
+
+
+async def serve(request: Request, rt: Runtime, api: Api) -> Response:
+    """One request of ``api``, whichever it is: read, answered through the pipeline, and
+    accounted for alike (in flight, the access log, the metrics under its ``api`` label); every
+    error in the API's own shape, an unexpected one a plain 500 that leaks nothing."""
     ctx = RequestContext(
-        AccessRecord(_request_id(request), request.client.host if request.client else "-"),
+        AccessRecord(
+            _request_id(request), request.client.host if request.client else "-", api=api.name
+        ),
         time.monotonic(),
     )
     rid = ctx.record.request_id
@@ -323,12 +370,12 @@ async def segment(request: Request, rt: RuntimeDep) -> Response:
     rt.metrics.in_flight.inc()
     code: str | None = None
     try:
-        response = await _segment(request, rt, ctx)
+        response = await _serve(request, rt, api, ctx)
     except ServiceError as exc:
-        response, code = exc.response(), exc.code
+        response, code = api.error(exc), exc.code
     except Exception:
         log.exception("request %s failed", rid)
-        response = error_response(500, "internal_error", f"internal error (request {rid})")
+        response = api.error(ServiceError(f"internal error (request {rid})"))
         code = "internal_error"
     finally:
         rt.inflight -= 1
@@ -343,9 +390,13 @@ async def segment(request: Request, rt: RuntimeDep) -> Response:
         v if v != "-" else "unknown" for v in (record.output, record.model, record.source)
     )
     status = str(response.status_code)
-    rt.metrics.requests.labels(model=model, source=source, output=output, status=status).inc()
+    rt.metrics.requests.labels(
+        api=api.name, model=model, source=source, output=output, status=status
+    ).inc()
     if response.status_code == 200:
-        rt.metrics.request_duration.labels(model=model, output=output).observe(elapsed)
+        rt.metrics.request_duration.labels(api=api.name, model=model, output=output).observe(
+            elapsed
+        )
     for part in ctx.timing:
         stage, _, rest = part.partition(";dur=")
         record.stages_ms[stage] = float(rest.split(";")[0])
@@ -353,8 +404,8 @@ async def segment(request: Request, rt: RuntimeDep) -> Response:
     return response
 
 
-async def _segment(request: Request, rt: Runtime, ctx: RequestContext) -> Response:
-    """Read the request into a Submission, run it through the pipeline, write the answer."""
+async def _serve(request: Request, rt: Runtime, api: Api, ctx: RequestContext) -> Response:
+    """Admit the request, read it into a call, and have the call answer it."""
     pipeline = rt.serving()
     s = rt.settings
     if s.api_key is not None:
@@ -365,17 +416,18 @@ async def _segment(request: Request, rt: Runtime, ctx: RequestContext) -> Respon
     pipeline.check_capacity()  # refuse before spending work on the upload
     # The body is charged from its declared length before it is read, the pixels from the
     # image's header before they are decoded; both are held until the answer's bytes exist.
-    limit = s.max_upload_bytes + MULTIPART_OVERHEAD
+    limit = api.body_limit(s)
     with pipeline.ready.budget.hold(upload_cost(request.headers.get("content-length"), limit)):
         ctx.received = time.monotonic()
+        reading = Reading(
+            s.max_upload_bytes,
+            s.body_timeout_s,
+            tuple(pipeline.ready.models),
+            rt.fetcher is not None,
+            pipeline.ready.codec_pool,
+        )
         try:
-            submission = await read_upload(
-                request,
-                s.max_upload_bytes,
-                s.body_timeout_s,
-                models=tuple(pipeline.ready.models),
-                url_input=rt.fetcher is not None,
-            )
+            call = await api.read(request, reading)
         except ServiceError as exc:
             pipeline.reject(exc)
             raise
@@ -383,13 +435,12 @@ async def _segment(request: Request, rt: Runtime, ctx: RequestContext) -> Respon
         disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
         ctx.disconnected = disconnected
         try:
-            answer = await pipeline.answer(submission, ctx)
+            return await call.answer(pipeline, ctx)
         except ClientGone:
             log.info("client went away while queued")
             raise
         finally:
             disconnected.cancel()
-    return Response(answer.body, media_type=answer.media_type, headers=answer.headers)
 
 
 @router.get("/livez", summary="Liveness: the process is up and its event loop answers")
