@@ -1,4 +1,5 @@
-"""HTTP routes: ``POST /segment`` and the operational endpoints."""
+"""HTTP routes: ``POST /segment``, the APIs other tools speak (remove.bg's and rembg's, translated
+by :mod:`service.compat`), and the operational endpoints."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from service.api import Api, Call, Reading
 from service.app import Runtime, RuntimeDep
 from service.budget import upload_cost
 from service.cache import owner_of
+from service.compat import rembg, removebg
 from service.decode import FORMATS
 from service.errors import ClientGone, ServiceError, Unauthorized, error_response
 from service.fetch import MAX_REDIRECTS, MAX_URL_LENGTH
@@ -441,6 +443,55 @@ async def _serve(request: Request, rt: Runtime, api: Api, ctx: RequestContext) -
             raise
         finally:
             disconnected.cancel()
+
+
+# -- the APIs other tools speak (service/compat/) --------------------------------------------
+
+
+@router.post(
+    "/v1.0/removebg",
+    tags=[removebg.TAG],
+    summary="remove.bg: remove the background of an image",
+    response_class=Response,
+    responses=removebg.RESPONSES,
+    openapi_extra=removebg.DOC,
+)
+async def removebg_remove(request: Request, rt: RuntimeDep) -> Response:
+    return await serve(request, rt, removebg.API)
+
+
+@router.get(
+    "/v1.0/account",
+    tags=[removebg.TAG],
+    summary="remove.bg: the account's credits (none: self-hosted)",
+    response_class=Response,
+    responses=removebg.ACCOUNT_RESPONSES,
+    openapi_extra={"parameters": removebg.DOC["parameters"]},
+)
+async def removebg_account(request: Request, rt: RuntimeDep) -> Response:
+    if rt.settings.api_key is not None:
+        try:
+            _check_api_key(request, rt.settings.api_key.get_secret_value())
+        except ServiceError as exc:
+            return removebg.error(exc)
+    return removebg.account()
+
+
+# One route for both methods, so that a 405 lists both in Allow; rembg.document() gives each
+# method its own document.
+@router.api_route(
+    "/api/remove",
+    methods=["GET", "POST"],
+    tags=[rembg.TAG],
+    summary="rembg: remove the background of an image",
+    response_class=Response,
+    responses=rembg.RESPONSES,
+    openapi_extra=rembg.POST_DOC,
+)
+async def rembg_remove(request: Request, rt: RuntimeDep) -> Response:
+    return await serve(
+        request, rt, rembg.FROM_URL if request.method == "GET" else rembg.FROM_UPLOAD
+    )
 
 
 @router.get("/livez", summary="Liveness: the process is up and its event loop answers")
