@@ -243,7 +243,9 @@ def _check_api_key(request: Request, expected: str) -> None:
     auth = request.headers.get("authorization", "")
     given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
     if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise Unauthorized("a valid API key is required (Authorization: Bearer <key>)")
+        raise Unauthorized(
+            "a valid API key is required (Authorization: Bearer <key>, or X-API-Key: <key>)"
+        )
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -477,17 +479,9 @@ async def removebg_account(request: Request, rt: RuntimeDep) -> Response:
     return removebg.account()
 
 
-# One route for both methods, so that a 405 lists both in Allow; rembg.document() gives each
-# method its own document.
-@router.api_route(
-    "/api/remove",
-    methods=["GET", "POST"],
-    tags=[rembg.TAG],
-    summary="rembg: remove the background of an image",
-    response_class=Response,
-    responses=rembg.RESPONSES,
-    openapi_extra=rembg.POST_DOC,
-)
+# One route for both methods, so that a 405 lists both in Allow. FastAPI would give its two
+# operations one id; rembg.document() writes each into the document instead.
+@router.api_route("/api/remove", methods=["GET", "POST"], include_in_schema=False)
 async def rembg_remove(request: Request, rt: RuntimeDep) -> Response:
     return await serve(
         request, rt, rembg.FROM_URL if request.method == "GET" else rembg.FROM_UPLOAD

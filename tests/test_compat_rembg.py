@@ -197,6 +197,10 @@ def test_the_document_lists_the_api_under_its_tag(server: str) -> None:
     model = next(p for p in path["get"]["parameters"] if p["name"] == "model")
     assert model["schema"]["enum"] == ["u2netp"]
     assert "tags" not in spec["paths"]["/segment"]["post"]
+    # One route serves both methods, so that a 405 names both (found by schemathesis).
+    r = httpx.put(f"{server}/api/remove", timeout=30)
+    assert r.status_code == 405
+    assert {m.strip() for m in r.headers["allow"].split(",")} == {"GET", "POST"}
 
 
 async def test_every_api_shares_one_queue(

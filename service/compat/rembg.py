@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from service.pipeline import Pipeline, RequestContext
     from service.settings import Settings
 
-__all__ = ["FROM_UPLOAD", "FROM_URL", "POST_DOC", "RESPONSES", "TAG", "document", "error"]
+__all__ = ["FROM_UPLOAD", "FROM_URL", "TAG", "document", "error"]
 
 TAG = "rembg"
 # rembg's alpha matting defaults: its trimap's thresholds and erosion.
@@ -353,19 +353,18 @@ POST_DOC: dict[str, Any] = {
 
 
 def document(schema: dict[str, Any], *, models: Sequence[str], url_input: bool) -> None:
-    """Each method's own document (one route serves both, with ``POST``'s), the loaded models as
-    ``model``'s values; without URL input, ``GET`` says that it answers 422."""
-    path = schema["paths"]["/api/remove"]
+    """``GET`` and ``POST /api/remove`` (one route serves both, out of FastAPI's document), with
+    the loaded models as ``model``'s values; without URL input, ``GET`` says that it answers
+    422."""
     model = {"type": "string", "enum": list(models), "default": models[0]}
-    # FastAPI shares the documents' objects between apps: this app's changes go to copies.
-    path["post"] = post = copy.deepcopy(path["post"])
-    post["summary"] = "rembg: remove the background of an uploaded image"
-    props = post["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
-    props["model"] = {**props["model"], **model}
-    path["get"] = get = copy.deepcopy(path["get"])
-    get.pop("requestBody", None)
-    get["summary"] = "rembg: remove the background of an image fetched from a URL"
-    get["parameters"] = copy.deepcopy(GET_DOC["parameters"])
+    responses = {str(status): doc for status, doc in RESPONSES.items()}
+    get: dict[str, Any] = {
+        "tags": [TAG],
+        "summary": "rembg: remove the background of an image fetched from a URL",
+        "operationId": "rembg_remove_from_url",
+        "responses": copy.deepcopy(responses),
+        **copy.deepcopy(GET_DOC),
+    }
     for param in get["parameters"]:
         if param["name"] == "model":
             param["schema"] = dict(model)
@@ -374,3 +373,13 @@ def document(schema: dict[str, Any], *, models: Sequence[str], url_input: bool) 
             "This service does not fetch images by URL (U2SERVE_URL_INPUT=false): every "
             "request is answered 422."
         )
+    post: dict[str, Any] = {
+        "tags": [TAG],
+        "summary": "rembg: remove the background of an uploaded image",
+        "operationId": "rembg_remove_from_upload",
+        "responses": copy.deepcopy(responses),
+        **copy.deepcopy(POST_DOC),
+    }
+    props = post["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    props["model"] = {**props["model"], **model}
+    schema["paths"]["/api/remove"] = {"get": get, "post": post}
