@@ -17,8 +17,8 @@ once), translated into :class:`~service.params.SegmentParams`:
   photo as guide, which does what rembg's matting is for (the map's edges pulled onto the photo's
   own), not rembg's trimap matting: so its trimap's ``af``, ``ab`` and ``ae`` are accepted at
   rembg's defaults (240, 10, 10), which change nothing, and any other value is a 400.
-- ``dc`` (decontaminate), ``vm`` (ViTMatte) and ``extras`` (a session's JSON options): the service
-  has no such thing, so true (or non-empty) is a 400.
+- ``dc`` (decontaminate), ``vm`` (ViTMatte) and ``extras`` (JSON options for rembg's model): the
+  service has no such thing, so true (or non-empty) is a 400.
 
 Errors are FastAPI's shape, as rembg's are: ``{"detail": "...", "code": "..."}``; a value that is
 not valid is 422 and a URL that is refused 400, as rembg answers them; a parameter that cannot
