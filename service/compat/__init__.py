@@ -23,6 +23,9 @@ from service.compat import rembg, removebg
 __all__ = ["TAGS", "document_compat"]
 
 TAGS = [
+    # Swagger UI's group for untagged operations (/segment and the probes, which keep their
+    # document as it was), named first so that /docs shows the service's own API first.
+    {"name": "default", "description": "u2serve's own API, and its probes"},
     {
         "name": removebg.TAG,
         "description": "remove.bg's API, as remove.bg documents it, on this service's pipeline: "
