@@ -37,7 +37,7 @@ def _stage(response: httpx.Response, name: str) -> float:
     return 0.0
 
 
-def _static_server(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+def static_server(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
     from bench.http import free_port
 
     port = free_port()
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         photos = {name: photo_set(name)[0] for name in args.photos}
         for name, data in photos.items():
             (folder / f"{name}.jpg").write_bytes(data)
-        static, base = _static_server(folder)
+        static, base = static_server(folder)
         env = {
             "U2SERVE_MODEL": args.model,
             "U2SERVE_URL_ALLOW": HOST,

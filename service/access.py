@@ -1,4 +1,5 @@
-"""One access-log line per ``/segment`` request, as ``key=value`` text or as a JSON object.
+"""One access-log line per image request (``/segment``, and the compatible APIs of
+:mod:`service.compat`), as ``key=value`` text or as a JSON object.
 
 Health and metrics probes are not logged: they would drown the requests an operator looks for.
 """
@@ -22,6 +23,7 @@ class AccessRecord:
 
     request_id: str
     client: str = "-"
+    api: str = "segment"  # the API the request spoke: segment, removebg or rembg
     output: str = "-"
     model: str = "-"
     source: str = "-"  # upload, url or image_id
@@ -35,6 +37,7 @@ class AccessRecord:
         out: dict[str, Any] = {
             "request_id": self.request_id,
             "client": self.client,
+            "api": self.api,
             "status": status,
             "error": code,
             "output": self.output,

@@ -376,6 +376,7 @@ def create_app(
     (tests, another ASGI host) keeps for itself. ``shared``: the app is a front process of
     several (:mod:`service.supervisor`), whose models run in the inference worker.
     """
+    from service.compat import TAGS, document_compat
     from service.pages import install_pages
     from service.routes import document_segment, router
 
@@ -385,6 +386,7 @@ def create_app(
         summary="U²-Net salient-object segmentation over HTTP, with dynamic batching",
         version="0.1.0",
         lifespan=_lifespan,
+        openapi_tags=TAGS,
         # Served by install_pages from the package's own files, not from a CDN.
         docs_url=None,
         redoc_url=None,
@@ -404,6 +406,11 @@ def create_app(
                 "Server-Timing",
                 "Retry-After",
                 *BOX_HEADERS,
+                # remove.bg's (service/compat/removebg.py)
+                "X-Width",
+                "X-Height",
+                "X-Type",
+                "X-Credits-Charged",
             ],
         )
     _install_error_handlers(app)
@@ -412,11 +419,11 @@ def create_app(
     generated = app.openapi
 
     def openapi() -> dict[str, Any]:
-        """FastAPI's document, with what these settings serve: the models, and ``url``."""
+        """FastAPI's document, with what these settings serve: the models, and URL input."""
         if app.openapi_schema is None:
-            document_segment(
-                generated(), models=settings.served_models, url_input=settings.url_input
-            )
+            schema, models = generated(), settings.served_models
+            document_segment(schema, models=models, url_input=settings.url_input)
+            document_compat(schema, models=models, url_input=settings.url_input)
         return app.openapi_schema or generated()
 
     app.openapi = openapi  # type: ignore[method-assign]

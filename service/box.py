@@ -14,7 +14,7 @@ import numpy as np
 
 from service.params import Margin
 
-__all__ = ["Box", "Subject", "crop_region", "fit_size", "subject"]
+__all__ = ["Box", "Subject", "crop_region", "fit_size", "side_within", "subject"]
 
 
 @dataclass(frozen=True)
@@ -90,3 +90,17 @@ def fit_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
         return size
     scale = max_side / max(w, h)
     return max(1, min(max_side, round(w * scale))), max(1, min(max_side, round(h * scale)))
+
+
+def side_within(size: tuple[int, int], region: tuple[int, int], pixels: int) -> int | None:
+    """The ``max_side`` that scales ``region`` (w, h; a crop of an image of ``size``) by as much
+    as the whole image must be scaled to hold at most ``pixels`` pixels; None when it already
+    does. So a crop keeps the scale of the whole, and the whole is at most ``pixels``."""
+    w, h = size
+    if w * h <= pixels:
+        return None
+    share = pixels * region[0] * region[1] / (w * h)  # what the region may hold at that scale
+    side = max(1, math.floor(max(region) * math.sqrt(pixels / (w * h))))
+    while side > 1 and math.prod(fit_size(region, side)) > share:  # rounding, a row at most
+        side -= 1
+    return side

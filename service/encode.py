@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.box import Box, Subject, crop_region, fit_size, subject
+from service.box import Box, Subject, crop_region, fit_size, side_within, subject
 from service.codecs import Picture, encoder
 from service.decode import DecodedImage
 from service.params import SegmentParams
@@ -29,11 +29,13 @@ BOX_HEADERS = (
 
 @dataclass(frozen=True)
 class Rendered:
-    """An answer: its bytes, their media type, and headers that describe it."""
+    """An answer: its bytes, their media type, headers that describe it, and for an image its
+    (width, height)."""
 
     body: bytes
     media_type: str
     headers: dict[str, str] = field(default_factory=dict)
+    size: tuple[int, int] | None = None
 
 
 def _cutoff(params: SegmentParams) -> int:
@@ -51,10 +53,17 @@ def _box_headers(found: Subject, box: Box | None) -> dict[str, str]:
 
 
 def render(
-    levels: np.ndarray, image: DecodedImage, params: SegmentParams, *, codec: str = "vips"
+    levels: np.ndarray,
+    image: DecodedImage,
+    params: SegmentParams,
+    *,
+    codec: str = "vips",
+    max_pixels: int | None = None,
 ) -> Rendered:
     """The answer for one image; ``levels`` is its H×W uint8 map from inference. ``codec``:
-    the encoder of :mod:`service.codecs` (every one gives the same pixels)."""
+    the encoder of :mod:`service.codecs` (every one gives the same pixels). ``max_pixels``:
+    scale the answer down as the whole image would be to hold at most this many pixels (a crop
+    at that scale), as ``max_side`` scales it."""
     found = subject(levels, _cutoff(params))
     size = image.size
     region = crop_region(found.box, params.margin, size) if params.crop else Box(0, 0, *size)
@@ -68,7 +77,12 @@ def render(
             doc["crop"] = region.as_dict()
         body = json.dumps(doc, separators=(",", ":")).encode()
         return Rendered(body, "application/json", _box_headers(found, found.box))
-    out_size = fit_size((region.width, region.height), params.max_side)
+    max_side = params.max_side
+    if max_pixels is not None:
+        within = side_within(size, (region.width, region.height), max_pixels)
+        if within is not None:
+            max_side = within if max_side is None else min(max_side, within)
+    out_size = fit_size((region.width, region.height), max_side)
     answer_box = found.box.within(region, out_size) if found.box else None
     cutout = params.output == "cutout"
     picture = Picture(
@@ -81,4 +95,4 @@ def render(
         background=params.background if cutout else None,
     )
     body = encoder(codec).encode(picture, params.format, params.jpeg_quality)
-    return Rendered(body, MEDIA_TYPES[params.format], _box_headers(found, answer_box))
+    return Rendered(body, MEDIA_TYPES[params.format], _box_headers(found, answer_box), out_size)

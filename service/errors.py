@@ -22,6 +22,7 @@ __all__ = [
     "TimedOut",
     "Unauthorized",
     "UnsupportedImage",
+    "UnsupportedParameter",
     "UrlForbidden",
     "error_response",
 ]
@@ -88,6 +89,13 @@ class UnsupportedImage(ServiceError):
 
 class InvalidParameter(ServiceError):
     status, code = 422, "invalid_parameter"
+
+
+class UnsupportedParameter(ServiceError):
+    """A valid parameter of another API (service/compat/) that this service has no way to
+    honour: refused, never ignored."""
+
+    status, code = 400, "unsupported_parameter"
 
 
 class QueueFull(ServiceError):

@@ -69,15 +69,15 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
             "u2serve_requests",
-            "Segmentation requests answered, by model, image source (upload, url or image_id), "
-            "output and status",
-            ["model", "source", "output", "status"],
+            "Segmentation requests answered, by API (segment, removebg or rembg), model, image "
+            "source (upload, url or image_id), output and status",
+            ["api", "model", "source", "output", "status"],
             registry=r,
         )
         self.request_duration = Histogram(
             "u2serve_request_duration_seconds",
-            "Time from request to response of successful requests, per model and output",
-            ["model", "output"],
+            "Time from request to response of successful requests, per API, model and output",
+            ["api", "model", "output"],
             buckets=_LATENCY,
             registry=r,
         )
@@ -142,7 +142,8 @@ class Metrics:
         )
         self.in_flight = Gauge(
             "u2serve_requests_in_flight",
-            "/segment requests begun and not yet answered, their bodies still arriving included",
+            "Image requests (every API's) begun and not yet answered, their bodies still arriving "
+            "included",
             registry=r,
             multiprocess_mode="livesum",
         )

@@ -17,6 +17,7 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -155,21 +156,21 @@ class Pipeline:
             ctx.stage("upload", ctx.received)
             # Charged as the upload it stands for: a copy from Redis is as large.
             with budget.hold(len(kept)):
-                return await self._from_bytes(kept, sub.params, model, ctx, sub.image_id)
+                return await self._from_bytes(kept, sub, model, ctx, sub.image_id)
         ctx.stage("upload", ctx.received)
         if sub.url is None:
             if sub.image is None:
                 raise ValueError("a submission without an image, a url or an image id")
             ctx.record.source = "upload"
             ctx.record.bytes_in = len(sub.image)
-            return await self._from_bytes(sub.image, sub.params, model, ctx)
+            return await self._from_bytes(sub.image, sub, model, ctx)
         ctx.record.source = "url"
         # Charged as an upload of undeclared length is: the most its body may be, twice.
         with budget.hold(upload_cost(None, self.settings.max_upload_bytes)):
             data = await self._fetch(sub.url, ctx)
             ctx.record.bytes_in = len(data)
             # The fetched bytes are the upload: they get an image id and a map like any other.
-            return await self._from_bytes(data, sub.params, model, ctx)
+            return await self._from_bytes(data, sub, model, ctx)
 
     # -- the image's bytes -------------------------------------------------------------------
 
@@ -258,13 +259,14 @@ class Pipeline:
     async def _from_bytes(
         self,
         data: bytes,
-        params: SegmentParams,
+        sub: Submission,
         model: str,
         ctx: RequestContext,
         image_id: str | None = None,
     ) -> Rendered:
         """The answer for an image's bytes; a new upload (or a URL's bytes) is kept under a new
         image id, one given by ``image_id`` keeps its id."""
+        params = sub.params
         served, caches = self.ready.models[model], self.ready.caches
         loop = asyncio.get_running_loop()
         t = time.monotonic()
@@ -281,7 +283,7 @@ class Pipeline:
             key = map_key(served.segmenter.identity, got.digest)
             levels, storing = await self._levels(served, model, key, got.prepared, ctx)
             t = time.monotonic()
-            answer = await self._render(served.segmenter, levels, got.image, params)
+            answer = await self._render(served.segmenter, levels, got.image, params, sub.max_pixels)
             self._stage["encode"].observe(ctx.stage("encode", t))
             if storing is not None:  # kept before the answer, so any replica may be asked next
                 await storing
@@ -321,24 +323,35 @@ class Pipeline:
         return await batcher.submit(prepared, deadline, cancelled=ctx.disconnected)  # type: ignore[arg-type]
 
     async def _render(
-        self, segmenter: Model, levels: np.ndarray, image: DecodedImage, params: SegmentParams
+        self,
+        segmenter: Model,
+        levels: np.ndarray,
+        image: DecodedImage,
+        params: SegmentParams,
+        max_pixels: int | None,
     ) -> Rendered:
         """The map resized back and thresholded, then encoded: one trip to the codec pool, or
         two where the map needs PyTorch on the CPU (its first half then on the worker's
         thread)."""
         loop, pool = asyncio.get_running_loop(), self.ready.codec_pool
         rgb = image.model_rgb
+        encode = partial(render, max_pixels=max_pixels)
         if finishes_on_worker(segmenter, rgb.shape[:2], params):
             m = await loop.run_in_executor(
                 self.ready.infer_pool, finish, segmenter, levels, rgb, params
             )
-            return await loop.run_in_executor(pool, render, m, image, params)
+            return await loop.run_in_executor(pool, encode, m, image, params)
         return await loop.run_in_executor(
-            pool, _finish_and_render, segmenter, levels, image, params
+            pool, _finish_and_render, segmenter, levels, image, params, max_pixels
         )
 
 
 def _finish_and_render(
-    segmenter: Model, levels: np.ndarray, image: DecodedImage, params: SegmentParams
+    segmenter: Model,
+    levels: np.ndarray,
+    image: DecodedImage,
+    params: SegmentParams,
+    max_pixels: int | None,
 ) -> Rendered:
-    return render(finish(segmenter, levels, image.model_rgb, params), image, params)
+    levels = finish(segmenter, levels, image.model_rgb, params)
+    return render(levels, image, params, max_pixels=max_pixels)

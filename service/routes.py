@@ -1,4 +1,5 @@
-"""HTTP routes: ``POST /segment`` and the operational endpoints."""
+"""HTTP routes: ``POST /segment``, the APIs other tools speak (remove.bg's and rembg's, translated
+by :mod:`service.compat`), and the operational endpoints."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import re
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -17,17 +19,20 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.access import AccessRecord
+from service.api import Api, Call, Reading
 from service.app import Runtime, RuntimeDep
 from service.budget import upload_cost
 from service.cache import owner_of
+from service.compat import rembg, removebg
 from service.decode import FORMATS
 from service.errors import ClientGone, ServiceError, Unauthorized, error_response
 from service.fetch import MAX_REDIRECTS, MAX_URL_LENGTH
 from service.params import SegmentParams
-from service.pipeline import RequestContext
-from service.upload import IMAGE_ID, MULTIPART_OVERHEAD, read_upload
+from service.pipeline import Pipeline, RequestContext
+from service.settings import Settings
+from service.upload import IMAGE_ID, MULTIPART_OVERHEAD, Submission, read_upload
 
-__all__ = ["document_segment", "router"]
+__all__ = ["SEGMENT", "document_segment", "router", "serve"]
 
 log = logging.getLogger("u2serve")
 router = APIRouter()
@@ -238,7 +243,9 @@ def _check_api_key(request: Request, expected: str) -> None:
     auth = request.headers.get("authorization", "")
     given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
     if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise Unauthorized("a valid API key is required (Authorization: Bearer <key>)")
+        raise Unauthorized(
+            "a valid API key is required (Authorization: Bearer <key>, or X-API-Key: <key>)"
+        )
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -314,8 +321,52 @@ async def _wait_for_disconnect(request: Request) -> None:
     openapi_extra=_SEGMENT_DOC,
 )
 async def segment(request: Request, rt: RuntimeDep) -> Response:
+    return await serve(request, rt, SEGMENT)
+
+
+@dataclass(frozen=True)
+class _SegmentCall:
+    submission: Submission
+
+    async def answer(self, pipeline: Pipeline, ctx: RequestContext) -> Response:
+        answer = await pipeline.answer(self.submission, ctx)
+        return Response(answer.body, media_type=answer.media_type, headers=answer.headers)
+
+
+class _Segment:
+    """``POST /segment``: the service's own API (:mod:`service.upload` reads it)."""
+
+    name = "segment"
+
+    def body_limit(self, settings: Settings) -> int:
+        return settings.max_upload_bytes + MULTIPART_OVERHEAD
+
+    async def read(self, request: Request, reading: Reading) -> Call:
+        return _SegmentCall(
+            await read_upload(
+                request,
+                reading.max_bytes,
+                reading.timeout_s,
+                models=reading.models,
+                url_input=reading.url_input,
+            )
+        )
+
+    def error(self, exc: ServiceError) -> Response:
+        return exc.response()
+
+
+SEGMENT: Api = _Segment()
+
+
+async def serve(request: Request, rt: Runtime, api: Api) -> Response:
+    """One request of ``api``, whichever it is: read, answered through the pipeline, and
+    accounted for alike (in flight, the access log, the metrics under its ``api`` label); every
+    error in the API's own shape, an unexpected one a plain 500 that leaks nothing."""
     ctx = RequestContext(
-        AccessRecord(_request_id(request), request.client.host if request.client else "-"),
+        AccessRecord(
+            _request_id(request), request.client.host if request.client else "-", api=api.name
+        ),
         time.monotonic(),
     )
     rid = ctx.record.request_id
@@ -323,12 +374,12 @@ async def segment(request: Request, rt: RuntimeDep) -> Response:
     rt.metrics.in_flight.inc()
     code: str | None = None
     try:
-        response = await _segment(request, rt, ctx)
+        response = await _serve(request, rt, api, ctx)
     except ServiceError as exc:
-        response, code = exc.response(), exc.code
+        response, code = api.error(exc), exc.code
     except Exception:
         log.exception("request %s failed", rid)
-        response = error_response(500, "internal_error", f"internal error (request {rid})")
+        response = api.error(ServiceError(f"internal error (request {rid})"))
         code = "internal_error"
     finally:
         rt.inflight -= 1
@@ -343,9 +394,13 @@ async def segment(request: Request, rt: RuntimeDep) -> Response:
         v if v != "-" else "unknown" for v in (record.output, record.model, record.source)
     )
     status = str(response.status_code)
-    rt.metrics.requests.labels(model=model, source=source, output=output, status=status).inc()
+    rt.metrics.requests.labels(
+        api=api.name, model=model, source=source, output=output, status=status
+    ).inc()
     if response.status_code == 200:
-        rt.metrics.request_duration.labels(model=model, output=output).observe(elapsed)
+        rt.metrics.request_duration.labels(api=api.name, model=model, output=output).observe(
+            elapsed
+        )
     for part in ctx.timing:
         stage, _, rest = part.partition(";dur=")
         record.stages_ms[stage] = float(rest.split(";")[0])
@@ -353,8 +408,8 @@ async def segment(request: Request, rt: RuntimeDep) -> Response:
     return response
 
 
-async def _segment(request: Request, rt: Runtime, ctx: RequestContext) -> Response:
-    """Read the request into a Submission, run it through the pipeline, write the answer."""
+async def _serve(request: Request, rt: Runtime, api: Api, ctx: RequestContext) -> Response:
+    """Admit the request, read it into a call, and have the call answer it."""
     pipeline = rt.serving()
     s = rt.settings
     if s.api_key is not None:
@@ -365,17 +420,18 @@ async def _segment(request: Request, rt: Runtime, ctx: RequestContext) -> Respon
     pipeline.check_capacity()  # refuse before spending work on the upload
     # The body is charged from its declared length before it is read, the pixels from the
     # image's header before they are decoded; both are held until the answer's bytes exist.
-    limit = s.max_upload_bytes + MULTIPART_OVERHEAD
+    limit = api.body_limit(s)
     with pipeline.ready.budget.hold(upload_cost(request.headers.get("content-length"), limit)):
         ctx.received = time.monotonic()
+        reading = Reading(
+            s.max_upload_bytes,
+            s.body_timeout_s,
+            tuple(pipeline.ready.models),
+            rt.fetcher is not None,
+            pipeline.ready.codec_pool,
+        )
         try:
-            submission = await read_upload(
-                request,
-                s.max_upload_bytes,
-                s.body_timeout_s,
-                models=tuple(pipeline.ready.models),
-                url_input=rt.fetcher is not None,
-            )
+            call = await api.read(request, reading)
         except ServiceError as exc:
             pipeline.reject(exc)
             raise
@@ -383,13 +439,53 @@ async def _segment(request: Request, rt: Runtime, ctx: RequestContext) -> Respon
         disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
         ctx.disconnected = disconnected
         try:
-            answer = await pipeline.answer(submission, ctx)
+            return await call.answer(pipeline, ctx)
         except ClientGone:
             log.info("client went away while queued")
             raise
         finally:
             disconnected.cancel()
-    return Response(answer.body, media_type=answer.media_type, headers=answer.headers)
+
+
+# -- the APIs other tools speak (service/compat/) --------------------------------------------
+
+
+@router.post(
+    "/v1.0/removebg",
+    tags=[removebg.TAG],
+    summary="remove.bg: remove the background of an image",
+    response_class=Response,
+    responses=removebg.RESPONSES,
+    openapi_extra=removebg.DOC,
+)
+async def removebg_remove(request: Request, rt: RuntimeDep) -> Response:
+    return await serve(request, rt, removebg.API)
+
+
+@router.get(
+    "/v1.0/account",
+    tags=[removebg.TAG],
+    summary="remove.bg: the account's credits (none: self-hosted)",
+    response_class=Response,
+    responses=removebg.ACCOUNT_RESPONSES,
+    openapi_extra={"parameters": removebg.DOC["parameters"]},
+)
+async def removebg_account(request: Request, rt: RuntimeDep) -> Response:
+    if rt.settings.api_key is not None:
+        try:
+            _check_api_key(request, rt.settings.api_key.get_secret_value())
+        except ServiceError as exc:
+            return removebg.error(exc)
+    return removebg.account()
+
+
+# One route for both methods, so that a 405 lists both in Allow. FastAPI would give its two
+# operations one id; rembg.document() writes each into the document instead.
+@router.api_route("/api/remove", methods=["GET", "POST"], include_in_schema=False)
+async def rembg_remove(request: Request, rt: RuntimeDep) -> Response:
+    return await serve(
+        request, rt, rembg.FROM_URL if request.method == "GET" else rembg.FROM_UPLOAD
+    )
 
 
 @router.get("/livez", summary="Liveness: the process is up and its event loop answers")

@@ -5,9 +5,12 @@ fetch it from, or the ``image_id`` of one uploaded before; exactly one of them) 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import TypeVar
 from urllib.parse import parse_qsl
 
 from starlette.requests import Request
@@ -23,27 +26,34 @@ from service.errors import (
 from service.multipart import MalformedMultipart, boundary_of, parse_multipart
 from service.params import SegmentParams, parse_params
 
-__all__ = ["IMAGE_ID", "MULTIPART_OVERHEAD", "Submission", "read_upload"]
+__all__ = ["IMAGE_ID", "MULTIPART_OVERHEAD", "Form", "Submission", "read_form", "read_upload"]
 
 IMAGE_ID = "image_id"
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, headers and the small parameter fields
 _FORM = "application/x-www-form-urlencoded"
+_JSON = "application/json"
 # The image and every parameter once (SegmentParams' fields, url, model, image_id), and no more.
 _MAX_PARTS = 24
+# A body past this size is parsed in the codec pool rather than on the event loop (a 20 MB
+# image as base64 in a form or JSON body takes tens of milliseconds to parse).
+_OFF_LOOP_BYTES = 1 << 20
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
 class Submission:
     """What a request asks for: the image's bytes, the URL to fetch them from, or the id of an
     image uploaded before (one of the three); the model (None: the default one) and the
-    parameters of the answer."""
+    parameters of the answer. ``max_pixels``: the answer scaled down as the whole image would
+    be to hold at most that many pixels (remove.bg's ``size``; no parameter of ``/segment``)."""
 
     params: SegmentParams
     image: bytes | None = None
     url: str | None = None
     model: str | None = None
     image_id: str | None = None
+    max_pixels: int | None = None
 
 
 async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
@@ -205,3 +215,105 @@ def _unsupported(ctype: str) -> UnsupportedImage:
         "'image', or as the raw body with an image/* content type (or give a url or an "
         "image_id)"
     )
+
+
+@dataclass(frozen=True)
+class Form:
+    """What a request of another API (:mod:`service.compat`) carries: its named values, from the
+    query string and the body's fields, each name once in all (as text; a JSON body's values as
+    JSON gives them, ``typed``); and its file parts by field name."""
+
+    fields: dict[str, object]
+    files: dict[str, bytes]
+    typed: bool = False
+
+
+async def _parsed(pool: Executor | None, body: bytes, parse: Callable[[bytes], _T]) -> _T:
+    if pool is None or len(body) < _OFF_LOOP_BYTES:
+        return parse(body)
+    return await asyncio.get_running_loop().run_in_executor(pool, parse, body)
+
+
+def _text(data: bytes) -> str:
+    # As browsers send them: UTF-8, or else Latin-1, as Starlette decodes them.
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def _form_fields(body: bytes) -> list[tuple[str, str]]:
+    try:
+        return parse_qsl(body.decode("utf-8"), keep_blank_values=True)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest(f"malformed form body: {exc}") from exc
+
+
+def _json_fields(body: bytes) -> dict[str, object]:
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest(f"malformed JSON body: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise BadRequest("a JSON body must be an object of parameters")
+    return doc
+
+
+async def read_form(
+    request: Request,
+    max_bytes: int,
+    timeout_s: float,
+    *,
+    files: Collection[str] = (),
+    json_body: bool = False,
+    pool: Executor | None = None,
+) -> Form:
+    """The query's and the body's fields (a multipart or form-encoded body, or a JSON object
+    where ``json_body``), and the multipart parts named in ``files``, within ``max_bytes``;
+    400/408/413/415/422 otherwise. A name given twice, in one place or in both, is refused; so is
+    a file part under another name. ``pool``: where a large body is parsed."""
+    items: list[tuple[str, object]] = list(request.query_params.multi_items())
+    parts: dict[str, bytes] = {}
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    typed = False
+    if ctype == "multipart/form-data":
+        body = await _read_body(request, max_bytes, timeout_s)
+        try:
+            boundary = boundary_of(request.headers["content-type"])
+            parsed = await _parsed(
+                pool, body, partial(parse_multipart, boundary=boundary, max_parts=32)
+            )
+        except MalformedMultipart as exc:
+            raise BadRequest(f"malformed multipart body: {exc}") from exc
+        for part in parsed:
+            if part.name in files:
+                if part.name in parts:
+                    raise InvalidParameter(f"{part.name}: given more than once")
+                parts[part.name] = part.data
+            elif part.filename is not None:
+                wanted = " or ".join(f"'{f}'" for f in files) or "none"
+                raise InvalidParameter(
+                    f"{part.name}: unexpected file field (file fields: {wanted})"
+                )
+            else:
+                items.append((part.name, _text(part.data)))
+    elif ctype == _FORM:
+        items += await _parsed(pool, await _read_body(request, max_bytes, timeout_s), _form_fields)
+    elif ctype == _JSON and json_body:
+        body = await _read_body(request, max_bytes, timeout_s)
+        doc = await _parsed(pool, body, _json_fields)
+        typed = True
+        items += list(doc.items())
+    else:
+        body = await _read_body(request, MULTIPART_OVERHEAD, timeout_s)
+        if body:
+            accepted = ["multipart/form-data", _FORM] + ([_JSON] if json_body else [])
+            raise UnsupportedImage(
+                f"content type {ctype!r} is not accepted here: send {', '.join(accepted)}"
+            )
+    fields: dict[str, object] = {}
+    for key, value in items:
+        if key in fields or key in parts:
+            raise InvalidParameter(f"{key}: given more than once")
+        fields[key] = value
+    return Form(fields, parts, typed)

@@ -7,9 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -123,3 +125,32 @@ def serving_gated(env: dict[str, str], gate: Path) -> Iterator[tuple[subprocess.
             except subprocess.TimeoutExpired:
                 proc.kill()
         proc.communicate(timeout=30)
+
+
+@contextmanager
+def file_server(host: str, files: Mapping[str, tuple[bytes, str]]) -> Iterator[str]:
+    """A plain HTTP server on ``host`` (a loopback address a service is told it may fetch from)
+    answering each path of ``files`` with its (bytes, content type), 404 otherwise; yields its
+    base URL and records nothing."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body, ctype = files.get(self.path.split("?")[0], (b"nothing here", "text/plain"))
+            self.send_response(200 if self.path.split("?")[0] in files else 404)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{host}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

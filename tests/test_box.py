@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.box import Box, Subject, subject
+from service.box import Box, Subject, fit_size, side_within, subject
 
 
 def _by_definition(levels: np.ndarray, cutoff: int) -> Subject:
@@ -45,3 +45,28 @@ def test_subject_is_its_definition(index: int, cutoff: int) -> None:
     got, want = subject(levels, cutoff), _by_definition(levels, cutoff)
     assert got.box == want.box
     assert got.ratio == pytest.approx(want.ratio, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("size", "pixels"),
+    [
+        ((770, 595), 250_000),
+        ((3000, 2000), 250_000),
+        ((20_000, 30), 250_000),
+        ((6000, 4000), 1_500_000),
+    ],
+)
+def test_side_within_bounds_the_whole_image(size: tuple[int, int], pixels: int) -> None:
+    side = side_within(size, size, pixels)
+    assert side is not None
+    w, h = fit_size(size, side)
+    assert w * h <= pixels
+    assert (w + 1) * (h + 1) > pixels  # not a row or column smaller than it must be
+    assert side_within(size, size, size[0] * size[1]) is None  # already within: no scaling
+
+
+def test_side_within_keeps_the_wholes_scale_for_a_crop() -> None:
+    size, crop = (2000, 1000), (500, 800)  # the whole scaled by 1/2 holds 0.5 MP
+    side = side_within(size, crop, 500_000)
+    assert side is not None
+    assert fit_size(crop, side) == (250, 400)
