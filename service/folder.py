@@ -165,7 +165,9 @@ def outstanding(
 ) -> list[Task]:
     """The tasks whose output does not exist yet (all of them with ``overwrite``); the others
     are counted as skipped, and one whose output would replace its own input as failed."""
-    planned = suffix_for(MEDIA_TYPES.get(params.format, "application/octet-stream"))
+    # A box is answered as JSON whatever the format says (service/encode.py).
+    media = "application/json" if params.output == "box" else MEDIA_TYPES.get(params.format)
+    planned = suffix_for(media or "application/octet-stream")
     todo = []
     for task in tasks:
         target = task.target(planned)

@@ -186,6 +186,22 @@ def test_folder_with_broken_files_and_resumption(
     assert not list(out.rglob(".*"))  # no temporary files left
 
 
+def test_a_second_run_skips_the_boxes_written(
+    u2netp_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A box is written as .json, and a second run knows it is done by that name."""
+    src, out = tmp_path / "photos", tmp_path / "out"
+    make_folder(src)
+    for bad in ("broken.jpg", "fake.png"):
+        (src / bad).unlink()
+    args = ["segment", str(src), "-o", str(out), "-q", "--output", "box", *flags(u2netp_weights)]
+    assert main(args) == 0
+    assert "2 written, 0 skipped" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["girl.json", "rifle2.json"]
+    assert main(args) == 0
+    assert "0 written, 2 skipped (already done)" in capsys.readouterr().err
+
+
 def test_stderr_has_the_progress_bar_and_the_summary_only(
     u2netp_weights: Path, tmp_path: Path
 ) -> None:
