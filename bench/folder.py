@@ -11,7 +11,9 @@ Both commands run as real processes, one after the other (never at once), each i
 output folder, and are timed from start to exit: start-up and loading the model included, as an
 operator would see them. With ``--serve`` or ``--server``, ``u2serve segment --server URL`` is
 timed too: the service is already up (``--serve`` starts ``python -m service`` with its default
-settings, as ``make serve`` does, before the first run and stops it after the last), so that
+settings, as ``make serve`` does, but the map cache off, since every round sends the same photos
+again; a service given by ``--server`` should run with ``U2SERVE_CACHE_MAP_BYTES=0`` too; it is
+started before the first run and stopped after the last), so that
 run's time is the photos' way there and back and the service's work, not its start-up; the
 idle service stays loaded while the other commands run. rembg is the copy that ``bench.http``
 installs into ``bench/.rembg-venv``, pointed through ``U2NET_HOME`` at the very ``u2net.onnx``
@@ -117,7 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     with ExitStack() as stack:
         url = args.server
         if args.serve:
-            cmd, env, ready = u2serve_server({"U2SERVE_MODEL": args.model})
+            # The map cache off: every round sends the same photos again, and the other commands
+            # start afresh each time.
+            env = {"U2SERVE_MODEL": args.model, "U2SERVE_CACHE_MAP_BYTES": "0"}
+            cmd, env, ready = u2serve_server(env)
             url = stack.enter_context(running(cmd, env, ready, "u2serve-served", args.model)).url
         if url:
             print(f"# u2serve --server: {url}")
