@@ -420,6 +420,13 @@ def test_server_refuses_what_only_a_local_run_means(
     assert not (tmp_path / "out").exists()
 
 
+def _as_from_a_terminal() -> None:
+    """In the child before it starts: Ctrl-C's default, as a command typed in a terminal has.
+    A suite started in the background by a non-interactive shell (as CI may start it) has SIGINT
+    ignored, and Python keeps an ignored SIGINT ignored: the run would never see the signal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.integration
 def test_ctrl_c_stops_a_served_run_at_once_and_the_next_resumes(
     u2netp_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -436,6 +443,7 @@ def test_ctrl_c_stops_a_served_run_at_once_and_the_next_resumes(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=_as_from_a_terminal,
         )
         held = Path(f"{gate}.pid")
         end = time.monotonic() + 300  # only a failing run ever waits this long
