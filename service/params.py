@@ -8,6 +8,7 @@ parameters are model validators whose messages name every parameter involved.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Self
 
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from service.errors import InvalidParameter
 
-__all__ = ["Format", "Margin", "Output", "SegmentParams", "parse_params"]
+__all__ = ["Format", "Margin", "Output", "SegmentParams", "describe_errors", "parse_params"]
 
 Output = Literal["mask", "probability", "cutout", "box"]
 Format = Literal["png", "webp", "jpeg"]
@@ -152,16 +153,24 @@ class SegmentParams(BaseModel):
         return DEFAULT_JPEG_QUALITY if self.quality is None else self.quality
 
 
-def _describe(exc: ValidationError) -> str:
+# What a value of the wrong form should have been, by parameter: pydantic's own message for a
+# pattern names the regular expression, which says nothing to a user.
+_PATTERNS = {
+    "bg_color": "a colour is #rrggbb or #rrggbbaa in hexadecimal (the # optional)",
+    "crop_margin": "a margin is a whole number of pixels (20 or 20px) or a percentage (10%)",
+}
+
+
+def describe_errors(exc: ValidationError, patterns: Mapping[str, str] = _PATTERNS) -> str:
+    """A validation error as one line naming every bad or unknown parameter; ``patterns``: what
+    a value of each patterned parameter should look like (for the other APIs' own names)."""
     parts = []
     for err in exc.errors():
         where = ".".join(str(x) for x in err["loc"])
         if err["type"] == "extra_forbidden":
             msg = "unknown parameter"
-        elif err["type"] == "string_pattern_mismatch" and where == "bg_color":
-            msg = "a colour is #rrggbb or #rrggbbaa in hexadecimal (the # optional)"
-        elif err["type"] == "string_pattern_mismatch" and where == "crop_margin":
-            msg = "a margin is a whole number of pixels (20 or 20px) or a percentage (10%)"
+        elif err["type"] == "string_pattern_mismatch" and where in patterns:
+            msg = patterns[where]
         else:
             msg = err["msg"].removeprefix("Value error, ")
         # A model validator's message already starts with the parameters it names.
@@ -174,4 +183,4 @@ def parse_params(values: dict[str, str]) -> SegmentParams:
     try:
         return SegmentParams.model_validate(values)
     except ValidationError as exc:
-        raise InvalidParameter(_describe(exc)) from exc
+        raise InvalidParameter(describe_errors(exc)) from exc

@@ -40,7 +40,7 @@ from starlette.responses import JSONResponse, Response
 
 from service.api import Call, Reading
 from service.errors import ImageTooLarge, InvalidParameter, ServiceError, UnsupportedParameter
-from service.params import SegmentParams, parse_params
+from service.params import SegmentParams, describe_errors, parse_params
 from service.upload import MULTIPART_OVERHEAD, Form, Submission, read_form
 
 if TYPE_CHECKING:
@@ -72,25 +72,14 @@ class RembgParams(BaseModel):
     extras: str | None = None
 
 
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(x) for x in err["loc"])
-        if err["type"] == "extra_forbidden":
-            msg = "unknown parameter"
-        elif where == "bgc":
-            msg = "a colour is r,g,b or r,g,b,a, each 0 to 255 (255,255,255,255)"
-        else:
-            msg = err["msg"]
-        parts.append(f"{where}: {msg}" if where else msg)
-    return "; ".join(parts)
+_PATTERNS = {"bgc": "a colour is r,g,b or r,g,b,a, each 0 to 255 (255,255,255,255)"}
 
 
 def _validated(fields: dict[str, object]) -> RembgParams:
     try:
         return RembgParams.model_validate(fields)
     except ValidationError as exc:
-        raise InvalidParameter(_describe(exc)) from exc
+        raise InvalidParameter(describe_errors(exc, _PATTERNS)) from exc
 
 
 def _colour(bgc: str) -> str:

@@ -60,7 +60,7 @@ from service.errors import (
     ServiceError,
     UnsupportedParameter,
 )
-from service.params import SegmentParams, parse_params
+from service.params import SegmentParams, describe_errors, parse_params
 from service.pipeline import RequestContext
 from service.upload import MULTIPART_OVERHEAD, Form, Submission, read_form
 
@@ -166,15 +166,6 @@ def account() -> Response:
 
 
 # -- reading -------------------------------------------------------------------------------------
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(x) for x in err["loc"])
-        msg = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"]
-        parts.append(f"{where}: {msg}" if where else msg)
-    return "; ".join(parts)
 
 
 def _colour(value: str) -> str:
@@ -322,7 +313,7 @@ def _validated(form: Form) -> RemoveBgParams:
     try:
         return RemoveBgParams.model_validate(values, strict=form.typed)
     except ValidationError as exc:
-        raise InvalidParameter(_describe(exc)) from exc
+        raise InvalidParameter(describe_errors(exc, {})) from exc
 
 
 def _body_limit(max_bytes: int) -> int:
