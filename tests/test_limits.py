@@ -406,8 +406,13 @@ def top():
     return int(heap.split()[0].split("-")[1], 16)
 
 map_large_buffers()
+give_back_memory()  # no free space left at the top, which the imports may have left there
 before = top()
-blocks = [np.ones(1 << 20, np.uint8) for _ in range(6)]  # below the mapping threshold: the heap
+# 1 MiB blocks, below the mapping threshold, until the heap's top has grown by 6 MiB: holes lower
+# in the heap take the first ones, wherever the imports left them.
+blocks = []
+while top() - before < 6 << 20 and len(blocks) < 64:
+    blocks.append(np.ones(1 << 20, np.uint8))
 grown = top()
 del blocks  # 6 MiB free at the heap's top
 kept = top()
