@@ -4,6 +4,7 @@ loaded over HTTP, so that what is measured is everything but the network.
     python -m bench.ceiling                                  # 1 MP and 12 MP, masks and cut-outs
     python -m bench.ceiling --photos 1mp --outputs mask --concurrency 16 --seconds 20
     python -m bench.ceiling --variant w2:U2SERVE_WORKERS=2   # settings against each other
+    python -m bench.ceiling --checkout before=../before      # this code against another's
 
 For each photo size, output and concurrency it prints images/s, latency p50 and p99, and, read
 from ``/proc`` before and after the load:
@@ -33,7 +34,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.http import SIZES_MP, batch_totals, photo_set, running
+from bench.http import REPO, SIZES_MP, batch_totals, photo_set, running
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -205,6 +206,14 @@ def main(argv: list[str] | None = None) -> None:
         metavar="NAME:VAR=VALUE,...",
         help="another server with these settings (repeatable)",
     )
+    p.add_argument(
+        "--checkout",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="another server, with the base settings, run from another checkout of the project "
+        "(such as `git worktree add ../before HEAD~1`): a change of code measured in one run",
+    )
     args = p.parse_args(argv)
     env = {
         "U2SERVE_MODEL": args.model,
@@ -219,12 +228,19 @@ def main(argv: list[str] | None = None) -> None:
     for variant in args.variant:
         vname, _, assignments = variant.partition(":")
         servers[vname] = env | dict(kv.split("=", 1) for kv in assignments.split(",") if kv)
+    checkouts = {"base": REPO}
+    for checkout in args.checkout:
+        cname, _, where = checkout.partition("=")
+        if not (Path(where) / "bench" / "instant.py").is_file():
+            p.error(f"--checkout {checkout}: {where} is not a checkout of this project")
+        servers[cname], checkouts[cname] = env, Path(where).resolve()
     print(
         f"# {time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} cores, "
         f"{args.body} bodies, {args.seconds:g} s a level; "
         + "; ".join(
             f"{n}: " + " ".join(f"{k}={v}" for k, v in e.items()) for n, e in servers.items()
         )
+        + "".join(f"; {n} run from {d}" for n, d in checkouts.items() if n != "base")
     )
     print(
         f"{'photos':6} {'output':7} {'conc':>4} {'server':8} {'img/s':>7} {'p50 ms':>7} "
@@ -234,7 +250,9 @@ def main(argv: list[str] | None = None) -> None:
     with ExitStack() as stack:
         instant = [sys.executable, "-m", "bench.instant"]
         targets = {
-            n: stack.enter_context(running(instant, e, "/readyz", f"ceiling-{n}", args.model))
+            n: stack.enter_context(
+                running(instant, e, "/readyz", f"ceiling-{n}", args.model, checkouts.get(n, REPO))
+            )
             for n, e in servers.items()
         }
         live = {n: (t.proc.pid, int(t.url.rsplit(":", 1)[1])) for n, t in targets.items()}

@@ -119,14 +119,21 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], limit_s: float) -> None:
 
 @contextmanager
 def running(
-    cmd: list[str], env: dict[str, str], ready_path: str, name: str, model: str
+    cmd: list[str],
+    env: dict[str, str],
+    ready_path: str,
+    name: str,
+    model: str,
+    cwd: Path = REPO,
 ) -> Iterator[Target]:
+    """``cmd`` started in ``cwd`` (a checkout of the project) on a free port, until it answers
+    ``ready_path``; stopped with SIGTERM on exit. It logs to ``bench/.NAME.log``."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (REPO / "bench" / f".{name}.log").open("wb")
     proc = subprocess.Popen(
         [*cmd, "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO,
+        cwd=cwd,
         env={**os.environ, **env},
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -488,6 +488,10 @@ async def rembg_remove(request: Request, rt: RuntimeDep) -> Response:
     )
 
 
+# The endpoints every image goes through, called by service.app.App straight from the server.
+DIRECT = (segment, removebg_remove, rembg_remove)
+
+
 @router.get("/livez", summary="Liveness: the process is up and its event loop answers")
 async def livez() -> dict[str, str]:
     return {"status": "ok"}

@@ -10,7 +10,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import numpy as np
@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from model.engines import cpu_features, float32_cpu_engine
 from model.postprocess import to_mask, to_probability
 from model.segmenter import Segmenter
-from service.app import Runtime, create_app
+from service.app import App, Runtime, create_app
 from service.settings import Settings
 
 from .conftest import load_rgb, reference_dir
@@ -570,6 +570,60 @@ async def test_openapi_documents_parameters_and_errors(client: httpx.AsyncClient
 
 async def test_unknown_route_is_json_404(client: httpx.AsyncClient) -> None:
     assert_error(await client.get("/nope"), 404, "not_found")
+
+
+async def test_image_routes_answer_the_same_past_fastapis_routing(
+    u2netp_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``App`` calls the endpoints every image goes through straight from the server. A client
+    under a root path goes FastAPI's whole way to the same endpoints: the answers, good and
+    bad, are the same but for the request's own id and timings."""
+    whole_way = 0
+    fastapi_call = FastAPI.__call__
+
+    async def counted(self: FastAPI, scope: Any, receive: Any, send: Any) -> None:
+        nonlocal whole_way
+        whole_way += scope["type"] == "http"
+        await fastapi_call(self, scope, receive, send)
+
+    monkeypatch.setattr(FastAPI, "__call__", counted)
+    jpeg, upload = {"content-type": "image/jpeg"}, ("h.jpg", photo(), "image/jpeg")
+    calls: list[tuple[str, str, dict[str, Any]]] = [
+        ("POST", "/segment?output=mask", {"content": photo(), "headers": jpeg}),
+        ("POST", "/segment?output=cutout&format=webp&crop=true", {"files": {"image": upload}}),
+        ("POST", "/segment", {"content": b"not an image", "headers": jpeg}),
+        ("POST", "/segment?threshold=2", {"content": photo(), "headers": jpeg}),
+        ("POST", "/api/remove", {"files": {"file": upload}, "data": {"om": "true"}}),
+        ("GET", "/api/remove", {}),
+        ("POST", "/v1.0/removebg", {"files": {"image_file": upload}}),
+    ]
+    async with running(settings(u2netp_weights)) as (app, direct):
+        assert set(cast(App, app).direct) == {
+            ("POST", "/segment"),
+            ("POST", "/v1.0/removebg"),
+            ("GET", "/api/remove"),
+            ("POST", "/api/remove"),
+        }
+        mounted = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, root_path="/under"),
+            base_url="http://test/under",
+            timeout=60,
+        )
+        async with mounted:
+            for method, url, kw in calls:
+                a = await direct.request(method, url, **kw)
+                assert whole_way == 0
+                b = await mounted.request(method, url, **kw)
+                assert whole_way == 1
+                whole_way = 0
+                assert (a.status_code, a.content) == (b.status_code, b.content), url
+                own = {"x-request-id", "server-timing", "x-image-id"}
+                assert {k: v for k, v in a.headers.items() if k not in own} == {
+                    k: v for k, v in b.headers.items() if k not in own
+                }, url
+        # Methods and paths of their own still go FastAPI's way: its 405, and its 404.
+        assert_error(await direct.get("/segment"), 405, "method_not_allowed")
+        assert (await direct.post("/segment/")).status_code == 307  # its redirect of a slash
 
 
 async def test_cors_preflight_for_configured_origins(u2netp_weights: Path) -> None:
