@@ -322,6 +322,9 @@ async def _front(rt: Runtime, shared: Shared) -> AsyncIterator[None]:
         caches = Caches(
             RemoteMapCache(link, rt.metrics), RemoteUploadStore(link, rt.metrics), _none
         )
+    # A front runs no network: its large buffers are the codecs' photos, maps and answers.
+    if rt.owns_process and map_large_buffers():
+        log.info("large buffers are mapped, and unmapped when freed")
     codec_pool = ThreadPoolExecutor(s.codec_threads, thread_name_prefix="u2serve-codec")
     infer = ThreadPoolExecutor(1, thread_name_prefix="u2serve-infer")
     budget = MemoryBudget(

@@ -207,6 +207,10 @@ def test_sigterm_drains_every_front_then_the_worker(service: Service) -> None:
         answers = [f.result() for f in sent]
     assert [r.status_code for r in answers] == [200] * n
     assert service.proc.wait(120) == 0
+    # Every front mapped its large buffers (service/budget.py); the worker may, by its engine.
+    assert service.proc.stdout is not None
+    log = service.proc.stdout.read().decode()
+    assert log.count("large buffers are mapped") >= FRONTS
 
 
 def test_the_memory_budget_is_every_processs() -> None:
