@@ -210,9 +210,10 @@ def main(argv: list[str] | None = None) -> None:
         "--checkout",
         action="append",
         default=[],
-        metavar="NAME=DIR",
-        help="another server, with the base settings, run from another checkout of the project "
-        "(such as `git worktree add ../before HEAD~1`): a change of code measured in one run",
+        metavar="NAME=DIR[:VAR=VALUE,...]",
+        help="another server run from another checkout of the project (such as `git worktree "
+        "add ../before HEAD~1`), with the base settings and these: a change of code measured in "
+        "one run (repeatable)",
     )
     args = p.parse_args(argv)
     env = {
@@ -231,9 +232,11 @@ def main(argv: list[str] | None = None) -> None:
     checkouts = {"base": REPO}
     for checkout in args.checkout:
         cname, _, where = checkout.partition("=")
+        where, _, assignments = where.partition(":")
         if not (Path(where) / "bench" / "instant.py").is_file():
             p.error(f"--checkout {checkout}: {where} is not a checkout of this project")
-        servers[cname], checkouts[cname] = env, Path(where).resolve()
+        servers[cname] = env | dict(kv.split("=", 1) for kv in assignments.split(",") if kv)
+        checkouts[cname] = Path(where).resolve()
     print(
         f"# {time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} cores, "
         f"{args.body} bodies, {args.seconds:g} s a level; "
