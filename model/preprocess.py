@@ -54,6 +54,28 @@ def _means(mean: tuple[float, ...], std: tuple[float, ...], size: int) -> tuple[
     return np.tile(np.asarray(mean, np.float32), size), np.tile(np.asarray(std, np.float32), size)
 
 
+# OpenCV's remap takes images under 32767 pixels a side (SHRT_MAX).
+_REMAP_MAX_SIDE = 32766
+
+
+def _gather(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``image[rows][:, cols]``: the pixels at every row of ``rows`` and column of ``cols``.
+
+    OpenCV's nearest-neighbour remap at whole-number coordinates copies each pixel, reading only
+    those asked for; numpy's two ``take`` calls first copied every row asked for in full (a
+    12 MP photo's 640 rows: 7.7 MB, a fresh mapping each time). One at a time, on a freshly
+    decoded photo: 1.2 against 2.0 ms at 1 MP, 2.4 against 5.4 ms at 12 MP (bench/README.md)."""
+    import cv2
+
+    if max(image.shape[:2]) > _REMAP_MAX_SIDE:
+        return image.take(rows, axis=0).take(cols, axis=1)
+    shape = (len(rows), len(cols))
+    x = np.broadcast_to(cols.astype(np.float32), shape)
+    y = np.broadcast_to(rows.astype(np.float32)[:, None], shape)
+    out: np.ndarray = cv2.remap(image, np.array(x), np.array(y), cv2.INTER_NEAREST)
+    return out
+
+
 def prepare(image: np.ndarray, spec: WeightsSpec) -> np.ndarray:
     """One uint8 ``H×W×3`` image → its normalised ``3×S×S`` float32 input (C-contiguous)."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -66,7 +88,7 @@ def prepare(image: np.ndarray, spec: WeightsSpec) -> np.ndarray:
     # Rows are 3S long, so every operation runs along a whole row; the uint8 patch is cast in
     # each multiply, so no temporary reaches the 2 MiB from which glibc maps (and faults in)
     # every buffer afresh (service/budget.py).
-    patch = image.take(rows, axis=0).take(cols, axis=1).reshape(2 * s, 6 * s)
+    patch = _gather(image, rows, cols).reshape(2 * s, 6 * s)
     left, right = patch[:, : 3 * s], patch[:, 3 * s :]
     top = np.multiply(left[:s], wx1, dtype=np.float32)
     top += np.multiply(right[:s], wx, dtype=np.float32)

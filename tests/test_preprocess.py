@@ -75,7 +75,12 @@ def _torch_blend(image: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "hw", [(320, 320), (173, 290), (2000, 3000), (1, 1), (5, 999), (321, 319), (4032, 3024)]
+    "hw",
+    [
+        *[(320, 320), (173, 290), (2000, 3000), (1, 1), (5, 999), (321, 319), (4032, 3024)],
+        # OpenCV's remap gathers the pixels up to 32766 a side, numpy's take beyond it.
+        *[(3, 32766), (32766, 2), (2, 32767), (40000, 3)],
+    ],
 )
 def test_prepare_is_the_pytorch_blend_to_the_bit(hw: tuple[int, int]) -> None:
     """``prepare`` (numpy, in the codec pool) gives the very input the PyTorch blend gave, so
@@ -88,3 +93,7 @@ def test_prepare_is_the_pytorch_blend_to_the_bit(hw: tuple[int, int]) -> None:
     image = torch.randint(0, 256, (*hw, 3), dtype=torch.uint8, generator=gen)
     expected = normalise(_torch_blend(image, SPEC.input_size)[None], SPEC)[0]
     assert np.array_equal(prepare(image.numpy(), SPEC), expected.numpy())
+    # A view (a photo turned upright by its EXIF tag, a crop) is read where it lies.
+    view = image.numpy()[::-1, ::-1]
+    flipped = normalise(_torch_blend(image.flip(0, 1), SPEC.input_size)[None], SPEC)[0]
+    assert np.array_equal(prepare(view, SPEC), flipped.numpy())
