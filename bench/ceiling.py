@@ -10,6 +10,10 @@ For each photo size, output and concurrency it prints images/s, latency p50 and 
 from ``/proc`` before and after the load:
 
 - ``cpu ms/img``: the CPU time of every process of the service (all their threads), per image;
+- ``× stages``: that CPU time over the per-image stages' (decode, the network's input, the
+  digest, the map back, the encoding), run one at a time in this process on the same photo and
+  the stand-in's same map, before any server starts (printed as a ``#`` line each): what the
+  serving path adds to the work it cannot avoid;
 - ``loop ms/req``: the CPU time of the threads that run an event loop (each process's main
   thread), per request: what the per-request Python costs where the requests are accepted.
 
@@ -76,6 +80,53 @@ class CpuTimes:
             except OSError:
                 continue  # a process that has just exited
         return cls(total, loops)
+
+
+# -- the stages one at a time -------------------------------------------------------------------
+
+
+def stage_costs(photo: bytes, output: str, model: str, repeat: int = 5) -> dict[str, float]:
+    """The CPU ms (every thread of this process, best of ``repeat``) of each per-image stage of
+    the service, run here one after another on ``photo`` with the stand-in's map, as its codec
+    threads run them: what the served image costs beyond them is the serving path's own."""
+    from bench import instant
+    from service.app import load_segmenter
+    from service.budget import map_large_buffers
+    from service.cache import digest
+    from service.decode import decode, read_header
+    from service.encode import render
+    from service.infer import finish
+    from service.params import parse_params
+    from service.settings import Settings
+
+    instant.install()
+    map_large_buffers()  # as the service allocates
+    settings = Settings(model=model, device="cpu")
+    seg = load_segmenter(settings)
+    params = parse_params({"output": output})
+    limit = settings.max_pixels
+    header = read_header(photo, max_pixels=limit)
+    image = decode(photo, max_pixels=limit, header=header)
+    prepared = seg.prepare(image.model_rgb)
+    levels = seg.levels_of([prepared])[0]
+    finished = finish(seg, levels, image.model_rgb, params)
+    stages = {
+        "header": lambda: read_header(photo, max_pixels=limit),
+        "decode": lambda: decode(photo, max_pixels=limit, header=header),
+        "prepare": lambda: seg.prepare(image.model_rgb),
+        "digest": lambda: digest(photo),
+        "finish": lambda: finish(seg, levels, image.model_rgb, params),
+        "render": lambda: render(finished, image, params),
+    }
+    costs = {}
+    for name, stage in stages.items():
+        best = float("inf")
+        for _ in range(repeat):
+            t = time.process_time()
+            stage()
+            best = min(best, time.process_time() - t)
+        costs[name] = best * 1e3
+    return costs
 
 
 # -- the load ----------------------------------------------------------------------------------
@@ -247,9 +298,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"{'photos':6} {'output':7} {'conc':>4} {'server':8} {'img/s':>7} {'p50 ms':>7} "
-        f"{'p99 ms':>7} {'cpu ms/img':>10} {'loop ms/req':>11} {'client ms/req':>13} "
-        f"{'batch':>5} {'errors':>6}"
+        f"{'p99 ms':>7} {'cpu ms/img':>10} {'× stages':>8} {'loop ms/req':>11} "
+        f"{'client ms/req':>13} {'batch':>5} {'errors':>6}"
     )
+    chains: dict[tuple[str, str], float] = {}
+    for photos_name in args.photos:
+        (photo,) = photo_set(photos_name)
+        for output in args.outputs:
+            costs = stage_costs(photo, output, args.model)
+            chains[photos_name, output] = chain = sum(costs.values())
+            print(
+                f"# {photos_name} {output}, the stages one at a time: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in costs.items())
+                + f"; {chain:.1f} ms of CPU"
+            )
     with ExitStack() as stack:
         instant = [sys.executable, "-m", "bench.instant"]
         targets = {
@@ -292,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
                             f"{photos_name:6} {output:7} {conc:>4} {n:8} {ok / seconds:7.1f} "
                             f"{merged.pct(0.5) * 1e3:7.1f} {merged.pct(0.99) * 1e3:7.1f} "
                             f"{merged.cpu.total * 1e3 / per:10.2f} "
+                            f"{merged.cpu.total * 1e3 / per / chains[photos_name, output]:8.2f} "
                             f"{merged.cpu.loops * 1e3 / per:11.2f} "
                             f"{merged.client_cpu_s * 1e3 / per:13.2f} {batch} {merged.errors:6}",
                             flush=True,
