@@ -296,8 +296,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         + "".join(f"; {n} run from {d}" for n, d in checkouts.items() if n != "base")
     )
+    width = max(8, *map(len, servers))
     print(
-        f"{'photos':6} {'output':7} {'conc':>4} {'server':8} {'img/s':>7} {'p50 ms':>7} "
+        f"{'photos':6} {'output':7} {'conc':>4} {'server':{width}} {'img/s':>7} {'p50 ms':>7} "
         f"{'p99 ms':>7} {'cpu ms/img':>10} {'× stages':>8} {'loop ms/req':>11} "
         f"{'client ms/req':>13} {'batch':>5} {'errors':>6}"
     )
@@ -351,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
                         per = max(ok + merged.errors, 1)
                         batch = f"{merged.batch_mean:5.1f}" if merged.batch_mean else "    -"
                         print(
-                            f"{photos_name:6} {output:7} {conc:>4} {n:8} {ok / seconds:7.1f} "
+                            f"{photos_name:6} {output:7} {conc:>4} {n:{width}} "
+                            f"{ok / seconds:7.1f} "
                             f"{merged.pct(0.5) * 1e3:7.1f} {merged.pct(0.99) * 1e3:7.1f} "
                             f"{merged.cpu.total * 1e3 / per:10.2f} "
                             f"{merged.cpu.total * 1e3 / per / chains[photos_name, output]:8.2f} "
