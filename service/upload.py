@@ -74,6 +74,8 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     try:
         async with asyncio.timeout(timeout_s):
             async for chunk in request.stream():
+                if not chunk:
+                    continue  # the stream's closing empty chunk
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > limit:
