@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -16,8 +17,22 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
-from .conftest import REPO
+from .conftest import REPO, reference_dir
+
+
+def distinct_photos(n: int) -> list[bytes]:
+    """``n`` different small JPEG photos: the same one again could be answered from the map
+    cache."""
+    with Image.open(reference_dir() / "images" / "horse.jpg") as im:
+        rgb = im.convert("RGB")
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        rgb.resize((200 + i, 150)).save(buf, "JPEG")
+        out.append(buf.getvalue())
+    return out
 
 
 def free_port() -> int:
@@ -100,9 +115,12 @@ def serving(env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], str]
 
 
 @contextmanager
-def serving_gated(env: dict[str, str], gate: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def serving_gated(
+    env: dict[str, str], gate: Path, limit_s: float = 120
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A real server process with ``env`` whose batches wait for the file ``gate``
-    (tests/gated_service.py), ready; afterwards the gate is opened and the server drained."""
+    (tests/gated_service.py), ready within ``limit_s``; afterwards the gate is opened and the
+    server drained."""
     port = free_port()
     address = ["--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(
@@ -114,7 +132,7 @@ def serving_gated(env: dict[str, str], gate: Path) -> Iterator[tuple[subprocess.
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc)
+        wait_ready(url, proc, limit_s)
         yield proc, url
     finally:
         gate.touch()

@@ -6,7 +6,6 @@ spent, a service that is not up yet, and ``segment_many`` keeping the batcher fe
 from __future__ import annotations
 
 import asyncio
-import io
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +33,16 @@ from u2serve import (
 )
 
 from .conftest import reference_dir
-from .procs import free_port, scrape, serving, serving_gated, start, u2netp_env, wait_ready
+from .procs import (
+    distinct_photos,
+    free_port,
+    scrape,
+    serving,
+    serving_gated,
+    start,
+    u2netp_env,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -44,18 +52,6 @@ PHOTO = "horse.jpg"
 
 def photo(name: str = PHOTO) -> bytes:
     return (reference_dir() / "images" / name).read_bytes()
-
-
-def variants(n: int) -> list[bytes]:
-    """``n`` different small photos: the same one again could be answered from the map cache."""
-    with Image.open(reference_dir() / "images" / PHOTO) as im:
-        rgb = im.convert("RGB")
-    out = []
-    for i in range(n):
-        buf = io.BytesIO()
-        rgb.resize((200 + i, 150)).save(buf, "JPEG")
-        out.append(buf.getvalue())
-    return out
 
 
 def raw(url: str, data: bytes, **params: str) -> httpx.Response:
@@ -196,7 +192,7 @@ def test_no_service_raises_connection_failed() -> None:
 
 
 def test_segment_many_yields_every_outcome_as_it_comes(client: Client) -> None:
-    images: list[Any] = [*variants(5), b"not an image"]
+    images: list[Any] = [*distinct_photos(5), b"not an image"]
     outcomes = list(client.segment_many(images, output="mask"))
     assert sorted(o.index for o in outcomes) == list(range(6))
     for o in outcomes:
@@ -215,7 +211,7 @@ def test_segment_many_stops_early_and_reads_images_as_it_goes(client: Client) ->
     taken = []
 
     def images() -> Iterator[bytes]:
-        for i, data in enumerate(variants(50)):
+        for i, data in enumerate(distinct_photos(50)):
             taken.append(i)
             yield data
 
@@ -240,7 +236,7 @@ async def test_the_async_client_follows_the_same_rules(url: str) -> None:
             await c.again("B" * 22)
         with pytest.raises(InvalidParameter):
             await c.segment(photo(SMALL), crop_margin="5")
-        images = variants(3)
+        images = distinct_photos(3)
         done = [o async for o in c.segment_many(images, output="mask")]
         assert sorted(o.index for o in done) == [0, 1, 2]
         assert all(o.get().content == raw(url, images[o.index]).content for o in done)
@@ -287,7 +283,7 @@ def test_a_full_queue_is_waited_out_and_the_batcher_kept_fed(gated: Gated) -> No
     """With the network held on one photo, segment_many keeps twice the batch in flight: eight
     queued, which fills the queue. A client with no retry time then gets the 503, typed, at
     once (sync and async alike); one with time waits it out and is answered."""
-    images = variants(9)
+    images = distinct_photos(9)
     outcomes: list[Any] = []
     answers: list[Result] = []
     with Client(gated.url) as client:

@@ -9,7 +9,6 @@ import multiprocessing
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +22,7 @@ from service.budget import MemoryBudget
 from service.errors import QueueFull
 from service.metrics import Metrics
 
-from .conftest import REPO, reference_dir
-from .procs import free_port, scrape, u2netp_env, wait_ready
+from .procs import distinct_photos, scrape, serving_gated, u2netp_env
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +55,6 @@ class Service:
 
 @pytest.fixture
 def service(u2netp_weights: Path, tmp_path: Path) -> Iterator[Service]:
-    port = free_port()
     gate = tmp_path / "gate"
     env = u2netp_env(
         u2netp_weights,
@@ -65,43 +62,8 @@ def service(u2netp_weights: Path, tmp_path: Path) -> Iterator[Service]:
         U2SERVE_MAX_BATCH_SIZE="4",
         U2SERVE_MAX_BATCH_WAIT_MS="0",
     )
-    address = ["--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.gated_service", str(gate), *address],
-        cwd=REPO,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, limit_s=300)
+    with serving_gated(env, gate, limit_s=300) as (proc, url):
         yield Service(proc, url, gate)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            gate.touch()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        proc.communicate(timeout=30)
-
-
-def photos(n: int) -> list[bytes]:
-    """``n`` different small photos: the same one again could be answered from the map cache."""
-    import io
-
-    from PIL import Image
-
-    with Image.open(reference_dir() / "images" / "horse.jpg") as im:
-        rgb = im.convert("RGB")
-    out = []
-    for i in range(n):
-        buf = io.BytesIO()
-        rgb.resize((200 + i, 150)).save(buf, "JPEG")
-        out.append(buf.getvalue())
-    return out
 
 
 def post(url: str, photo: bytes, **params: str) -> httpx.Response:
@@ -131,7 +93,7 @@ def arrived(s: Service) -> float:
 def test_every_fronts_requests_share_the_workers_batches(service: Service) -> None:
     n = 8
     with ThreadPoolExecutor(n) as pool:
-        sent = [pool.submit(post, service.url, p) for p in photos(n)]
+        sent = [pool.submit(post, service.url, p) for p in distinct_photos(n)]
         until(lambda: arrived(service) == n)  # all of them wait behind the held batch
         service.open()
         answers = [f.result() for f in sent]
@@ -155,7 +117,7 @@ def test_every_fronts_requests_share_the_workers_batches(service: Service) -> No
 def test_a_worker_that_dies_fails_what_waited_and_another_serves(service: Service) -> None:
     n = 4
     with ThreadPoolExecutor(n) as pool:
-        sent = [pool.submit(post, service.url, p) for p in photos(n)]
+        sent = [pool.submit(post, service.url, p) for p in distinct_photos(n)]
         until(lambda: arrived(service) == n)
         os.kill(service.worker(), signal.SIGKILL)
         answers = [f.result() for f in sent]  # none is left hanging
@@ -165,13 +127,13 @@ def test_a_worker_that_dies_fails_what_waited_and_another_serves(service: Servic
         assert r.headers["retry-after"] == "1"
     service.open()
     # A new worker; each front answers 503 until it has connected to it.
-    until(lambda: post(service.url, photos(1)[0]).status_code == 200)
+    until(lambda: post(service.url, distinct_photos(1)[0]).status_code == 200)
 
 
 def test_a_front_that_dies_under_load_is_replaced(service: Service) -> None:
     n = 8
     with ThreadPoolExecutor(n) as pool:
-        sent = [pool.submit(post, service.url, p) for p in photos(n)]
+        sent = [pool.submit(post, service.url, p) for p in distinct_photos(n)]
         until(lambda: arrived(service) == n)
         fronts = service.children() - {service.worker()}
         assert len(fronts) == FRONTS
@@ -189,18 +151,18 @@ def test_a_front_that_dies_under_load_is_replaced(service: Service) -> None:
         )
     )
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda p: post(service.url, p), photos(8)))
+        answers = list(pool.map(lambda p: post(service.url, p), distinct_photos(8)))
     assert [r.status_code for r in answers] == [200] * 8
 
 
 def test_sigterm_drains_every_front_then_the_worker(service: Service) -> None:
     n = 4
     with ThreadPoolExecutor(n) as pool:
-        sent = [pool.submit(post, service.url, p) for p in photos(n)]
+        sent = [pool.submit(post, service.url, p) for p in distinct_photos(n)]
         until(lambda: arrived(service) == n)
         service.proc.send_signal(signal.SIGTERM)
         until(lambda: httpx.get(f"{service.url}/readyz", timeout=30).status_code == 503)
-        late = post(service.url, photos(1)[0])
+        late = post(service.url, distinct_photos(1)[0])
         assert late.status_code == 503
         assert late.json()["error"]["code"] == "draining"
         service.open()
