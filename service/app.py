@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from model.segmenter import Segmenter, resolve_device
 from model.weights import SPECS
+from service.admission import Admission, Counts, in_flight_limit
 from service.batcher import Batcher, QueueGroup
 from service.budget import MemoryBudget, give_back_memory, map_large_buffers
 from service.cache import open_caches
@@ -217,8 +218,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if rt.owns_process and not engines_allocate and map_large_buffers():
         log.info("large buffers are mapped, and unmapped when freed")
     codec_pool = ThreadPoolExecutor(s.codec_threads, thread_name_prefix="u2serve-codec")
-    # One queue limit for every model: they wait for the same device, on the same thread.
-    group = QueueGroup(s.max_queue, rt.metrics)
+    max_batch = max(_batch_size(s, seg) for seg in segmenters.values())
+    admission = Admission(in_flight_limit(s, max_batch), rt.metrics)
+    # Every model's queue under the one bound of admission: they wait for the same device, on
+    # the same thread, and what was admitted is never refused there.
+    group = QueueGroup(admission.limit, rt.metrics)
     models: dict[str, Served] = {}
     batchers: dict[str, Batcher[np.ndarray, np.ndarray]] = {}
     for name, segmenter in segmenters.items():
@@ -227,7 +231,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             partial(run_batch, segmenter),
             max_batch_size=max_batch,
             max_wait_s=s.max_batch_wait_ms / 1000,
-            max_queue=s.max_queue,
+            max_queue=admission.limit,
             metrics=rt.metrics,
             executor=infer,
             group=group,
@@ -262,10 +266,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     budget = MemoryBudget(
         s.memory_budget_bytes,
         metrics=rt.metrics,
-        retry_after=models[s.default_model].batcher.retry_after,
+        retry_after=admission.retry_after,
         on_idle=rt.give_back_memory,
     )
-    rt.pipeline = Pipeline(rt, Ready(models, codec_pool, infer, caches, budget))
+    rt.pipeline = Pipeline(rt, Ready(models, codec_pool, infer, caches, budget, admission))
 
     async def warm_up() -> None:
         if s.warmup:
@@ -308,10 +312,14 @@ async def _front(rt: Runtime, shared: Shared) -> AsyncIterator[None]:
     side = max(SPECS[name].input_size for name in s.served_models)
     link = WorkerLink(shared, side, front_slots(s), rt.metrics)
     described = await link.start()
+    max_batch = max(int(described[name]["max_batch_size"]) for name in s.served_models)
+    # One bound over every front's requests: the counts are in memory they share.
+    limit = in_flight_limit(s, max_batch)
+    admission = Admission(limit, rt.metrics, Counts(shared.requests, shared.answered))
     models = {
         name: Served(
             RemoteModel(described[name]),
-            RemoteQueue(link, name, described[name]["max_batch_size"], s.max_queue, rt.metrics),
+            RemoteQueue(link, name, described[name]["max_batch_size"], limit, rt.metrics),
             {k: v for k, v in described[name].items() if k != "identity"},
         )
         for name in s.served_models
@@ -330,11 +338,11 @@ async def _front(rt: Runtime, shared: Shared) -> AsyncIterator[None]:
     budget = MemoryBudget(
         s.memory_budget_bytes,
         metrics=rt.metrics,
-        retry_after=models[s.default_model].batcher.retry_after,
+        retry_after=admission.retry_after,
         on_idle=rt.give_back_memory,
         shared=shared.held,
     )
-    rt.pipeline = Pipeline(rt, Ready(models, codec_pool, infer, caches, budget))
+    rt.pipeline = Pipeline(rt, Ready(models, codec_pool, infer, caches, budget, admission))
     rt.set_ready(True)
     try:
         yield

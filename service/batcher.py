@@ -85,7 +85,7 @@ class QueueGroup:
 
     def report(self) -> None:
         depth = self.depth
-        self._metrics.queue_depth.set(depth)
+        self._metrics.queue_depth.labels(stage="batch").set(depth)
         if self._on_depth is not None:
             self._on_depth(depth)
 

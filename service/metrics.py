@@ -111,13 +111,22 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "u2serve_queue_depth",
-            "Requests waiting in the queue, every model's",
+            "Requests waiting, by stage: for a codec thread to decode them (decode), for the "
+            "network (batch, every model's), for a codec thread to make their answer (encode)",
+            ["stage"],
             registry=r,
             multiprocess_mode="livesum",
         )
         self.queue_capacity = Gauge(
             "u2serve_queue_capacity",
-            "Requests that may wait (U2SERVE_MAX_QUEUE)",
+            "Requests that may wait, in every stage together (U2SERVE_MAX_QUEUE)",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.in_flight_limit = Gauge(
+            "u2serve_requests_in_flight_limit",
+            "Requests the service may hold at once, from admission to answer: U2SERVE_MAX_QUEUE "
+            "waiting beyond one batch and one image per codec thread; past it, 503",
             registry=r,
             multiprocess_mode="max",
         )

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from service.access import AccessRecord
+from service.admission import Admission, PoolStage
 from service.batcher import Completed
 from service.budget import Charge, MemoryBudget, request_cost, upload_cost
 from service.cache import Caches, digest, map_key, new_image_id
@@ -83,6 +84,7 @@ class Ready:
     infer_pool: ThreadPoolExecutor
     caches: Caches
     budget: MemoryBudget
+    admission: Admission
 
 
 @dataclass(eq=False)
@@ -131,15 +133,29 @@ class Pipeline:
             name: runtime.metrics.stage_duration.labels(stage=name)
             for name in ("fetch", "decode", "encode")
         }
+        # The trips to a pool, each under the request's deadline: the decode, and the answer
+        # (its first half on the worker's thread where the map needs PyTorch on the CPU).
+        self._decoding = PoolStage(ready.codec_pool, "decode", runtime.metrics)
+        self._encoding = PoolStage(ready.codec_pool, "encode", runtime.metrics)
+        self._finishing = PoolStage(ready.infer_pool, "encode", runtime.metrics)
         # Each model's cache counters, looked up once rather than per request.
         self._cache_hits = {m: runtime.metrics.map_cache_hits.labels(model=m) for m in ready.models}
         self._cache_misses = {
             m: runtime.metrics.map_cache_misses.labels(model=m) for m in ready.models
         }
 
-    def check_capacity(self) -> None:
-        """503 now if the queue is full, before any work is spent on the upload."""
-        self.ready.models[self.settings.default_model].batcher.check_capacity()
+    def admit(self) -> None:
+        """Count a request in, or 503 now if the service holds as many as it may, before any
+        work is spent on the upload; each admitted request is released once (:meth:`release`)."""
+        self.ready.admission.admit()
+
+    def release(self) -> None:
+        """Count an admitted request out: its answer's bytes exist, or it failed."""
+        self.ready.admission.release()
+
+    def deadline(self, ctx: RequestContext) -> float:
+        """When ``ctx``'s request must be answered by, in every stage (``time.monotonic()``)."""
+        return ctx.start + self.settings.request_timeout_s
 
     def reject(self, exc: ServiceError) -> None:
         """Count a request refused before inference, by its error's code."""
@@ -268,10 +284,15 @@ class Pipeline:
         image id, one given by ``image_id`` keeps its id."""
         params = sub.params
         served, caches = self.ready.models[model], self.ready.caches
-        loop = asyncio.get_running_loop()
         t = time.monotonic()
-        got = await loop.run_in_executor(
-            self.ready.codec_pool, self._decode, data, params, served.segmenter, ctx.record
+        got = await self._decoding.run(
+            self.deadline(ctx),
+            ctx.disconnected,
+            self._decode,
+            data,
+            params,
+            served.segmenter,
+            ctx.record,
         )
         # The arrays are gone when this returns, before the charge is released.
         with got.charge:
@@ -283,7 +304,9 @@ class Pipeline:
             key = map_key(served.segmenter.identity, got.digest)
             levels, storing = await self._levels(served, model, key, got.prepared, ctx)
             t = time.monotonic()
-            answer = await self._render(served.segmenter, levels, got.image, params, sub.max_pixels)
+            answer = await self._render(
+                served.segmenter, levels, got.image, params, sub.max_pixels, ctx
+            )
             self._stage["encode"].observe(ctx.stage("encode", t))
             if storing is not None:  # kept before the answer, so any replica may be asked next
                 await storing
@@ -319,7 +342,7 @@ class Pipeline:
         self, batcher: Queue, prepared: np.ndarray, ctx: RequestContext
     ) -> Completed[np.ndarray]:
         """Through the queue and the network; withdrawn if the client goes away while queued."""
-        deadline = ctx.start + self.settings.request_timeout_s
+        deadline = self.deadline(ctx)
         return await batcher.submit(prepared, deadline, cancelled=ctx.disconnected)  # type: ignore[arg-type]
 
     async def _render(
@@ -329,20 +352,26 @@ class Pipeline:
         image: DecodedImage,
         params: SegmentParams,
         max_pixels: int | None,
+        ctx: RequestContext,
     ) -> Rendered:
         """The map resized back and thresholded, then encoded: one trip to the codec pool, or
         two where the map needs PyTorch on the CPU (its first half then on the worker's
-        thread)."""
-        loop, pool = asyncio.get_running_loop(), self.ready.codec_pool
+        thread); withdrawn, as the decode is, if its deadline passes while it waits."""
+        deadline, gone = self.deadline(ctx), ctx.disconnected
         rgb = image.model_rgb
-        encode = partial(render, max_pixels=max_pixels)
         if finishes_on_worker(segmenter, rgb.shape[:2], params):
-            m = await loop.run_in_executor(
-                self.ready.infer_pool, finish, segmenter, levels, rgb, params
-            )
-            return await loop.run_in_executor(pool, encode, m, image, params)
-        return await loop.run_in_executor(
-            pool, _finish_and_render, segmenter, levels, image, params, max_pixels
+            m = await self._finishing.run(deadline, gone, finish, segmenter, levels, rgb, params)
+            encode = partial(render, max_pixels=max_pixels)
+            return await self._encoding.run(deadline, gone, encode, m, image, params)
+        return await self._encoding.run(
+            deadline,
+            gone,
+            _finish_and_render,
+            segmenter,
+            levels,
+            image,
+            params,
+            max_pixels,
         )
 
 

@@ -417,7 +417,18 @@ async def _serve(request: Request, rt: Runtime, api: Api, ctx: RequestContext) -
         ctx.owner = owner_of(s.api_key.get_secret_value())
     else:
         ctx.owner = owner_of(None)
-    pipeline.check_capacity()  # refuse before spending work on the upload
+    pipeline.admit()  # refuse before spending work on the upload
+    try:
+        return await _admitted(request, rt, api, ctx, pipeline)
+    finally:
+        pipeline.release()
+
+
+async def _admitted(
+    request: Request, rt: Runtime, api: Api, ctx: RequestContext, pipeline: Pipeline
+) -> Response:
+    """An admitted request: its body read into a call, and the call's answer."""
+    s = rt.settings
     # The body is charged from its declared length before it is read, the pixels from the
     # image's header before they are decoded; both are held until the answer's bytes exist.
     limit = api.body_limit(s)

@@ -36,6 +36,7 @@ from types import FrameType
 from typing import Any
 
 from model.weights import SPECS
+from service.admission import in_flight_limit
 from service.settings import Settings
 
 __all__ = ["Shared", "front_slots", "run"]
@@ -51,12 +52,15 @@ _RESTART_BACKOFF_S = 1.0
 class Shared:
     """What the supervisor makes before it starts the processes, and they share: the memory
     budget's bytes held, the worker's queue depth and ``Retry-After``, whether the worker is
-    ready, and the folder of the worker's socket and the fronts' slot files."""
+    ready, the requests every front holds and has answered (:mod:`service.admission`), and the
+    folder of the worker's socket and the fronts' slot files."""
 
     held: Any  # multiprocessing.Value("q")
     depth: Any  # multiprocessing.Value("i")
     retry_after: Any  # multiprocessing.Value("i")
     worker_ready: Any  # multiprocessing.Value("b")
+    requests: Any  # multiprocessing.Value("i")
+    answered: Any  # multiprocessing.Value("q")
     directory: Path
 
     @property
@@ -69,8 +73,8 @@ class Shared:
 
 def front_slots(settings: Settings) -> int:
     """How many of a front's requests may be at the worker at once, each with a slot: as many
-    as may wait in its queue and run in a batch."""
-    return settings.max_queue + (settings.max_batch_size or 32)
+    as the whole service may hold (the largest default batch where none is set)."""
+    return in_flight_limit(settings, settings.max_batch_size or 32)
 
 
 def _folder(settings: Settings) -> Path:
@@ -148,6 +152,8 @@ def run(settings: Settings) -> int:
         multiprocessing.Value("i", 0),
         multiprocessing.Value("i", 1),
         multiprocessing.Value("b", 0),
+        multiprocessing.Value("i", 0),
+        multiprocessing.Value("q", 0),
         directory,
     )
     sock = _listen(settings.host, settings.port)

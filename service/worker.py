@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from model.segmenter import Segmenter
+from service.admission import in_flight_limit
 from service.batcher import Batcher, QueueGroup
 from service.cache import open_caches
 from service.errors import ServiceError
@@ -60,7 +61,12 @@ async def serve(settings: Settings, shared: Shared) -> None:
         shared.depth.value = depth
         shared.retry_after.value = batchers[settings.default_model].retry_after()
 
-    group = QueueGroup(settings.max_queue, metrics, on_depth=tell)
+    # The fronts admit requests under one bound (service/admission.py); the queue never holds
+    # more than they admitted, so it refuses none of them.
+    limit = in_flight_limit(
+        settings, max(_batch_size(settings, seg) for seg in segmenters.values())
+    )
+    group = QueueGroup(limit, metrics, on_depth=tell)
     descriptions = {}
     for name, seg in segmenters.items():
         max_batch = _batch_size(settings, seg)
@@ -68,7 +74,7 @@ async def serve(settings: Settings, shared: Shared) -> None:
             partial(run_batch, seg),
             max_batch_size=max_batch,
             max_wait_s=settings.max_batch_wait_ms / 1000,
-            max_queue=settings.max_queue,
+            max_queue=limit,
             metrics=metrics,
             executor=infer,
             group=group,

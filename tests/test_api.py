@@ -386,7 +386,9 @@ async def test_cpu_batches_default_to_one_image(u2netp_weights: Path) -> None:
 async def test_full_queue_gives_503_with_retry_after(
     u2netp_weights: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    s = settings(u2netp_weights, max_batch_size=1, max_queue=2, max_batch_wait_ms=0)
+    s = settings(
+        u2netp_weights, max_batch_size=1, max_queue=2, max_batch_wait_ms=0, codec_threads=1
+    )
     async with running(s) as (app, c):
         rt = app.state.runtime
         gate = Gate(monkeypatch, rt.segmenter)
@@ -398,8 +400,9 @@ async def test_full_queue_gives_503_with_retry_after(
         text = (await c.get("/metrics")).text
     codes = [r.status_code for r in rs]
     assert set(codes) <= {200, 503}, codes
-    assert codes.count(503) >= 7  # at most one held and two waiting
-    assert codes.count(200) >= 2
+    # The service holds two waiting beyond one image at the network and one on the codec thread
+    # (service/admission.py); nothing was answered while the gate was shut.
+    assert codes.count(200) == 4
     for r in rs:
         if r.status_code == 503:
             assert_error(r, 503, "overloaded")
@@ -423,17 +426,16 @@ async def test_expired_deadline_gives_504_and_skips_the_model(
         sent = [asyncio.ensure_future(post_image(c, photo())) for _ in range(6)]
         # The worker holds at most one; the others wait past their deadline and are answered.
         await until(lambda: sum(f.done() for f in sent) + gate.held == 6)
+        # The held one began before now: once this has passed, so has its deadline, and its
+        # answer is not made for nobody (service/admission.py's PoolStage).
+        await asyncio.sleep(s.request_timeout_s)
         gate.opened.set()
         rs = await asyncio.gather(*sent)
         text = (await c.get("/metrics")).text
-    codes = [r.status_code for r in rs]
-    assert set(codes) <= {200, 504}, codes
-    assert codes.count(504) >= 5
     for r in rs:
-        if r.status_code == 504:
-            assert_error(r, 504, "timeout")
-    # Only the answered requests were run through the model.
-    assert metric(text, "u2serve_batch_size_sum") == codes.count(200) == gate.held
+        assert_error(r, 504, "timeout")
+    # Only the one held was run through the model; the others were withdrawn from its queue.
+    assert metric(text, "u2serve_batch_size_sum") == gate.held == 1
 
 
 # -- health, readiness, metrics, docs, auth ------------------------------------------------------

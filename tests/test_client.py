@@ -265,9 +265,15 @@ class Gated:
 
 @pytest.fixture
 def gated(u2netp_weights: Path, tmp_path: Path) -> Iterator[Gated]:
-    """One process whose batches wait for a gate file: batches of up to 4, 8 may wait."""
+    """One process whose batches wait for a gate file: batches of up to 4, and 9 requests held
+    at once (4 waiting beyond a batch and the codec thread: service/admission.py)."""
     gate = tmp_path / "gate"
-    env = u2netp_env(u2netp_weights, U2SERVE_MAX_BATCH_SIZE="4", U2SERVE_MAX_QUEUE="8")
+    env = u2netp_env(
+        u2netp_weights,
+        U2SERVE_MAX_BATCH_SIZE="4",
+        U2SERVE_MAX_QUEUE="4",
+        U2SERVE_CODEC_THREADS="1",
+    )
     with serving_gated(env, gate) as (_, url):
         yield Gated(url, gate)
 

@@ -1,0 +1,198 @@
+"""Admission by count: how many requests the service holds at once, from the moment one is
+admitted (before its body is read) until its answer is written.
+
+A request waits in more places than the batcher's queue: for the codec pool to decode it, for
+the network, for the codec pool again to resize its map back and encode the answer, and, with
+front processes, at the inference worker. A bound on one of those queues lets work pile up in
+the others out of its sight (with a fast network, in the codec pool, until deadlines pass), so
+the bound is on all of them together:
+
+    limit = U2SERVE_MAX_QUEUE + the requests the service can work on at once
+          = max_queue + max_batch_size + codec_threads × front processes
+
+that is, ``max_queue`` requests may wait, in any stage, beyond one batch at the network and one
+image on each codec thread. Past the limit a request is answered 503 with ``Retry-After`` at
+once, before its body is read. ``Retry-After`` is the time the service took lately to answer
+as many requests as it holds: the drain rate of the whole path, not of the network alone.
+
+With front processes (``U2SERVE_WORKERS`` > 1) the count and the answers lie in memory the
+supervisor shares with every front, so one bound holds across them.
+
+Inside the bound, each request still keeps its deadline in every stage: :class:`PoolStage` withdraws
+work still waiting for a codec thread when its deadline passes or its client goes away, so
+nothing is decoded or encoded for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import multiprocessing
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+from service.errors import ClientGone, QueueFull, TimedOut
+from service.settings import Settings
+
+if TYPE_CHECKING:  # not imported before the supervisor has told prometheus-client its folder
+    from service.metrics import Metrics
+
+__all__ = ["STAGES", "Admission", "Counts", "PoolStage", "in_flight_limit"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# The stages a request waits in, each a series of u2serve_queue_depth: the codec pool before
+# its photo is decoded, the model's batch, the codec pool before its answer is made.
+STAGES = ("decode", "batch", "encode")
+
+
+def in_flight_limit(settings: Settings, max_batch_size: int) -> int:
+    """Requests the whole service may hold, every front's together: ``max_queue`` waiting
+    beyond what it works on at once (one batch, one image on each codec thread)."""
+    return settings.max_queue + max_batch_size + settings.codec_threads * settings.workers
+
+
+@dataclass(frozen=True)
+class Counts:
+    """The two numbers admission keeps: requests held now and requests answered so far; in
+    memory shared by every front where there are several."""
+
+    held: Any  # multiprocessing.Value("i")
+    answered: Any  # multiprocessing.Value("q")
+
+    @classmethod
+    def local(cls) -> Counts:
+        """Counts for a service of one process (the values' locks are cheap and uncontended)."""
+        return cls(multiprocessing.Value("i", 0), multiprocessing.Value("q", 0))
+
+
+class _DrainRate:
+    """Answers per second over the last answers seen by this process (the answered count is the
+    whole service's), for ``Retry-After``."""
+
+    def __init__(self, window: int = 64, horizon_s: float = 30.0) -> None:
+        self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=window)
+        self._horizon_s = horizon_s
+
+    def add(self, now: float, answered: int) -> None:
+        self._samples.append((now, answered))
+
+    def per_second(self, now: float) -> float | None:
+        while self._samples and now - self._samples[0][0] > self._horizon_s:
+            self._samples.popleft()
+        if len(self._samples) < 2:
+            return None
+        (t0, n0), (t1, n1) = self._samples[0], self._samples[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 and n1 > n0 else None
+
+
+class Admission:
+    """The bound on requests held at once (see the module's docstring).
+
+    ``admit()`` counts a request in, or raises :class:`QueueFull`; ``release()`` counts it out
+    once its answer is written (or it failed). ``counts``: the shared counts of several fronts;
+    one process's own by default.
+    """
+
+    def __init__(self, limit: int, metrics: Metrics, counts: Counts | None = None) -> None:
+        if limit < 1:
+            raise ValueError(f"the in-flight limit must be at least 1, not {limit}")
+        self.limit = limit
+        self._counts = counts or Counts.local()
+        self._metrics = metrics
+        self._rate = _DrainRate()
+        self._full = metrics.rejected.labels(reason="queue_full")
+        metrics.in_flight_limit.set(limit)
+
+    @property
+    def held(self) -> int:
+        return int(self._counts.held.value)
+
+    def admit(self) -> None:
+        """Count a request in; 503 with ``Retry-After`` if the service holds its limit."""
+        held = self._counts.held
+        with held.get_lock():
+            if held.value < self.limit:
+                held.value += 1
+                return
+            holding = held.value
+        self._full.inc()
+        raise QueueFull(
+            f"the service holds as many requests as it may ({self.limit}); retry later",
+            headers={"Retry-After": str(self.retry_after(holding))},
+        )
+
+    def release(self) -> None:
+        """Count a request out: its answer is written, or it failed."""
+        with self._counts.held.get_lock():
+            self._counts.held.value -= 1
+        answered = self._counts.answered
+        with answered.get_lock():
+            answered.value += 1
+            total = answered.value
+        self._rate.add(time.monotonic(), total)
+
+    def retry_after(self, holding: int | None = None) -> int:
+        """Seconds the whole path took lately to answer as many requests as it holds (at least
+        1; 1 before anything was answered)."""
+        rate = self._rate.per_second(time.monotonic())
+        if not rate:
+            return 1
+        holding = self.held if holding is None else holding
+        return max(1, math.ceil(holding / rate))
+
+
+class PoolStage:
+    """A stage of a request's path that runs on a thread pool, under the request's deadline.
+
+    :meth:`run` withdraws work still waiting for a thread when its deadline passes (504) or its
+    client goes away (499), so nothing is decoded or encoded for nobody; meanwhile it counts in
+    ``u2serve_queue_depth{stage=name}``.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor, name: str, metrics: Metrics) -> None:
+        self.pool, self.name = pool, name
+        self._waiting = metrics.queue_depth.labels(stage=name)
+        self._expired = metrics.rejected.labels(reason="deadline")
+        self._gone = metrics.rejected.labels(reason="client_disconnected")
+
+    async def run(
+        self,
+        deadline: float,
+        cancelled: asyncio.Future[Any] | None,
+        fn: Callable[P, R],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R:
+        """``fn(*args)`` on a thread of the pool, unless ``deadline`` (``time.monotonic()``)
+        has passed, or passes or ``cancelled`` completes while it waits for one."""
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:  # past it already (held at the network meanwhile): no answer is due
+            self._expired.inc()
+            raise TimedOut(f"the request was past its deadline before it could {self.name}")
+        waiting = self._waiting
+
+        def run() -> R:
+            waiting.dec()
+            return fn(*args, **kwargs)
+
+        waiting.inc()
+        job: Future[R] = self.pool.submit(run)
+        result = asyncio.wrap_future(job)
+        waiters: set[asyncio.Future[Any]] = {result}
+        if cancelled is not None:
+            waiters.add(cancelled)
+        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if result not in done and job.cancel():  # not started: it never will be
+            waiting.dec()
+            if cancelled is not None and cancelled in done:
+                self._gone.inc()
+                raise ClientGone(f"the client disconnected while its request waited to {self.name}")
+            self._expired.inc()
+            raise TimedOut(f"the request waited past its deadline for a thread to {self.name} it")
+        return await result  # started meanwhile, or done: it finishes, and is answered
