@@ -94,12 +94,12 @@ def stage_costs(
     ``repeat`` times and ``min_s`` seconds, and its best run is kept (the fastest is the one
     least disturbed by anything else on the machine)."""
     from bench import instant
-    from service.app import load_segmenter
-    from service.budget import map_large_buffers
-    from service.cache import digest
-    from service.decode import decode, read_header
-    from service.encode import render
-    from service.infer import finish
+    from service.core.budget import map_large_buffers
+    from service.core.cache import digest
+    from service.core.infer import finish
+    from service.core.service import load_segmenter
+    from service.images.decode import decode, read_header
+    from service.images.encode import render
     from service.params import parse_params
     from service.settings import Settings
 

@@ -4,9 +4,9 @@ one thread, alternating: milliseconds, bytes out, and the memory each stage hold
     python -m bench.codecs                      # U2NET's map of bench.refine's 12 MP photo
     python -m bench.codecs --repeat 7 --memory  # + the peak memory each stage adds, bytes per pixel
 
-Stages: decoding the JPEG (``service.codecs`` decoders ``pillow`` and ``turbojpeg``); the
+Stages: decoding the JPEG (``service.images.codecs`` decoders ``pillow`` and ``turbojpeg``); the
 network's 320×320 map back to the photo's size and the mask from it (``model.postprocess``);
-then ``service.encode.render`` with ``codec="pillow"`` (today's answers, the reference) and
+then ``service.images.encode.render`` with ``codec="pillow"`` (today's answers, the reference) and
 ``codec="vips"`` for each answer: cut-out PNG, mask PNG, probability PNG, cut-out on a colour as
 JPEG q90, cut-out as lossless WebP, and a cut-out scaled to ``--max-side``; and the chains a
 request runs on its codec and inference threads (decode, map back, answer) for a cut-out PNG and a
@@ -39,10 +39,10 @@ from model.postprocess import minmax, resize_maps, to_mask, to_probability
 from model.preprocess import preprocess
 from model.segmenter import Segmenter
 from model.weights import default_weights_path
-from service.budget import give_back_memory, map_large_buffers
-from service.codecs import decoder
-from service.decode import read_header
-from service.encode import render
+from service.core.budget import give_back_memory, map_large_buffers
+from service.images.codecs import decoder
+from service.images.decode import read_header
+from service.images.encode import render
 from service.params import SegmentParams
 
 ANSWERS: dict[str, dict[str, str]] = {

@@ -4,7 +4,8 @@
     python -m bench.encode --max-side 1024 --repeat 5
     python -m bench.encode --codec pillow     # the reference encoder (the answers before)
 
-Runs ``service.encode.render`` (what the service runs in its codec pool for one answer) on the
+Runs ``service.images.encode.render`` (what the service runs in its codec pool for one answer) on
+the
 photo and its mask, for output=cutout as PNG, WebP, and JPEG on an opaque colour, each at full
 size and scaled to ``--max-side``; prints the best time of ``--repeat`` runs and the bytes.
 """
@@ -23,9 +24,9 @@ from bench.refine import photo_12mp
 from model.postprocess import to_mask
 from model.segmenter import Segmenter
 from model.weights import default_weights_path
-from service.codecs import ENCODERS
-from service.decode import decode
-from service.encode import render
+from service.images.codecs import ENCODERS
+from service.images.decode import decode
+from service.images.encode import render
 from service.params import SegmentParams
 
 CASES: dict[str, dict[str, str]] = {
@@ -44,7 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="u2net", choices=["u2net", "u2netp"])
     p.add_argument("--max-side", type=int, default=1024)
     p.add_argument("--repeat", type=int, default=3, help="runs per case; the best is kept")
-    p.add_argument("--codec", default="vips", choices=ENCODERS, help="the encoder (service.codecs)")
+    p.add_argument(
+        "--codec", default="vips", choices=ENCODERS, help="the encoder (service.images.codecs)"
+    )
     args = p.parse_args(argv)
     image = decode(photo_12mp(), max_pixels=100_000_000)
     seg = Segmenter(args.model, default_weights_path(args.model), device="cpu")

@@ -60,7 +60,7 @@ def commands(
 ) -> tuple[list[str], dict[str, str]]:
     """``target`` is ``rembg``, or ``u2serve`` followed by extra flags for it."""
     if target.startswith("u2serve"):
-        cmd = [sys.executable, "-m", "service.cli", "segment", str(folder), "-o", str(out)]
+        cmd = [sys.executable, "-m", "u2serve.cli", "segment", str(folder), "-o", str(out)]
         extra = shlex.split(target.removeprefix("u2serve"))
         return [*cmd, "-q", "--model", model, "--output", output, *extra], {}
     cmd = [str(ensure_rembg()), "p", "-m", model, *(["-om"] if output == "mask" else [])]

@@ -24,9 +24,9 @@ with atheris.instrument_imports(include=["service", "PIL", "starlette", "multipa
     from PIL import Image
     from starlette.requests import Request
 
-    from service.decode import decode, read_header
     from service.errors import ServiceError
-    from service.upload import read_upload
+    from service.http.upload import read_upload
+    from service.images.decode import decode, read_header
 
 from bench import REFERENCE
 

@@ -34,7 +34,7 @@ from model.postprocess import to_mask
 from model.refine import EPS, RADIUS, refine
 from model.segmenter import Segmenter
 from model.weights import default_weights_path
-from service.budget import map_large_buffers
+from service.core.budget import map_large_buffers
 
 _BETA2 = 0.3
 

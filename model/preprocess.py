@@ -87,7 +87,7 @@ def prepare(image: np.ndarray, spec: WeightsSpec) -> np.ndarray:
     # [:3S] are the left neighbours, [3S:] the right ones; rows [:S] the upper, [S:] the lower.
     # Rows are 3S long, so every operation runs along a whole row; the uint8 patch is cast in
     # each multiply, so no temporary reaches the 2 MiB from which glibc maps (and faults in)
-    # every buffer afresh (service/budget.py).
+    # every buffer afresh (service/core/budget.py).
     patch = _gather(image, rows, cols).reshape(2 * s, 6 * s)
     left, right = patch[:, : 3 * s], patch[:, 3 * s :]
     top = np.multiply(left[:s], wx1, dtype=np.float32)

@@ -35,7 +35,8 @@ EPS = 1e-3  # regularisation: larger keeps more of the map, smaller follows colo
 STRETCH = 2.0
 SETTLED = 0.5 / STRETCH  # values this close to 0 or 1 are stretched to exactly 0 or 1
 # The most that one temporary of the full-resolution pass may hold. The service has glibc map
-# every block of 2 MiB or more (service/budget.py), and a mapped block is faulted in afresh each
+# every block of 2 MiB or more (service/core/budget.py), and a mapped block is faulted in afresh
+# each
 # time: with the whole band at once and the fit on 16 working planes at once, a 12 MP photo took
 # 133 ms there, against 50 ms with the band in pieces of 1 MiB and the fit one working plane
 # (at most 1.6 MB) at a time.

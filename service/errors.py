@@ -1,9 +1,7 @@
-"""Errors that carry their HTTP answer; every client-visible error has the same JSON body:
-``{"error": {"code": "...", "message": "..."}}``."""
+"""The service's errors: each carries the HTTP status and the stable code it is answered with
+(:mod:`service.http.errors` writes the JSON body), so the core raises them without knowing HTTP."""
 
 from __future__ import annotations
-
-from fastapi.responses import JSONResponse
 
 __all__ = [
     "BadRequest",
@@ -24,7 +22,6 @@ __all__ = [
     "UnsupportedImage",
     "UnsupportedParameter",
     "UrlForbidden",
-    "error_response",
 ]
 
 
@@ -36,9 +33,6 @@ class ServiceError(Exception):
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.code, self.message, self.headers)
 
 
 class BadRequest(ServiceError):
@@ -92,7 +86,7 @@ class InvalidParameter(ServiceError):
 
 
 class UnsupportedParameter(ServiceError):
-    """A valid parameter of another API (service/compat/) that this service has no way to
+    """A valid parameter of another API (service/http/compat/) that this service has no way to
     honour: refused, never ignored."""
 
     status, code = 400, "unsupported_parameter"
@@ -122,9 +116,3 @@ class TimedOut(ServiceError):
 
 class FetchTimeout(ServiceError):
     status, code = 504, "fetch_timeout"
-
-
-def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)

@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.engines import DEFAULT_PRECISION, Precision
 from model.weights import default_weights_dir
-from service.addresses import AllowList
+from service.url.addresses import AllowList
 
 __all__ = ["ModelName", "Settings"]
 
@@ -117,7 +117,7 @@ class Settings(BaseSettings):
         le=3600,
         description="longest time for a whole fetch: resolving, redirects and the body",
     )
-    # The map cache and the kept uploads (service/cache/); README, "One upload, many answers".
+    # The map cache and the kept uploads (service/core/cache/); README, "One upload, many answers".
     cache_url: str | None = Field(
         None,
         pattern=r"^rediss?://",

@@ -17,11 +17,11 @@ import types
 from pathlib import Path
 from typing import Any, NoReturn
 
-import service.folder
-from service.cli import main
+import u2serve.folder
+from u2serve.cli import main
 
 _opened = threading.Event()
-_read = service.folder._read
+_read = u2serve.folder._read
 
 
 def _gated_read(path: Path, *args: Any) -> object:
@@ -36,6 +36,6 @@ def _interrupt(signum: int, frame: types.FrameType | None) -> NoReturn:
 
 
 if __name__ == "__main__":
-    service.folder._read = _gated_read  # type: ignore[assignment]
+    u2serve.folder._read = _gated_read  # type: ignore[assignment]
     signal.signal(signal.SIGINT, _interrupt)
     sys.exit(main(sys.argv[2:]))

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import service.app
-import service.worker
+import service.core.service
+import service.processes.worker
 from service.__main__ import main
 
-_run = service.worker.run_batch
+_run = service.processes.worker.run_batch
 
 
 def _gated(*args: Any) -> Any:
@@ -33,6 +33,6 @@ def _gated(*args: Any) -> Any:
 
 
 if __name__ == "__main__":
-    service.worker.run_batch = _gated  # type: ignore[assignment]
-    service.app.run_batch = _gated  # type: ignore[assignment]
+    service.processes.worker.run_batch = _gated  # type: ignore[assignment]
+    service.core.service.run_batch = _gated  # type: ignore[assignment]
     sys.exit(main(sys.argv[2:]))

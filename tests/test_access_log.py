@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.access import JsonFormatter
+from service.core.access import JsonFormatter
 
 from .procs import free_port, poll_ready, start, u2netp_env
 from .test_api import photo, post_image, running, settings

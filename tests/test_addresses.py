@@ -1,4 +1,4 @@
-"""Which addresses a fetched URL may reach (service/addresses.py), on their own."""
+"""Which addresses a fetched URL may reach (service/url/addresses.py), on their own."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from service.addresses import AllowList, ipv4_literal, judge
+from service.url.addresses import AllowList, ipv4_literal, judge
 
 
 @pytest.mark.parametrize(

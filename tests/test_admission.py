@@ -1,5 +1,5 @@
 """Admission: one bound on the requests the service holds, whichever stage they wait in
-(service/admission.py). The codec pool is held behind a gate, never raced."""
+(service/core/admission.py). The codec pool is held behind a gate, never raced."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
-from service.admission import Admission, Counts, in_flight_limit
+from service.core.admission import Admission, Counts, in_flight_limit
+from service.core.pipeline import Pipeline
 from service.errors import QueueFull
 from service.metrics import Metrics
-from service.pipeline import Pipeline
 from service.settings import Settings
 
 from .test_api import assert_error, metric, photo, running, settings, until
@@ -134,7 +134,7 @@ def test_the_bound_counts_every_fronts_codec_threads() -> None:
 def test_retry_after_is_the_whole_paths_drain_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """Answers counted at 10 a second by then: 25 held are 2.5 s of work, said as 3."""
     clock = [100.0]
-    monkeypatch.setattr("service.admission.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("service.core.admission.time.monotonic", lambda: clock[0])
     admission = Admission(30, Metrics())
     for _ in range(30):
         admission.admit()

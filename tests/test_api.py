@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from model.engines import cpu_features, float32_cpu_engine
 from model.postprocess import to_mask, to_probability
 from model.segmenter import Segmenter
-from service.app import App, Runtime, create_app
+from service.http.app import App, Runtime, create_app
 from service.settings import Settings
 
 from .conftest import load_rgb, reference_dir
@@ -401,7 +401,7 @@ async def test_full_queue_gives_503_with_retry_after(
     codes = [r.status_code for r in rs]
     assert set(codes) <= {200, 503}, codes
     # The service holds two waiting beyond one image at the network and one on the codec thread
-    # (service/admission.py); nothing was answered while the gate was shut.
+    # (service/core/admission.py); nothing was answered while the gate was shut.
     assert codes.count(200) == 4
     for r in rs:
         if r.status_code == 503:
@@ -427,7 +427,7 @@ async def test_expired_deadline_gives_504_and_skips_the_model(
         # The worker holds at most one; the others wait past their deadline and are answered.
         await until(lambda: sum(f.done() for f in sent) + gate.held == 6)
         # The held one began before now: once this has passed, so has its deadline, and its
-        # answer is not made for nobody (service/admission.py's PoolStage).
+        # answer is not made for nobody (service/core/admission.py's PoolStage).
         await asyncio.sleep(s.request_timeout_s)
         gate.opened.set()
         rs = await asyncio.gather(*sent)
@@ -678,10 +678,10 @@ async def test_torch_work_runs_on_one_thread(
 ) -> None:
     """Loading, warm-up and batches share one thread: each further thread that starts OpenMP
     work gets a team of its own, and the batch thread's operations ran twice as slow."""
-    import service.app
+    import service.core.service
 
     threads: dict[str, set[int]] = {"load": set(), "warmup": set(), "batch": set()}
-    load, run = service.app.load_segmenter, service.app.run_batch
+    load, run = service.core.service.load_segmenter, service.core.service.run_batch
 
     def loading(s: Settings, model: str | None = None) -> Segmenter:
         threads["load"].add(threading.get_ident())
@@ -699,8 +699,8 @@ async def test_torch_work_runs_on_one_thread(
         threads["batch"].add(threading.get_ident())
         return run(seg, jobs)
 
-    monkeypatch.setattr(service.app, "load_segmenter", loading)
-    monkeypatch.setattr(service.app, "run_batch", batch)
+    monkeypatch.setattr(service.core.service, "load_segmenter", loading)
+    monkeypatch.setattr(service.core.service, "run_batch", batch)
     async with running(settings(u2netp_weights)) as (_, c):
         for _ in range(3):
             assert (await post_image(c, photo())).status_code == 200

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from service.batcher import Batcher, QueueGroup
+from service.core.batcher import Batcher, QueueGroup
 from service.errors import ClientGone, InvalidParameter, QueueFull, TimedOut
 from service.metrics import Metrics
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.box import Box, Subject, fit_size, side_within, subject
+from service.images.box import Box, Subject, fit_size, side_within, subject
 
 
 def _by_definition(levels: np.ndarray, cutoff: int) -> Subject:

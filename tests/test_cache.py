@@ -17,8 +17,8 @@ from PIL import Image
 
 from model.segmenter import Segmenter
 from model.weights import default_weights_dir, recorded_digest
-from service.cache import Caches, map_key, owner_of, valid_image_id
-from service.cache.memory import MemoryMapCache, MemoryUploadStore
+from service.core.cache import Caches, map_key, owner_of, valid_image_id
+from service.core.cache.memory import MemoryMapCache, MemoryUploadStore
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -245,13 +245,13 @@ async def test_a_different_model_or_engine_misses(
 ) -> None:
     """Three services with one shared cache: a map made by one model and engine is never
     answered for another; the same one answers from it."""
-    import service.app
+    import service.core.service
 
     metrics = Metrics()
     shared = Caches(
         MemoryMapCache(1 << 24, metrics), MemoryUploadStore(1 << 24, 60, metrics), _noop
     )
-    monkeypatch.setattr(service.app, "open_caches", lambda s, m: shared)
+    monkeypatch.setattr(service.core.service, "open_caches", lambda s, m: shared)
     u2net = weights_file("u2net")
     async with (
         running(settings(u2netp_weights, engine="mnn")) as (_, mnn),
@@ -312,7 +312,7 @@ async def test_a_hit_is_the_map_of_a_miss_on_every_device(
 
     from model.postprocess import to_mask, to_probability
     from model.refine import refine
-    from service.infer import finish, run_batch
+    from service.core.infer import finish, run_batch
     from service.params import SegmentParams
 
     seg = Segmenter("u2netp", u2netp_weights, device=device, engine=engine, dtype=dtype)

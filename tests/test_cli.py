@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.cli import _parsers, _settings, main
 from service.params import SegmentParams
+from u2serve.cli import _parsers, _settings, main
 
 from .conftest import REPO, reference_dir
 from .procs import free_port, serving, serving_gated, u2netp_env, wait_ready
@@ -210,7 +210,7 @@ def test_stderr_has_the_progress_bar_and_the_summary_only(
     photos(src)
     args = ["segment", str(src), "-o", str(out), "--output", "cutout", *flags(u2netp_weights)]
     run = subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "u2serve.cli", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -313,7 +313,7 @@ def test_serve_is_python_m_service(u2netp_weights: Path) -> None:
         "U2SERVE_DEVICE": "cpu",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "u2serve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -438,7 +438,7 @@ def test_ctrl_c_stops_a_served_run_at_once_and_the_next_resumes(
     with serving_gated(u2netp_env(u2netp_weights), gate) as (_, url):
         args = ["segment", str(src), "-o", str(out), "--server", url, "--model", "u2netp"]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", *args],
+            [sys.executable, "-m", "u2serve.cli", *args],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -32,7 +32,7 @@ from u2serve import (
     UnsupportedImage,
 )
 
-from .conftest import reference_dir
+from .conftest import reference_dir, weights_file
 from .procs import (
     distinct_photos,
     free_port,
@@ -136,6 +136,39 @@ def test_again_answers_from_the_kept_upload(client: Client, url: str) -> None:
     assert scrape(url).get("u2serve_map_cache_misses_total", 0) == before  # no network
     assert cutout.content == raw(url, photo(SMALL), output="cutout", format="webp").content
     assert by_id.content == raw(url, photo(SMALL), output="probability").content
+
+
+def test_again_keeps_the_model_of_the_answer_it_is_given(u2netp_weights: Path) -> None:
+    """A U2NETP answer asked for again is U2NETP's, though the service's default is U2NET;
+    naming a model asks for that one."""
+    weights_file("u2net")
+    env = {
+        "U2SERVE_MODELS": "u2net,u2netp",
+        "U2SERVE_WEIGHTS_DIR": str(u2netp_weights.parent),
+        "U2SERVE_DEVICE": "cpu",
+        "U2SERVE_MAX_BATCH_WAIT_MS": "0",
+        "U2SERVE_WARMUP": "false",
+    }
+    with serving(env) as (_, url), Client(url) as client:
+        first = client.segment(photo(SMALL), output="mask", model="u2netp")
+        assert first.model == "u2netp"
+        again = client.again(first, output="probability")
+        assert again.model == "u2netp"
+        assert again.content == raw(url, photo(SMALL), output="probability", model="u2netp").content
+        assert client.again(again, output="mask").model == "u2netp"  # and again
+        named = client.again(first, output="box", model="u2net")
+        assert named.model == "u2net"
+        counts = {
+            (s.labels["model"], s.labels["output"]): s.value
+            for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+            for s in family.samples
+            if s.name == "u2serve_requests_total" and s.labels["status"] == "200"
+        }
+    assert counts == {
+        ("u2netp", "mask"): 2,
+        ("u2netp", "probability"): 2,
+        ("u2net", "box"): 1,
+    }
 
 
 def test_an_image_by_url_is_fetched_by_the_service(client: Client) -> None:
@@ -266,7 +299,7 @@ class Gated:
 @pytest.fixture
 def gated(u2netp_weights: Path, tmp_path: Path) -> Iterator[Gated]:
     """One process whose batches wait for a gate file: batches of up to 4, and 9 requests held
-    at once (4 waiting beyond a batch and the codec thread: service/admission.py)."""
+    at once (4 waiting beyond a batch and the codec thread: service/core/admission.py)."""
     gate = tmp_path / "gate"
     env = u2netp_env(
         u2netp_weights,

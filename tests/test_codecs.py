@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from service.codecs import DECODERS, ENCODERS, decoder
-from service.decode import decode, read_header
-from service.encode import render
 from service.errors import ServiceError, UnsupportedImage
+from service.images.codecs import DECODERS, ENCODERS, decoder
+from service.images.decode import decode, read_header
+from service.images.encode import render
 from service.params import SegmentParams
 
 from .conftest import reference_dir

@@ -230,7 +230,7 @@ async def test_every_api_shares_one_queue(
     codes = [r.status_code for r in rs]
     assert set(codes) <= {200, 503}, codes
     # The bound is one for all: two waiting beyond one image at the network and one on the
-    # codec thread (service/admission.py).
+    # codec thread (service/core/admission.py).
     assert codes.count(200) == 4
     for i, r in enumerate(rs):
         if r.status_code != 503:

@@ -20,11 +20,11 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from service.addresses import AllowList
-from service.app import Runtime, url_fetcher
 from service.errors import FetchFailed
-from service.fetch import UrlFetcher
+from service.http.app import Runtime, url_fetcher
 from service.settings import Settings
+from service.url.addresses import AllowList
+from service.url.fetch import UrlFetcher
 
 from .conftest import require_system_tool
 from .test_api import assert_error, metric, photo, running, settings

@@ -151,7 +151,8 @@ def test_burst_of_large_images_stays_within_the_budget(
     metrics = httpx.get(f"{url}/metrics", timeout=5).text
     assert 'u2serve_rejected_total{reason="memory_full"}' in metrics
     assert "u2serve_memory_held_bytes 0.0" in metrics
-    # Memory is given back: the large buffers are mapped (service/budget.py), so the RSS settles
+    # Memory is given back: the large buffers are mapped (service/core/budget.py), so the RSS
+    # settles
     # where it was (measured +1.0 to +6.4 MiB in six runs; up to +61 MiB before they were;
     # after a first burst, +4 to +11 MiB in six).
     # Given back once the process is idle, by the codec pool: waited for, however busy the machine.
@@ -328,7 +329,7 @@ def _livez_until(url: str, status: int, limit_s: float = 120) -> httpx.Response:
 
 
 def test_budget_admits_what_fits_and_gives_back() -> None:
-    from service.budget import MemoryBudget
+    from service.core.budget import MemoryBudget
     from service.errors import ImageTooLarge, QueueFull
     from service.metrics import Metrics
 
@@ -371,7 +372,7 @@ def _allocator_child(code: str, env: dict[str, str]) -> subprocess.CompletedProc
 
 _MAPPED_CHILD = """
 import numpy as np
-from service.budget import map_large_buffers
+from service.core.budget import map_large_buffers
 
 print(map_large_buffers())
 np.ones(30 << 20, np.uint8)  # mapped and freed: glibc's moving threshold rises to 30 MiB
@@ -399,7 +400,7 @@ def test_large_buffers_are_mapped_unless_the_operator_set_a_threshold(
 
 _TRIM_CHILD = """
 import numpy as np
-from service.budget import give_back_memory, map_large_buffers
+from service.core.budget import give_back_memory, map_large_buffers
 
 def top():
     heap = next(line for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]"))
@@ -440,7 +441,7 @@ def test_a_heaps_top_is_kept_while_busy_and_given_back_when_idle(
 
 _ARENAS_CHILD = """
 import ctypes, threading
-from service.budget import limit_arenas
+from service.core.budget import limit_arenas
 
 print(limit_arenas(2))
 barrier = threading.Barrier(6)

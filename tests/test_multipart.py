@@ -1,4 +1,4 @@
-"""``service/multipart.py`` against python-multipart's parser (the one Starlette runs), on the
+"""``service/http/multipart.py`` against python-multipart's parser (the one Starlette runs), on the
 bodies clients send, and its refusals of bodies that are not multipart."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import httpx
 import pytest
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from service.multipart import MalformedMultipart, boundary_of, parse_multipart
+from service.http.multipart import MalformedMultipart, boundary_of, parse_multipart
 
 
 def reference(body: bytes, boundary: bytes) -> list[tuple[str, str | None, bytes]]:

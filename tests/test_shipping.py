@@ -160,4 +160,4 @@ def test_the_wheel_holds_the_public_package_and_the_command(tmp_path: Path) -> N
         }
         assert sources <= names, sorted(sources - names)
     assert "u2serve/py.typed" in names
-    assert "u2serve = service.cli:main" in scripts
+    assert "u2serve = u2serve.cli:main" in scripts

@@ -78,7 +78,8 @@ class Result:
     milliseconds, from ``Server-Timing`` (``decode``, ``queue``, ``infer``, ``encode``,
     ``total``, …); ``map_cache``: ``hit`` when the photo's network map was already kept,
     ``miss`` when it was computed. ``retries``: the 503s and failed connections waited out
-    before it.
+    before it. ``model``: the model asked for (None: the service's default), which
+    :meth:`Client.again` keeps.
     """
 
     content: bytes
@@ -90,6 +91,7 @@ class Result:
     map_cache: str | None = None
     request_id: str | None = None
     retries: int = 0
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -210,7 +212,7 @@ def _error(response: httpx.Response) -> U2ServeError:
     )
 
 
-def _result(response: httpx.Response, retries: int) -> Result:
+def _result(response: httpx.Response, retries: int, model: object = None) -> Result:
     if response.status_code != 200:
         raise _error(response)
     timings, cache = _timings(response.headers.get("server-timing", ""))
@@ -225,6 +227,7 @@ def _result(response: httpx.Response, retries: int) -> Result:
         map_cache=cache,
         request_id=response.headers.get("x-request-id"),
         retries=retries,
+        model=model if isinstance(model, str) else None,
     )
 
 
@@ -322,20 +325,27 @@ class AsyncClient:
         an ``http(s)://`` URL the service fetches. ``options``: the parameters of
         ``POST /segment`` (``output``, ``threshold``, ``format``, ``crop``, ``bg_color``, …) and
         ``model``, validated by the service."""
+        model = options.get("model")
         if _is_url(image_or_url):
-            return await self._call(self._requests.by_reference("url", image_or_url, options))
+            return await self._call(
+                self._requests.by_reference("url", image_or_url, options), model
+            )
         if isinstance(image_or_url, bytes):
             data = image_or_url
         else:
             data, _ = await asyncio.to_thread(upload_of, image_or_url)
-        return await self._call(self._requests.upload(data, options))
+        return await self._call(self._requests.upload(data, options), model)
 
     async def again(self, result_or_id: Result | str, **options: object) -> Result:
         """Another answer for the photo of an earlier one (its :class:`Result`, or its image
-        id), from the upload the service kept: nothing is sent again. :class:`ImageNotFound`
-        when the service no longer has it: send the image again with :meth:`segment`."""
+        id), from the upload the service kept: nothing is sent again. The model is the earlier
+        answer's, unless ``model`` names another. :class:`ImageNotFound` when the service no
+        longer has it: send the image again with :meth:`segment`."""
         image_id = _image_id(result_or_id)
-        return await self._call(self._requests.by_reference("image_id", image_id, options))
+        if isinstance(result_or_id, Result) and result_or_id.model and "model" not in options:
+            options = {**options, "model": result_or_id.model}
+        model = options.get("model")
+        return await self._call(self._requests.by_reference("image_id", image_id, options), model)
 
     async def segment_many(
         self, images: Iterable[ImageInput], *, concurrency: int | None = None, **options: object
@@ -384,11 +394,11 @@ class AsyncClient:
         data: dict[str, Any] = response.json()
         return data
 
-    async def _call(self, request: dict[str, Any]) -> Result:
+    async def _call(self, request: dict[str, Any], model: object = None) -> Result:
         response, retries = await self._send(
             lambda: self._http.build_request("POST", "/segment", **request)
         )
-        return _result(response, retries)
+        return _result(response, retries, model)
 
     async def _send(self, build: Callable[[], httpx.Request]) -> tuple[httpx.Response, int]:
         waits = _Waits(self.retry_s)
@@ -454,8 +464,9 @@ class Client:
 
     def again(self, result_or_id: Result | str, **options: object) -> Result:
         """Another answer for the photo of an earlier one (its :class:`Result`, or its image
-        id), from the upload the service kept: nothing is sent again. :class:`ImageNotFound`
-        when the service no longer has it: send the image again with :meth:`segment`."""
+        id), from the upload the service kept: nothing is sent again. The model is the earlier
+        answer's, unless ``model`` names another. :class:`ImageNotFound` when the service no
+        longer has it: send the image again with :meth:`segment`."""
         return self._loop.run(self._async.again(result_or_id, **options))
 
     def segment_many(

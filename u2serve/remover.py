@@ -1,8 +1,9 @@
 """In process: what ``rembg.remove`` is to rembg's users, with the service's own answers.
 
-A :class:`Remover` is the service in this process, without HTTP. It runs the app's lifespan,
-the one place the service is built (the weights loaded and verified, the model's batcher
-started, the codec pool and the map cache made), on an event loop of its own in a thread; each
+A :class:`Remover` is the service in this process, without HTTP. It starts the service's core
+(:func:`service.core.service.start_service`: the weights loaded and verified, the model's
+batcher started, the codec pool and the map cache made; no web app is built), on an event loop
+of its own in a thread; each
 call is what ``POST /segment`` does for a request once it is read, ``Pipeline.answer`` on a
 ``Submission``, and its ``Rendered`` answer is given back in the kind of image it came as
 (:mod:`u2serve.images`). So its answers are the service's bytes for the same parameters, and
@@ -33,10 +34,9 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
     from os import PathLike
 
-    from service.app import Runtime
-    from service.encode import Rendered
+    from service.core.service import Service
+    from service.images.encode import Rendered
     from service.params import SegmentParams
-    from service.pipeline import Pipeline
     from service.settings import Settings
 
 __all__ = ["Remover", "remove"]
@@ -122,7 +122,6 @@ class Remover:
         weights_dir: str | PathLike[str] | None = None,
     ) -> None:
         from model.weights import SPECS, WeightsError
-        from service.app import create_app
 
         if model not in SPECS:
             raise ValueError(f"model must be one of {', '.join(SPECS)}, not {model!r}")
@@ -140,11 +139,8 @@ class Remover:
         self._closed = False
         self._loop = LoopThread("u2serve-remover")
         try:
-            app = create_app(settings)
-            self._runtime: Runtime = app.state.runtime
-            self._lifespan: AbstractAsyncContextManager[Any] = app.router.lifespan_context(app)
             try:
-                self._pipeline = self._loop.run(self._open())
+                self._service = self._loop.run(self._open(settings))
             except WeightsError:
                 if settings.weights is not None:
                     raise
@@ -153,10 +149,7 @@ class Remover:
                 from weights.fetch import fetch
 
                 fetch(model, settings.weights_dir)
-                app = create_app(settings)
-                self._runtime = app.state.runtime
-                self._lifespan = app.router.lifespan_context(app)
-                self._pipeline = self._loop.run(self._open())
+                self._service = self._loop.run(self._open(settings))
         except BaseException:
             self._loop.stop()
             raise
@@ -231,25 +224,22 @@ class Remover:
             raise InvalidParameter(exc.message) from None
 
     def _answer(self, data: bytes, params: SegmentParams) -> Rendered:
-        from service.access import AccessRecord
+        from service.core.access import AccessRecord
+        from service.core.pipeline import RequestContext
+        from service.core.request import Submission
         from service.errors import ServiceError
-        from service.pipeline import RequestContext
-        from service.upload import Submission
 
         if self._closed:
             raise RuntimeError("this Remover is closed")
-        pipeline, runtime = self._pipeline, self._runtime
+        service = self._service
 
         async def answer() -> Rendered:
             now = time.monotonic()
             ctx = RequestContext(AccessRecord(uuid.uuid4().hex, "in-process"), now, received=now)
-            # Counted as the route counts a request, so that close() (the lifespan's drain)
-            # waits for it.
-            runtime.inflight += 1
-            try:
-                return await pipeline.answer(Submission(params, image=data), ctx)
-            finally:
-                runtime.inflight -= 1
+            # Counted as the route counts a request, so that close() (the core's drain) waits
+            # for it.
+            with service.counted():
+                return await service.pipeline.answer(Submission(params, image=data), ctx)
 
         try:
             return self._loop.run(answer())
@@ -258,12 +248,17 @@ class Remover:
 
     # -- the event loop --------------------------------------------------------------------------
 
-    async def _open(self) -> Pipeline:
-        await self._lifespan.__aenter__()
-        # The lifespan marks the service ready from a task it has just begun.
+    async def _open(self, settings: Settings) -> Service:
+        from service.core.service import start_service
+        from service.metrics import Metrics
+
+        self._starting: AbstractAsyncContextManager[Service] = start_service(settings, Metrics())
+        service = await self._starting.__aenter__()
+        # The core marks itself ready from a task it has just begun.
         for _ in range(1000):
-            if self._runtime.ready:
-                return self._runtime.serving()
+            if service.ready:
+                service.serving()
+                return service
             await asyncio.sleep(0)
         raise RuntimeError("the in-process service did not become ready")
 
@@ -273,7 +268,7 @@ class Remover:
             return
         self._closed = True
         try:
-            self._loop.run(self._lifespan.__aexit__(None, None, None))
+            self._loop.run(self._starting.__aexit__(None, None, None))
         finally:
             self._loop.stop()
 

@@ -1,0 +1,397 @@
+"""A request's path, from what the route read to the answer's bytes:
+
+    the image's bytes (the upload, a fetch by URL, or the upload kept under an image id)
+    → decoded and prepared for the network (one trip to the codec pool)
+    → its 8-bit network map (from the map cache, or through the model's batch)
+    → the answer (one trip to the codec pool: the map resized back, thresholded, encoded)
+
+``routes.py`` speaks HTTP: it reads the request into a :class:`~service.http.upload.Submission`,
+calls :meth:`Pipeline.answer` and writes what it returns. What one request carries through the
+stages is one :class:`RequestContext`; what exists once the service is loaded is one
+:class:`Ready`, built whole in the lifespan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from service.core.access import AccessRecord
+from service.core.admission import Admission, PoolStage
+from service.core.batcher import Completed
+from service.core.budget import Charge, MemoryBudget, request_cost, upload_cost
+from service.core.cache import Caches, digest, map_key, new_image_id
+from service.core.infer import Model, finish, finishes_on_worker
+from service.core.request import Submission
+from service.errors import ImageNotFound, ImageTooLarge, NotReady, ServiceError
+from service.images.decode import DecodedImage, decode, read_header
+from service.images.encode import Rendered, render
+from service.params import SegmentParams
+
+if TYPE_CHECKING:
+    from service.metrics import Metrics
+    from service.settings import Settings
+    from service.url.fetch import UrlFetcher
+
+__all__ = ["Pipeline", "Queue", "Ready", "RequestContext", "Served"]
+
+
+class Queue(Protocol):
+    """A model's way to its network: the :class:`~service.core.batcher.Batcher` in this process, or
+    the inference worker's, reached from a front process (:mod:`service.processes.remote`)."""
+
+    max_batch_size: int
+
+    @property
+    def depth(self) -> int: ...
+
+    @property
+    def idle(self) -> bool: ...
+
+    def check_capacity(self) -> None: ...
+
+    def retry_after(self) -> int: ...
+
+    async def submit(
+        self, item: np.ndarray, deadline: float, *, cancelled: asyncio.Future[object] | None = None
+    ) -> Completed[np.ndarray]: ...
+
+
+class Owner(Protocol):
+    """What the pipeline reads of the service that owns it (:class:`service.core.service.Service`):
+    its settings and metrics, and the URL fetcher of the moment (None where URL input is off)."""
+
+    settings: Settings
+    metrics: Metrics
+    fetcher: UrlFetcher | None
+
+
+@dataclass(frozen=True, eq=False)
+class Served:
+    """One model as the request's path sees it: its per-image halves (``segmenter``: a loaded
+    :class:`~model.segmenter.Segmenter`, or in a front process its description), the queue to
+    its network, and what ``/readyz`` says of it."""
+
+    segmenter: Model
+    batcher: Queue
+    info: dict[str, object]
+
+
+@dataclass(frozen=True, eq=False)
+class Ready:
+    """What a loaded service has: built whole in the lifespan, so that code past readiness never
+    asks whether a part exists yet."""
+
+    models: dict[str, Served]  # the default one first
+    codec_pool: ThreadPoolExecutor
+    # The thread every CPU PyTorch operation runs on (service/http/app.py's lifespan): batches, and
+    # the finishing of maps that PyTorch makes on the CPU (service/core/infer.py).
+    infer_pool: ThreadPoolExecutor
+    caches: Caches
+    budget: MemoryBudget
+    admission: Admission
+
+
+@dataclass(eq=False)
+class RequestContext:
+    """What one request carries through the stages: its access record, its stage timings (for
+    ``Server-Timing`` and the access log), when it began, whose it is (the API key's digest,
+    which owns its image id) and a future that completes if its client goes away."""
+
+    record: AccessRecord
+    start: float
+    owner: str = ""
+    received: float = 0.0  # when its body began to be read
+    disconnected: asyncio.Future[None] | None = None
+    timing: list[str] = field(default_factory=list)
+
+    def stage(self, name: str, since: float, desc: str | None = None) -> float:
+        """Record a stage that began at ``since``; returns its seconds."""
+        seconds = time.monotonic() - since
+        self.timing.append(
+            f"{name};dur={seconds * 1000:.1f}" + (f';desc="{desc}"' if desc is not None else "")
+        )
+        return seconds
+
+
+@dataclass(frozen=True, eq=False)
+class _Decoded:
+    """What the first trip to the codec pool gives back: the photo, the network's input, the
+    bytes' digest, and the memory charged for the photo until its answer exists."""
+
+    image: DecodedImage
+    prepared: np.ndarray
+    digest: str
+    charge: Charge
+
+
+class Pipeline:
+    """Runs a :class:`~service.http.upload.Submission` through the stages to its answer."""
+
+    def __init__(self, runtime: Owner, ready: Ready) -> None:
+        self.runtime = runtime
+        self.ready = ready
+        self.settings = runtime.settings
+        self.metrics = runtime.metrics
+        self._rejected = runtime.metrics.rejected
+        self._stage = {
+            name: runtime.metrics.stage_duration.labels(stage=name)
+            for name in ("fetch", "decode", "encode")
+        }
+        # The trips to a pool, each under the request's deadline: the decode, and the answer
+        # (its first half on the worker's thread where the map needs PyTorch on the CPU).
+        self._decoding = PoolStage(ready.codec_pool, "decode", runtime.metrics)
+        self._encoding = PoolStage(ready.codec_pool, "encode", runtime.metrics)
+        self._finishing = PoolStage(ready.infer_pool, "encode", runtime.metrics)
+        # Each model's cache counters, looked up once rather than per request.
+        self._cache_hits = {m: runtime.metrics.map_cache_hits.labels(model=m) for m in ready.models}
+        self._cache_misses = {
+            m: runtime.metrics.map_cache_misses.labels(model=m) for m in ready.models
+        }
+
+    def admit(self) -> None:
+        """Count a request in, or 503 now if the service holds as many as it may, before any
+        work is spent on the upload; each admitted request is released once (:meth:`release`)."""
+        self.ready.admission.admit()
+
+    def release(self) -> None:
+        """Count an admitted request out: its answer's bytes exist, or it failed."""
+        self.ready.admission.release()
+
+    def deadline(self, ctx: RequestContext) -> float:
+        """When ``ctx``'s request must be answered by, in every stage (``time.monotonic()``)."""
+        return ctx.start + self.settings.request_timeout_s
+
+    def reject(self, exc: ServiceError) -> None:
+        """Count a request refused before inference, by its error's code."""
+        self._rejected.labels(reason=exc.code).inc()
+
+    async def answer(self, sub: Submission, ctx: RequestContext) -> Rendered:
+        """The answer for a request, with its ``X-Image-Id`` where its image could be kept."""
+        ctx.record.output = sub.params.output
+        ctx.record.model = model = sub.model or self.settings.default_model
+        budget = self.ready.budget
+        if sub.image_id is not None:
+            ctx.record.source = "image_id"
+            kept = await self._kept_upload(sub.image_id, ctx.owner)
+            ctx.stage("upload", ctx.received)
+            # Charged as the upload it stands for: a copy from Redis is as large.
+            with budget.hold(len(kept)):
+                return await self._from_bytes(kept, sub, model, ctx, sub.image_id)
+        ctx.stage("upload", ctx.received)
+        if sub.url is None:
+            if sub.image is None:
+                raise ValueError("a submission without an image, a url or an image id")
+            ctx.record.source = "upload"
+            ctx.record.bytes_in = len(sub.image)
+            return await self._from_bytes(sub.image, sub, model, ctx)
+        ctx.record.source = "url"
+        # Charged as an upload of undeclared length is: the most its body may be, twice.
+        with budget.hold(upload_cost(None, self.settings.max_upload_bytes)):
+            data = await self._fetch(sub.url, ctx)
+            ctx.record.bytes_in = len(data)
+            # The fetched bytes are the upload: they get an image id and a map like any other.
+            return await self._from_bytes(data, sub, model, ctx)
+
+    # -- the image's bytes -------------------------------------------------------------------
+
+    async def _fetch(self, url: str, ctx: RequestContext) -> bytes:
+        """The image's bytes from ``url``, its header judged against the pixel limit as soon
+        as it has arrived."""
+        fetcher = self.runtime.fetcher
+        if fetcher is None:  # upload.py refuses a url where URL input is off
+            raise NotReady("this service does not fetch images by URL")
+        loop = asyncio.get_running_loop()
+        max_pixels = self.settings.max_pixels
+        pool = self.ready.codec_pool
+
+        def complete(prefix: bytes) -> bool:
+            try:
+                read_header(prefix, max_pixels=max_pixels)
+            except ImageTooLarge:
+                raise
+            except ServiceError:
+                return False  # not enough of the file yet, or no image: the whole body decides
+            return True
+
+        async def probe(prefix: bytes) -> bool:
+            return await loop.run_in_executor(pool, complete, prefix)
+
+        t = time.monotonic()
+        try:
+            fetched = await fetcher.fetch(
+                url, max_bytes=self.settings.max_upload_bytes, probe=probe
+            )
+        except ServiceError as exc:
+            self.reject(exc)
+            raise
+        self._stage["fetch"].observe(ctx.stage("fetch", t))
+        return fetched.data
+
+    async def _kept_upload(self, image_id: str, owner: str) -> bytes:
+        """The bytes kept under an image id for this API key; 404 telling the client to upload
+        again when there are none (unknown, expired, evicted, another key's, or Redis is
+        down)."""
+        data = await self.ready.caches.uploads.get(image_id, owner)
+        if data is not None:
+            self.metrics.image_id_requests.labels(result="found").inc()
+            return data
+        self.metrics.image_id_requests.labels(result="not_found").inc()
+        exc = ImageNotFound(
+            f"no image with this id here: ids are kept for {self.settings.cache_upload_ttl_s} s "
+            "after their last use (fewer when the cache is full) and only for the API key that "
+            "uploaded them; upload the image again"
+        )
+        self.reject(exc)
+        raise exc
+
+    # -- bytes → answer ----------------------------------------------------------------------
+
+    def _decode(
+        self, data: bytes, params: SegmentParams, segmenter: Model, record: AccessRecord
+    ) -> _Decoded:
+        """In the codec pool: the header (the size limit, and the memory charge for the pixels
+        before any is decoded), the digest, the decode and the network's input."""
+        try:
+            header = read_header(data, max_pixels=self.settings.max_pixels)
+        except ServiceError as exc:
+            self.reject(exc)
+            raise
+        record.size = (header.width, header.height)
+        cost = request_cost(
+            header.width,
+            header.height,
+            alpha=header.alpha,
+            cutout=params.output == "cutout",
+            webp=params.format == "webp",
+        )
+        charge = self.ready.budget.charge(cost)  # counts its own refusals
+        try:
+            image = decode(data, max_pixels=self.settings.max_pixels, header=header)
+            return _Decoded(image, segmenter.prepare(image.model_rgb), digest(data), charge)
+        except ServiceError as exc:
+            charge.release()
+            self.reject(exc)
+            raise
+        except BaseException:
+            charge.release()
+            raise
+
+    async def _from_bytes(
+        self,
+        data: bytes,
+        sub: Submission,
+        model: str,
+        ctx: RequestContext,
+        image_id: str | None = None,
+    ) -> Rendered:
+        """The answer for an image's bytes; a new upload (or a URL's bytes) is kept under a new
+        image id, one given by ``image_id`` keeps its id."""
+        params = sub.params
+        served, caches = self.ready.models[model], self.ready.caches
+        t = time.monotonic()
+        got = await self._decoding.run(
+            self.deadline(ctx),
+            ctx.disconnected,
+            self._decode,
+            data,
+            params,
+            served.segmenter,
+            ctx.record,
+        )
+        # The arrays are gone when this returns, before the charge is released.
+        with got.charge:
+            self._stage["decode"].observe(ctx.stage("decode", t))
+            keeping = None
+            if image_id is None:  # a new upload, kept under a new id while the answer is made
+                image_id = new_image_id()
+                keeping = asyncio.ensure_future(caches.uploads.put(image_id, ctx.owner, data))
+            key = map_key(served.segmenter.identity, got.digest)
+            levels, storing = await self._levels(served, model, key, got.prepared, ctx)
+            t = time.monotonic()
+            answer = await self._render(
+                served.segmenter, levels, got.image, params, sub.max_pixels, ctx
+            )
+            self._stage["encode"].observe(ctx.stage("encode", t))
+            if storing is not None:  # kept before the answer, so any replica may be asked next
+                await storing
+        if keeping is None or await keeping:  # an upload that could not be kept has no id
+            answer.headers["X-Image-Id"] = image_id
+        return answer
+
+    async def _levels(
+        self, served: Served, model: str, key: str, prepared: np.ndarray, ctx: RequestContext
+    ) -> tuple[np.ndarray, asyncio.Future[None] | None]:
+        """The photo's ``S×S`` network map: from the map cache, or through the model's batch
+        (then stored in the cache, by the future returned)."""
+        side = served.segmenter.spec.input_size
+        t = time.monotonic()
+        cached = await self.ready.caches.maps.get(key)
+        if cached is not None and len(cached) == side * side:
+            # A hit: no queue and no network; the map's second half runs as a miss's does.
+            ctx.record.cache = "hit"
+            self._cache_hits[model].inc()
+            ctx.stage("cache", t, "hit")
+            return np.frombuffer(cached, dtype=np.uint8).reshape(side, side), None
+        ctx.record.cache = "miss"
+        self._cache_misses[model].inc()
+        ctx.stage("cache", t, "miss")
+        done = await self._infer(served.batcher, prepared, ctx)
+        ctx.timing.append(f"queue;dur={done.queue_s * 1000:.1f}")
+        ctx.timing.append(f'infer;dur={done.infer_s * 1000:.1f};desc="batch of {done.batch_size}"')
+        ctx.record.batch_size = done.batch_size
+        storing = asyncio.ensure_future(self.ready.caches.maps.put(key, done.result.tobytes()))
+        return done.result, storing
+
+    async def _infer(
+        self, batcher: Queue, prepared: np.ndarray, ctx: RequestContext
+    ) -> Completed[np.ndarray]:
+        """Through the queue and the network; withdrawn if the client goes away while queued."""
+        deadline = self.deadline(ctx)
+        return await batcher.submit(prepared, deadline, cancelled=ctx.disconnected)  # type: ignore[arg-type]
+
+    async def _render(
+        self,
+        segmenter: Model,
+        levels: np.ndarray,
+        image: DecodedImage,
+        params: SegmentParams,
+        max_pixels: int | None,
+        ctx: RequestContext,
+    ) -> Rendered:
+        """The map resized back and thresholded, then encoded: one trip to the codec pool, or
+        two where the map needs PyTorch on the CPU (its first half then on the worker's
+        thread); withdrawn, as the decode is, if its deadline passes while it waits."""
+        deadline, gone = self.deadline(ctx), ctx.disconnected
+        rgb = image.model_rgb
+        if finishes_on_worker(segmenter, rgb.shape[:2], params):
+            m = await self._finishing.run(deadline, gone, finish, segmenter, levels, rgb, params)
+            encode = partial(render, max_pixels=max_pixels)
+            return await self._encoding.run(deadline, gone, encode, m, image, params)
+        return await self._encoding.run(
+            deadline,
+            gone,
+            _finish_and_render,
+            segmenter,
+            levels,
+            image,
+            params,
+            max_pixels,
+        )
+
+
+def _finish_and_render(
+    segmenter: Model,
+    levels: np.ndarray,
+    image: DecodedImage,
+    params: SegmentParams,
+    max_pixels: int | None,
+) -> Rendered:
+    levels = finish(segmenter, levels, image.model_rgb, params)
+    return render(levels, image, params, max_pixels=max_pixels)

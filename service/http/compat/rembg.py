@@ -1,0 +1,375 @@
+"""rembg's server (``rembg s``, 2.0.86), as it answers: ``POST /api/remove`` with the image as
+the multipart field ``file``, and ``GET /api/remove?url=`` for an image the service fetches (its
+own URL fetcher, with its checks). The answer is a PNG, by default the cut-out.
+
+Its parameters, from the query or the form (rembg reads some from one, some from the other; each
+once), translated into :class:`~service.params.SegmentParams`:
+
+- ``om`` (only mask): ``output=probability``, the soft map, as rembg's mask is; with ``ppm``
+  (post-process mask, which rembg thresholds to 0/255) ``output=mask``. Without ``om``, the
+  cut-out (``output=cutout``); its alpha is the service's binary mask, so ``ppm`` changes nothing
+  there.
+- ``bgc`` (``r,g,b`` or ``r,g,b,a``, 0–255): ``bg_color`` on the cut-out; with ``om`` it is a 422
+  (rembg ignores it).
+- ``model``: one of the loaded models (the default one if none: rembg's own default,
+  ``bria-rmbg``, is no model of this service).
+- ``a`` (alpha matting): the service's edge refinement, ``refine=true``, a guided filter with the
+  photo as guide, which does what rembg's matting is for (the map's edges pulled onto the photo's
+  own), not rembg's trimap matting: so its trimap's ``af``, ``ab`` and ``ae`` are accepted at
+  rembg's defaults (240, 10, 10), which change nothing, and any other value is a 400.
+- ``dc`` (decontaminate), ``vm`` (ViTMatte) and ``extras`` (JSON options for rembg's model): the
+  service has no such thing, so true (or non-empty) is a 400.
+
+Errors are FastAPI's shape, as rembg's are: ``{"detail": "...", "code": "..."}``; a value that is
+not valid is 422 and a URL that is refused 400, as rembg answers them; a parameter that cannot
+be honoured is 400. Anything rembg has no answer for keeps the service's status (a non-image is
+415, where rembg fails with a 500).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from service.core.request import Submission
+from service.errors import ImageTooLarge, InvalidParameter, ServiceError, UnsupportedParameter
+from service.http.api import Call, Reading
+from service.http.upload import MULTIPART_OVERHEAD, Form, read_form
+from service.params import SegmentParams, describe_errors, parse_params
+
+if TYPE_CHECKING:
+    from service.core.pipeline import Pipeline, RequestContext
+    from service.settings import Settings
+
+__all__ = ["FROM_UPLOAD", "FROM_URL", "TAG", "document", "error"]
+
+TAG = "rembg"
+# rembg's alpha matting defaults: its trimap's thresholds and erosion.
+MATTING_DEFAULTS = {"af": 240, "ab": 10, "ae": 10}
+
+
+class RembgParams(BaseModel):
+    """rembg 2.0.86's ``/api/remove`` parameters (the image aside)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = None
+    a: bool = False
+    af: int = Field(240, ge=0, le=255)
+    ab: int = Field(10, ge=0, le=255)
+    ae: int = Field(10, ge=0)
+    om: bool = False
+    ppm: bool = False
+    dc: bool = False
+    vm: bool = False
+    bgc: str | None = Field(None, pattern=r"^\s*\d{1,3}\s*(,\s*\d{1,3}\s*){2,3}$")
+    extras: str | None = None
+
+
+_PATTERNS = {"bgc": "a colour is r,g,b or r,g,b,a, each 0 to 255 (255,255,255,255)"}
+
+
+def _validated(fields: dict[str, object]) -> RembgParams:
+    try:
+        return RembgParams.model_validate(fields)
+    except ValidationError as exc:
+        raise InvalidParameter(describe_errors(exc, _PATTERNS)) from exc
+
+
+def _colour(bgc: str) -> str:
+    """rembg's ``bgc`` as the service's ``rrggbb`` or ``rrggbbaa``."""
+    values = [int(v) for v in bgc.split(",")]
+    if any(v > 255 for v in values):
+        raise InvalidParameter(f"bgc: {bgc!r}: each value is 0 to 255")
+    return "".join(f"{v:02x}" for v in values)
+
+
+def _refuse_what_cannot_be_honoured(p: RembgParams) -> None:
+    changed = [f"{k}={getattr(p, k)}" for k, v in MATTING_DEFAULTS.items() if getattr(p, k) != v]
+    if changed:
+        raise UnsupportedParameter(
+            f"{', '.join(changed)}: a=true is this service's edge refinement, a guided filter with "
+            "no trimap: af, ab and ae are accepted only at rembg's defaults (240, 10, 10)"
+        )
+    if p.dc:
+        raise UnsupportedParameter("dc: this service does not decontaminate edges; leave it out")
+    if p.vm:
+        raise UnsupportedParameter("vm: this service has no ViTMatte; use a=true to refine edges")
+    if p.extras is not None and p.extras.strip():
+        try:
+            empty = json.loads(p.extras) == {}
+        except ValueError:
+            empty = False
+        if not empty:
+            raise UnsupportedParameter(
+                "extras: this service's models take no extra options; leave it out"
+            )
+
+
+def _params(p: RembgParams) -> SegmentParams:
+    if p.om:
+        if p.bgc is not None:
+            raise InvalidParameter("bgc: applies to the cut-out, not to om=true (a mask)")
+        given = {"output": "mask" if p.ppm else "probability"}
+    else:
+        given = {"output": "cutout"} | ({"bg_color": _colour(p.bgc)} if p.bgc else {})
+    if p.a:
+        given["refine"] = "true"
+    return parse_params(given)
+
+
+def _submission(
+    form: Form, reading: Reading, *, image: bytes | None = None, url: str | None = None
+) -> Submission:
+    p = _validated(form.fields)
+    if p.model is not None and p.model not in reading.models:
+        loaded = ", ".join(reading.models)
+        raise InvalidParameter(f"model: {p.model!r} is not loaded; this service has {loaded}")
+    _refuse_what_cannot_be_honoured(p)
+    return Submission(_params(p), image=image, url=url, model=p.model)
+
+
+@dataclass(frozen=True)
+class _RembgCall:
+    submission: Submission
+
+    async def answer(self, pipeline: Pipeline, ctx: RequestContext) -> Response:
+        rendered = await pipeline.answer(self.submission, ctx)
+        return Response(rendered.body, media_type=rendered.media_type, headers=rendered.headers)
+
+
+_AS_400 = {"invalid_url", "url_forbidden"}
+
+
+def error(exc: ServiceError) -> Response:
+    """An error as rembg's FastAPI app writes them (``detail``), with the service's ``code``;
+    a refused URL is rembg's 400."""
+    status = 400 if exc.code in _AS_400 else exc.status
+    return JSONResponse({"detail": exc.message, "code": exc.code}, status, headers=exc.headers)
+
+
+class _FromUpload:
+    """``POST /api/remove``: the image as the multipart field ``file``."""
+
+    name = "rembg"
+
+    def body_limit(self, settings: Settings) -> int:
+        return settings.max_upload_bytes + MULTIPART_OVERHEAD
+
+    async def read(self, request: Request, reading: Reading) -> Call:
+        form = await read_form(
+            request,
+            reading.max_bytes + MULTIPART_OVERHEAD,
+            reading.timeout_s,
+            files=("file",),
+            pool=reading.pool,
+        )
+        image = form.files.get("file")
+        if image is None:
+            raise InvalidParameter(
+                "file: field required: send the image as the multipart field 'file'"
+            )
+        if len(image) > reading.max_bytes:
+            raise ImageTooLarge(
+                f"the image is {len(image)} bytes; the limit is {reading.max_bytes}"
+            )
+        return _RembgCall(_submission(form, reading, image=image))
+
+    def error(self, exc: ServiceError) -> Response:
+        return error(exc)
+
+
+class _FromUrl:
+    """``GET /api/remove?url=``: an image the service fetches."""
+
+    name = "rembg"
+
+    def body_limit(self, settings: Settings) -> int:
+        return MULTIPART_OVERHEAD
+
+    async def read(self, request: Request, reading: Reading) -> Call:
+        form = await read_form(request, MULTIPART_OVERHEAD, reading.timeout_s)
+        fields = dict(form.fields)
+        url = fields.pop("url", None)
+        if not reading.url_input:
+            raise InvalidParameter("url: this service does not fetch images by URL")
+        if not isinstance(url, str) or not url:
+            raise InvalidParameter("url: field required: the image's http(s) URL")
+        return _RembgCall(_submission(Form(fields, {}), reading, url=url))
+
+    def error(self, exc: ServiceError) -> Response:
+        return error(exc)
+
+
+FROM_UPLOAD = _FromUpload()
+FROM_URL = _FromUrl()
+
+
+# -- the document --------------------------------------------------------------------------------
+
+_PARAMS: dict[str, dict[str, Any]] = {
+    "model": {"type": "string", "description": "one of the loaded models; default: the first"},
+    "a": {
+        "type": "boolean",
+        "default": False,
+        "description": "alpha matting: this service's edge refinement (refine=true)",
+    },
+    "af": {
+        "type": "integer",
+        "default": 240,
+        "minimum": 0,
+        "maximum": 255,
+        "description": "alpha matting's foreground threshold: only 240 (rembg's default)",
+    },
+    "ab": {
+        "type": "integer",
+        "default": 10,
+        "minimum": 0,
+        "maximum": 255,
+        "description": "alpha matting's background threshold: only 10 (rembg's default)",
+    },
+    "ae": {
+        "type": "integer",
+        "default": 10,
+        "minimum": 0,
+        "description": "alpha matting's erosion: only 10 (rembg's default)",
+    },
+    "om": {
+        "type": "boolean",
+        "default": False,
+        "description": "only the mask: the soft map (output=probability); with ppm, the binary "
+        "mask",
+    },
+    "ppm": {
+        "type": "boolean",
+        "default": False,
+        "description": "post-process the mask: binary (0/255)",
+    },
+    "dc": {"type": "boolean", "default": False, "description": "only false"},
+    "vm": {"type": "boolean", "default": False, "description": "only false"},
+    "bgc": {
+        "type": "string",
+        "description": "a background colour for the cut-out: r,g,b or r,g,b,a, each 0 to 255",
+    },
+    "extras": {"type": "string", "description": "only empty (or {})"},
+}
+
+
+def _query(name: str, prop: dict[str, Any], *, required: bool = False) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": required,
+        "description": prop["description"],
+        "schema": {k: v for k, v in prop.items() if k != "description"},
+    }
+
+
+_DETAIL: dict[str, Any] = {
+    "type": "object",
+    "required": ["detail"],
+    "properties": {
+        "detail": {"type": "string", "description": "what was wrong"},
+        "code": {"type": "string", "description": "the service's error code"},
+    },
+}
+
+
+def _error_doc(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _DETAIL}}}
+
+
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "A PNG: the cut-out (RGBA; RGB on an opaque bgc), or with om=true the mask",
+        "content": {"image/png": {}},
+    },
+    400: _error_doc(
+        "A parameter this service cannot honour (af, ab or ae off rembg's defaults, dc, vm, "
+        "extras), an empty or malformed body, or a URL that is not an http(s) URL or leads to "
+        "an address the service does not fetch from"
+    ),
+    401: _error_doc("U2SERVE_API_KEY is set and the request has no valid key"),
+    408: _error_doc("The request did not arrive in time"),
+    413: _error_doc("Too many bytes or pixels"),
+    415: _error_doc("Not a decodable image"),
+    422: _error_doc(
+        "A value that is not valid, an unknown parameter, one given twice, a model that is not "
+        "loaded, no file (POST) or no url (GET)"
+    ),
+    503: _error_doc("Overloaded, not ready or draining; see Retry-After"),
+    504: _error_doc("The request waited in the queue past its deadline"),
+}
+
+GET_DOC: dict[str, Any] = {
+    "parameters": [
+        _query(
+            "url",
+            {"type": "string", "format": "uri", "description": "the image's http(s) URL"},
+            required=True,
+        ),
+        *(_query(name, prop) for name, prop in _PARAMS.items()),
+    ]
+}
+
+POST_DOC: dict[str, Any] = {
+    # rembg reads bgc and extras from the query, the rest from the form; this service takes each
+    # from either (once).
+    "parameters": [_query(name, _PARAMS[name]) for name in ("bgc", "extras")],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "minLength": 1},
+                        **{k: v for k, v in _PARAMS.items() if k not in ("bgc", "extras")},
+                    },
+                }
+            }
+        },
+    },
+}
+
+
+def document(schema: dict[str, Any], *, models: Sequence[str], url_input: bool) -> None:
+    """``GET`` and ``POST /api/remove`` (one route serves both, out of FastAPI's document), with
+    the loaded models as ``model``'s values; without URL input, ``GET`` says that it answers
+    422."""
+    model = {"type": "string", "enum": list(models), "default": models[0]}
+    responses = {str(status): doc for status, doc in RESPONSES.items()}
+    get: dict[str, Any] = {
+        "tags": [TAG],
+        "summary": "rembg: remove the background of an image fetched from a URL",
+        "operationId": "rembg_remove_from_url",
+        "responses": copy.deepcopy(responses),
+        **copy.deepcopy(GET_DOC),
+    }
+    for param in get["parameters"]:
+        if param["name"] == "model":
+            param["schema"] = dict(model)
+    if not url_input:
+        get["description"] = (
+            "This service does not fetch images by URL (U2SERVE_URL_INPUT=false): every "
+            "request is answered 422."
+        )
+    post: dict[str, Any] = {
+        "tags": [TAG],
+        "summary": "rembg: remove the background of an uploaded image",
+        "operationId": "rembg_remove_from_upload",
+        "responses": copy.deepcopy(responses),
+        **copy.deepcopy(POST_DOC),
+    }
+    props = post["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    props["model"] = {**props["model"], **model}
+    schema["paths"]["/api/remove"] = {"get": get, "post": post}

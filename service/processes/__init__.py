@@ -1,0 +1,3 @@
+"""Deployment shapes of more than one process (``U2SERVE_WORKERS`` > 1): the supervisor
+(:mod:`.supervisor`), the inference worker (:mod:`.worker`), and a front's proxies for the
+worker's queue and caches (:mod:`.remote`)."""
