@@ -12,7 +12,7 @@ SYSTEM_PACKAGES := nginx-light docker.io docker-compose debootstrap prometheus c
 SYSTEM_TOOLS := nginx dockerd docker-compose debootstrap promtool chromium openssl redis-server \
 	redis-cli
 
-.PHONY: install weights serve test lint bench system-deps
+.PHONY: install weights serve test lint bench system-deps docs
 install: $(VENV)/.installed
 # The project itself is installed editable, for the `u2serve` command; its dependencies are the
 # pinned ones installed just before.
@@ -48,6 +48,12 @@ lint: install
 
 test: lint weights system-deps
 	$(PY) -m pytest
+
+# The manual (docs/, mkdocs.yml) as a folder of static files, offline; the suite builds it with
+# --strict too (tests/test_docs.py). The OpenAPI reference is made from the app's schema: no
+# weights needed.
+docs: install
+	$(PY) -m mkdocs build --strict --site-dir build/site
 
 bench: weights
 	$(PY) -m bench.model
