@@ -118,7 +118,9 @@ def rembg_alphas(model: str, photos: list[Path], out: Path) -> dict[str, dict[st
     python = ensure_rembg().parent / "python"
     env = {**os.environ, "U2NET_HOME": str(rembg_home(model))}
     script = REPO / "bench" / "rembg_cutouts.py"
-    cmd = [str(python), str(script), model, str(out), *map(str, photos)]
+    # -P: the script's folder (bench/, whose http.py would shadow the standard one) stays off
+    # the path.
+    cmd = [str(python), "-P", str(script), model, str(out), *map(str, photos)]
     subprocess.run(cmd, check=True, env=env)
     times: dict[str, dict[str, float]] = json.loads((out / "times.json").read_text())
     return times
