@@ -217,7 +217,7 @@ def main() -> None:
             data = path.read_bytes()
             rgb, truth = load(path, "RGB"), load(args.dir / "alpha" / path.name, "L") / 255.0
             t = time.perf_counter()
-            image = decode(data)
+            image = decode(data, max_pixels=10**9)
             soft, _ = soft_of(image.model_rgb)
             mask = (soft >= 0.5).astype(np.float32)
             render((mask * 255).astype(np.uint8), image, cutout)
@@ -226,8 +226,9 @@ def main() -> None:
             np.rint(soft * 255).astype(np.uint8)  # what soft adds: the 8-bit map
             soft_s = time.perf_counter() - t
             t = time.perf_counter()
-            alpha = m.matte(rgb, soft, **knobs)
-            m.foreground(rgb, alpha)
+            levels = m.matte(rgb, soft, **knobs)
+            m.foreground(rgb, levels)
+            alpha = levels / 255.0
             matte_s = time.perf_counter() - t
             band = edge_band(truth)
             found = {
@@ -253,14 +254,15 @@ def main() -> None:
         for path, fg, truth in synth:
             rgb = load(path, "RGB")
             soft, _ = soft_of(rgb)
-            alpha = m.matte(rgb, soft, **knobs)
+            levels = m.matte(rgb, soft, **knobs)
+            hard = cv2.compare(soft, 0.5, cv2.CMP_GE)  # type: ignore[call-overload]
             cases = {
                 "mask": (
                     (soft >= 0.5).astype(np.float32),
-                    m.foreground(rgb, (soft >= 0.5).astype(np.float32)),
+                    m.foreground(rgb, hard),
                 ),
                 "soft": (soft, rgb),
-                "matte": (alpha, m.foreground(rgb, alpha)),
+                "matte": (levels / 255.0, m.foreground(rgb, levels)),
             }
             if rembg_times:
                 for kind, name in (("cutout", "rembg cut-out"), ("matting", "rembg matting")):
