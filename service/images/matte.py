@@ -1,0 +1,315 @@
+"""A cut-out's edge: alpha solved from the photo in a band at the subject's boundary, and the
+foreground's own colour where alpha is partial.
+
+The network's map is 320×320 scaled up: its edges are ramps that ignore the photo's own edges,
+and its colour at the rim is the photo's mix of subject and old background. Two steps fix that:
+
+- :func:`matte`: inside a band around the map's boundary (where the map is unsure, widened by a
+  share of the photo's short side), alpha is a colour guided filter of the map (He, Sun and Tang,
+  2010), which fits the map in each window as a linear function of the photo's colour, so that
+  it follows the photo's edges; outside the band alpha is the map snapped to 0 or 1.
+- :func:`foreground`: where 0 < α < 1, the colour written is the foreground estimated by
+  blur-fusion (Forte and Pitié, 2021): local means of the foreground and the background, then
+  the photo's residual given back to the foreground, twice (a wide, then a narrow radius).
+
+Both solve at a working resolution of at most ``WORK_PIXELS`` (the photo scaled down), tile by
+tile, only on tiles the band reaches; at the photo's own resolution they apply what was solved
+(the filter's coefficients, the foreground's and background's local means, scaled up per tile)
+to the photo's own pixels, again only in the band's tiles. So a 12 MP photo costs about what its
+boundary costs at the working resolution (the full-size passes are a scale-down of the photo and
+the map, and the map snapped to 0 or 1). The method and its constants were chosen by
+``python -m bench.matting`` (bench/README.md has the figures).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+__all__ = ["BAND", "EPS", "RADIUS", "Band", "band", "foreground", "matte"]
+
+# The band's half-width, in shares of the photo's short side (at least 2 pixels), beyond the
+# pixels where the map is between UNSURE and 1 - UNSURE.
+BAND = 0.01
+UNSURE = 0.02
+# The guided filter's window radius, in the network's pixels at the photo's scale (its long side
+# over 320): the window must span the map's ramp, which is as wide as a few of them.
+RADIUS = 2.0
+# Then a contrast stretch around 0.5 (clamped), as model/refine.py does (measured there on
+# ground truth): the filter's box averages leave tails of a few hundredths beside a hard edge.
+STRETCH = 2.0
+EPS = 1e-3  # its regularisation: larger keeps more of the map, smaller follows colour more
+TILE = 128  # the side of a tile, at the working resolution
+# The working resolution's most pixels: a photo larger is solved scaled down, and what was solved
+# applied to its own pixels.
+WORK_PIXELS = 1_500_000
+_COARSE_PIXELS = 40_000  # blur-fusion's wide step: a blur of ~90 px at 1 MP is smooth at this
+# Blur-fusion's two radii (Forte and Pitié use 90 and 6 pixels on photos of about 1 MP), in
+# shares of the short side at 1 MP's short side of 860 pixels.
+_FG_RADII = (90 / 860, 6 / 860)
+
+
+@dataclass(frozen=True)
+class Band:
+    """Where an edge method works: ``mask`` (H×W bool) and the tiles that hold any of it, as
+    (top, left) corners of ``tile``-sized squares."""
+
+    mask: np.ndarray
+    tiles: list[tuple[int, int]]
+    tile: int
+
+
+def _radius(share: float, short: int, least: int = 2) -> int:
+    return max(least, round(share * short))
+
+
+def band(soft: np.ndarray, *, width: float = BAND, tile: int = TILE) -> Band:
+    """The band around ``soft``'s boundary (``soft``: H×W float32 in [0, 1]): pixels within
+    ``width`` × the short side of one where the map is unsure."""
+    h, w = soft.shape
+    unsure = cv2.inRange(soft, UNSURE, 1 - UNSURE)  # 255 where unsure
+    r = _radius(width, min(h, w))
+    # A square dilation's cost does not depend on its radius in OpenCV (van Herk's method).
+    wide = cv2.dilate(unsure, cv2.getStructuringElement(cv2.MORPH_RECT, (2 * r + 1, 2 * r + 1)))
+    th, tw = -(-h // tile), -(-w // tile)
+    padded = np.zeros((th * tile, tw * tile), np.uint8)
+    padded[:h, :w] = wide
+    any_in = padded.reshape(th, tile, tw, tile).max(axis=(1, 3))
+    tiles = [(int(y) * tile, int(x) * tile) for y, x in zip(*np.nonzero(any_in), strict=True)]
+    return Band(wide > 0, tiles, tile)
+
+
+def _box(x: np.ndarray, r: int) -> np.ndarray:
+    return cv2.boxFilter(x, -1, (2 * r + 1, 2 * r + 1), borderType=cv2.BORDER_REFLECT)
+
+
+_PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
+
+
+def _coefficients(guide: np.ndarray, p: np.ndarray, r: int, eps: float) -> np.ndarray:
+    """He, Sun and Tang's colour guided filter of ``p`` (h×w float32) by ``guide`` (h×w×3
+    float32 in [0, 1]): the box-averaged ``a`` (3 planes) and ``b`` of ``q = a·I + b``, h×w×4."""
+    mean_i = _box(guide, r)
+    mean_p = _box(p, r)
+    cov_ip = _box(guide * p[..., None], r) - mean_i * mean_p[..., None]
+    s00, s01, s02, s11, s12, s22 = (
+        _box(guide[..., a] * guide[..., b], r) - mean_i[..., a] * mean_i[..., b] for a, b in _PAIRS
+    )
+    s00, s11, s22 = s00 + eps, s11 + eps, s22 + eps
+    # The inverse of the symmetric 3×3 covariance, by cofactors.
+    c00 = s11 * s22 - s12 * s12
+    c01 = s02 * s12 - s01 * s22
+    c02 = s01 * s12 - s02 * s11
+    c11 = s00 * s22 - s02 * s02
+    c12 = s01 * s02 - s00 * s12
+    c22 = s00 * s11 - s01 * s01
+    det = s00 * c00 + s01 * c01 + s02 * c02
+    v0, v1, v2 = cov_ip[..., 0], cov_ip[..., 1], cov_ip[..., 2]
+    a0 = (c00 * v0 + c01 * v1 + c02 * v2) / det
+    a1 = (c01 * v0 + c11 * v1 + c12 * v2) / det
+    a2 = (c02 * v0 + c12 * v1 + c22 * v2) / det
+    b = mean_p - a0 * mean_i[..., 0] - a1 * mean_i[..., 1] - a2 * mean_i[..., 2]
+    return _box(cv2.merge([a0, a1, a2, b]), r)
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """The photo's size and the working resolution's, and between them each working tile's
+    rectangle in the photo and its sampling maps."""
+
+    size: tuple[int, int]  # (h, w) of the photo
+    work: tuple[int, int]  # (h, w) at the working resolution
+
+    @classmethod
+    def of(cls, h: int, w: int, max_pixels: int) -> _Grid:
+        s = min(1.0, (max_pixels / (h * w)) ** 0.5)
+        return cls((h, w), (max(1, round(h * s)), max(1, round(w * s))))
+
+    @property
+    def scaled(self) -> bool:
+        return self.size != self.work
+
+    def down(self, x: np.ndarray) -> np.ndarray:
+        return cv2.resize(x, self.work[::-1], interpolation=cv2.INTER_AREA) if self.scaled else x
+
+    def rect(self, y: int, x: int, tile: int) -> tuple[slice, slice]:
+        """The photo's pixels whose nearest working pixel is in the working tile at (y, x)."""
+        (h, w), (lh, lw) = self.size, self.work
+
+        def edge(i: int, n: int, ln: int) -> int:
+            return min(n, -(-i * n // ln))
+
+        return (
+            slice(edge(y, h, lh), edge(min(y + tile, lh), h, lh)),
+            slice(edge(x, w, lw), edge(min(x + tile, lw), w, lw)),
+        )
+
+    def sample(
+        self, plane: np.ndarray, rect: tuple[slice, slice], nearest: bool = False
+    ) -> np.ndarray:
+        """``plane`` (at the working resolution) bilinearly resampled at ``rect``'s pixels."""
+        (h, w), (lh, lw) = self.size, self.work
+        ys = (np.arange(rect[0].start, rect[0].stop, dtype=np.float32) + 0.5) * (lh / h) - 0.5
+        xs = (np.arange(rect[1].start, rect[1].stop, dtype=np.float32) + 0.5) * (lw / w) - 0.5
+        map_x = np.broadcast_to(xs[None, :], (ys.size, xs.size))
+        map_y = np.broadcast_to(ys[:, None], (ys.size, xs.size))
+        interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+        return cv2.remap(plane, map_x.copy(), map_y.copy(), interp, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _levels(q: np.ndarray) -> np.ndarray:
+    """The filter's output stretched around 0.5, as 8-bit alpha."""
+    q = (q - 0.5) * STRETCH + 0.5
+    return np.rint(np.clip(q, 0, 1) * 255).astype(np.uint8)
+
+
+def _at(grid: _Grid, plane: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """``plane`` (at the working resolution) bilinearly resampled at the photo's pixels
+    (``ys``, ``xs``): N×C."""
+    (h, w), (lh, lw) = grid.size, grid.work
+    n = ys.size
+    rows = -(-n // 1024)  # OpenCV's remap takes maps of fewer than 32767 rows and columns
+    my = np.empty(rows * 1024, np.float32)
+    mx = np.empty(rows * 1024, np.float32)
+    my[:n] = (ys + 0.5) * (lh / h) - 0.5
+    mx[:n] = (xs + 0.5) * (lw / w) - 0.5
+    my[n:], mx[n:] = 0, 0
+    got = cv2.remap(
+        plane,
+        mx.reshape(rows, 1024),
+        my.reshape(rows, 1024),
+        cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    return got.reshape(rows * 1024, -1)[:n]
+
+
+def _windows(
+    shape: tuple[int, int], b: Band, pad: int
+) -> Iterator[tuple[tuple[int, int], tuple[slice, slice], tuple[slice, slice]]]:
+    """For each tile of the band: its corner, its padded window, and the tile within it."""
+    h, w = shape
+    for y, x in b.tiles:
+        y0, x0 = max(0, y - pad), max(0, x - pad)
+        y1, x1 = min(h, y + b.tile + pad), min(w, x + b.tile + pad)
+        ty1, tx1 = min(h, y + b.tile), min(w, x + b.tile)
+        inner = (slice(y - y0, ty1 - y0), slice(x - x0, tx1 - x0))
+        yield (y, x), (slice(y0, y1), slice(x0, x1)), inner
+
+
+def matte(
+    rgb: np.ndarray,
+    soft: np.ndarray,
+    *,
+    radius: float = RADIUS,
+    eps: float = EPS,
+    width: float = BAND,
+    max_pixels: int = WORK_PIXELS,
+) -> np.ndarray:
+    """Alpha (H×W uint8) for the photo ``rgb`` (H×W×3 uint8) from its map ``soft``
+    (H×W float32 in [0, 1], the network's map at the photo's size)."""
+    h, w = soft.shape
+    grid = _Grid.of(h, w, max_pixels)
+    rgb_w, soft_w = grid.down(rgb), grid.down(soft)
+    r = max(2, round(radius * max(grid.work) / 320))
+    b = band(soft_w, width=width)
+    # Outside the band the coefficients give the settled map (a = 0, b = 0 or 1), so that the
+    # band's edge pixels interpolate towards what surrounds them.
+    coefs = np.zeros((*grid.work, 4), np.float32)
+    coefs[..., 3] = soft_w >= 0.5
+    alpha_w = cv2.compare(soft_w, 0.5, cv2.CMP_GE)  # type: ignore[call-overload]
+    for (y, x), win, inner in _windows(grid.work, b, 2 * r + 1):
+        guide = rgb_w[win].astype(np.float32) * np.float32(1 / 255)
+        got = _coefficients(guide, soft_w[win], r, eps)[inner]
+        tile = (slice(y, y + got.shape[0]), slice(x, x + got.shape[1]))
+        where = b.mask[tile]
+        coefs[tile][where] = got[where]
+        q = got[..., 3] + (got[..., :3] * guide[inner]).sum(axis=2)
+        alpha_w[tile][where] = _levels(q[where])
+    if not grid.scaled:
+        return alpha_w
+    # At the photo's own size: the working alpha, nearest, then where it is partial (or beside a
+    # partial pixel) the coefficients applied to the photo's own pixels (He and Sun, 2015).
+    alpha = cv2.compare(soft, 0.5, cv2.CMP_GE)  # type: ignore[call-overload]
+    partial = cv2.dilate(cv2.inRange(alpha_w, 1, 254), np.ones((3, 3), np.uint8))
+    for y, x in b.tiles:
+        rect = grid.rect(y, x, b.tile)
+        near = grid.sample(alpha_w, rect, nearest=True)
+        inside = grid.sample(b.mask.view(np.uint8), rect, nearest=True) > 0
+        alpha[rect][inside] = near[inside]
+        ys, xs = np.nonzero(grid.sample(partial, rect, nearest=True))
+        if ys.size == 0:
+            continue
+        ys += rect[0].start
+        xs += rect[1].start
+        coef = _at(grid, coefs, ys, xs)
+        pixels = rgb[ys, xs].astype(np.float32) * np.float32(1 / 255)
+        q = coef[:, 3] + (coef[:, :3] * pixels).sum(axis=1)
+        alpha[ys, xs] = _levels(q)
+    return alpha
+
+
+def _blur_fusion(
+    image: np.ndarray, f: np.ndarray, bg: np.ndarray, alpha: np.ndarray, r: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One step of Forte and Pitié's estimator: the local means of the foreground and the
+    background (all float32; colours h×w×3, alpha h×w)."""
+    a = alpha[..., None]
+    blurred_a = _box(alpha, r)[..., None]
+    f_mean = _box(f * a, r) / (blurred_a + 1e-5)
+    b_mean = _box(bg * (1 - a), r) / ((1 - blurred_a) + 1e-5)
+    return f_mean, b_mean
+
+
+def _residual(image: np.ndarray, alpha: np.ndarray, f: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    """The foreground: its local mean plus the part of the photo its model does not explain."""
+    a = alpha[..., None]
+    return np.clip(f + a * (image - a * f - (1 - a) * bg), 0, 1)
+
+
+def foreground(rgb: np.ndarray, alpha: np.ndarray, *, max_pixels: int = WORK_PIXELS) -> np.ndarray:
+    """The photo ``rgb`` (H×W×3 uint8) with the foreground's own colour, estimated, where
+    0 < ``alpha`` < 255 (``alpha``: H×W uint8); a new array, the same elsewhere."""
+    h, w = alpha.shape
+    out = rgb.copy()
+    if not cv2.countNonZero(cv2.inRange(alpha, 1, 254)):
+        return out
+    grid = _Grid.of(h, w, max_pixels)
+    image_w = grid.down(rgb).astype(np.float32) * np.float32(1 / 255)
+    alpha_w = grid.down(alpha).astype(np.float32) * np.float32(1 / 255)
+    # The wide step on the whole photo at a coarse resolution (its radius is wide anyway), the
+    # narrow one in the band's tiles at the working resolution.
+    coarse = _Grid.of(*grid.work, _COARSE_PIXELS)
+    image_c, alpha_c = coarse.down(image_w), coarse.down(alpha_w)
+    r1 = _radius(_FG_RADII[0], min(coarse.work), 1)
+    f1, b1 = _blur_fusion(image_c, image_c, image_c, alpha_c, r1)
+    f1 = _residual(image_c, alpha_c, f1, b1)
+    r2 = _radius(_FG_RADII[1], min(grid.work), 1)
+    b = band(cv2.inRange(alpha_w, 1 / 512, 1 - 1 / 512).astype(np.float32) * (0.5 / 255), width=0)
+    means = np.zeros((*grid.work, 6), np.float32)
+    for (y, x), win, inner in _windows(grid.work, b, r2 + 1):
+        rect = (slice(win[0].start, win[0].stop), slice(win[1].start, win[1].stop))
+        f, bg = (coarse.sample(p, rect) if coarse.scaled else p[rect] for p in (f1, b1))
+        fm, bm = _blur_fusion(image_w[win], f, bg, alpha_w[win], r2)
+        tile = (slice(y, y + fm[inner].shape[0]), slice(x, x + fm[inner].shape[1]))
+        means[tile] = np.concatenate([fm[inner], bm[inner]], axis=2)
+    for y, x in b.tiles:
+        rect = (
+            grid.rect(y, x, b.tile)
+            if grid.scaled
+            else (slice(y, min(y + b.tile, h)), slice(x, min(x + b.tile, w)))
+        )
+        ys, xs = np.nonzero(cv2.inRange(alpha[rect], 1, 254))
+        if ys.size == 0:
+            continue
+        ys += rect[0].start
+        xs += rect[1].start
+        m = _at(grid, means, ys, xs) if grid.scaled else means[ys, xs]
+        a = alpha[ys, xs].astype(np.float32) * np.float32(1 / 255)
+        pixels = rgb[ys, xs].astype(np.float32) * np.float32(1 / 255)
+        f = _residual(pixels, a, m[:, :3], m[:, 3:])
+        out[ys, xs] = np.rint(f * 255).astype(np.uint8)
+    return out

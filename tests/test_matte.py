@@ -1,0 +1,78 @@
+"""The cut-out's matte and foreground colour (service/images/matte.py) on synthetic photos whose
+alpha and foreground are known."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from service.images.matte import foreground, matte
+
+F = np.array([200, 40, 30], np.float32)  # the foreground's colour
+B = np.array([250, 250, 250], np.float32)  # the old background: white
+
+
+def network_like(alpha: np.ndarray) -> np.ndarray:
+    """What the network's map looks like at the photo's size: the alpha seen at 320×320
+    (smoothed a little, as its edges are) and scaled back up bilinearly."""
+    h, w = alpha.shape
+    small = cv2.resize(alpha.astype(np.float32), (320, 320), interpolation=cv2.INTER_AREA)
+    small = cv2.GaussianBlur(small, (0, 0), 1.0)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def composite(alpha: np.ndarray) -> np.ndarray:
+    a = alpha[..., None]
+    return np.rint(a * F + (1 - a) * B).astype(np.uint8)
+
+
+def step(h: int, w: int) -> np.ndarray:
+    alpha = np.zeros((h, w), np.float32)
+    alpha[:, : w // 2] = 1
+    return alpha
+
+
+@pytest.mark.parametrize("max_pixels", [10_000_000, 100_000], ids=["own size", "scaled down"])
+def test_a_hard_edge_stays_hard(max_pixels: int) -> None:
+    truth = step(480, 800)
+    got = matte(composite(truth), network_like(truth), max_pixels=max_pixels) / 255
+    # The map's ramp is ~8 px wide here; the matte follows the photo's one-pixel step. Measured:
+    # exactly the truth beyond the step's two columns, at both sizes; 0.15 leaves headroom for
+    # other CPUs' float rounding.
+    away = np.ones_like(truth, bool)
+    away[:, 400 - 1 : 400 + 1] = False
+    assert np.abs(got - truth)[away].max() <= 0.15
+    soft = network_like(truth)
+    assert np.abs(soft - truth)[away].max() > 0.1  # the map itself is not hard (0.18)
+
+
+def test_a_linear_ramp_of_alpha_is_recovered() -> None:
+    h, w = 480, 800
+    x = np.arange(w, dtype=np.float32)
+    truth = 1 - np.clip((x - 396) / 8, 0, 1)[None, :].repeat(h, 0)  # 1 → 0 over 8 px
+    got = matte(composite(truth), network_like(truth)) / 255
+    # The stretch after the filter (service.images.matte.STRETCH) steepens a ramp: measured 0.17 at
+    # most (at the ramp's ends) and 0.0009 on average; 0.22 and 0.003 leave headroom for
+    # other CPUs' float rounding.
+    assert np.abs(got - truth).max() <= 0.22
+    assert np.abs(got - truth).mean() <= 0.003
+
+
+def test_the_foregrounds_own_colour_at_the_rim() -> None:
+    h, w = 480, 800
+    x = np.arange(w, dtype=np.float32)
+    truth = 1 - np.clip((x - 396) / 8, 0, 1)[None, :].repeat(h, 0)
+    photo = composite(truth)
+    alpha = np.rint(truth * 255).astype(np.uint8)
+    colour = foreground(photo, alpha).astype(np.float32)
+    rim = (truth > 0.1) & (truth < 0.9)
+    err = np.abs(colour[rim] - F).max()
+    was = np.abs(photo[rim].astype(np.float32) - F).max()
+    # The photo's rim is up to 192 levels off (white mixed in); the estimate measured at most
+    # 7 levels off; 12 allows for other CPUs' rounding.
+    assert was > 100
+    assert err <= 12
+    # Where alpha is 0 or 1 the photo is left as it is.
+    settled = (alpha == 0) | (alpha == 255)
+    assert np.array_equal(colour[settled], photo[settled])
