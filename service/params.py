@@ -16,10 +16,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from service.errors import InvalidParameter
 
-__all__ = ["Format", "Margin", "Output", "SegmentParams", "describe_errors", "parse_params"]
+__all__ = [
+    "CUTOUT_ALPHA",
+    "Alpha",
+    "Format",
+    "Margin",
+    "Output",
+    "SegmentParams",
+    "describe_errors",
+    "parse_params",
+]
 
 Output = Literal["mask", "probability", "cutout", "box"]
 Format = Literal["png", "webp", "jpeg"]
+Alpha = Literal["mask", "soft", "matte"]
+# A cut-out's alpha when none is asked for (README, "Cut-out edges", has the measurements).
+CUTOUT_ALPHA: Alpha = "mask"
 
 _COLOUR = re.compile(r"^#?([0-9a-fA-F]{6})([0-9a-fA-F]{2})?$")
 _MARGIN = re.compile(r"^(\d{1,5})(px|%)?$")
@@ -91,6 +103,13 @@ class SegmentParams(BaseModel):
         description="refine the map's edges at full resolution with the photo as guide (a fast "
         "guided filter) before thresholding; off by default: the authors' map as it is",
     )
+    alpha: Alpha | None = Field(
+        None,
+        description="cutout only: its alpha. mask: the binary mask (0/255); soft: the network's "
+        "map, scaled up smoothly; matte: alpha solved from the photo in a band at the "
+        f"subject's boundary. With soft and matte the colour where alpha is partial is the "
+        f"subject's own, estimated, without the old background. Default: {CUTOUT_ALPHA}",
+    )
 
     @field_validator("crop_margin", mode="before")
     @classmethod
@@ -114,6 +133,10 @@ class SegmentParams(BaseModel):
                 )
         if self.bg_color is not None and self.output != "cutout":
             raise ValueError(f"bg_color: applies to output=cutout, not output={self.output}")
+        if self.alpha is not None and self.output != "cutout":
+            raise ValueError(
+                f"alpha: the alpha of a cut-out; applies to output=cutout, not output={self.output}"
+            )
         if self.format == "jpeg":
             if self.output != "cutout":
                 raise ValueError(
@@ -147,6 +170,18 @@ class SegmentParams(BaseModel):
         digits = match[1] + (match[2] or "ff")
         r, g, b, a = (int(digits[i : i + 2], 16) for i in range(0, 8, 2))
         return r, g, b, a
+
+    @property
+    def cutout_alpha(self) -> Alpha | None:
+        """A cut-out's alpha (the one asked for, or the default); None for other outputs."""
+        if self.output != "cutout":
+            return None
+        return CUTOUT_ALPHA if self.alpha is None else self.alpha
+
+    @property
+    def soft_map(self) -> bool:
+        """Whether the answer is made from the soft map rather than the thresholded mask."""
+        return self.output == "probability" or self.cutout_alpha in ("soft", "matte")
 
     @property
     def jpeg_quality(self) -> int:

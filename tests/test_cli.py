@@ -110,11 +110,13 @@ async def test_outputs_are_the_apis_bytes(u2netp_weights: Path, tmp_path: Path) 
         {"output": "mask"},
         {"output": "probability", "format": "webp"},
         {"output": "cutout", "threshold": "0.3"},
+        {"output": "cutout", "alpha": "soft"},
+        {"output": "cutout", "alpha": "matte", "bg_color": "203040"},
     ]
     async with running(settings(u2netp_weights)) as (_, client):
         for i, params in enumerate(cases):
             out = tmp_path / f"out{i}"
-            options = [f for k, v in params.items() for f in (f"--{k}", v)]
+            options = [f for k, v in params.items() for f in ("--" + k.replace("_", "-"), v)]
             argv = ["segment", str(tmp_path / "in"), "-o", str(out), "-q", *options]
             assert main([*argv, *flags(u2netp_weights)]) == 0
             suffix = "." + params.get("format", "png")

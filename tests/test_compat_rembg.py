@@ -80,14 +80,14 @@ def test_an_upload_is_the_cutout(server: str) -> None:
     assert r.headers["content-type"] == "image/png"
     rgba = image(r)
     assert rgba.shape == (595, 770, 4)
-    np.testing.assert_array_equal(rgba, image(segment(server, output="cutout")))
+    np.testing.assert_array_equal(rgba, image(segment(server, output="cutout", alpha="soft")))
 
 
 def test_a_url_is_fetched(server: str, photos: str) -> None:
     r = httpx.get(f"{server}/api/remove", params={"url": f"{photos}/horse.jpg"}, timeout=120)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "image/png"
-    np.testing.assert_array_equal(image(r), image(segment(server, output="cutout")))
+    np.testing.assert_array_equal(image(r), image(segment(server, output="cutout", alpha="soft")))
     both = httpx.get(
         f"{server}/api/remove", params={"url": f"{photos}/horse.jpg", "om": "true"}, timeout=120
     )
@@ -99,18 +99,24 @@ def test_a_url_is_fetched(server: str, photos: str) -> None:
     [
         ({}, {"om": "true"}, {"output": "probability"}),  # rembg's mask is its soft map
         ({}, {"om": "true", "ppm": "true"}, {"output": "mask"}),  # thresholded to 0/255
-        ({}, {"ppm": "true"}, {"output": "cutout"}),
-        ({"bgc": "255,255,255,255"}, {}, {"output": "cutout", "bg_color": "ffffff"}),
-        ({"bgc": "0,0,255,128"}, {}, {"output": "cutout", "bg_color": "0000ff80"}),
-        ({"bgc": "10,20,30"}, {}, {"output": "cutout", "bg_color": "0a141e"}),
-        ({}, {"a": "true"}, {"output": "cutout", "refine": "true"}),
+        # rembg's cut-out has its soft map as alpha; with a=true, its matting: the service's matte.
+        ({}, {"om": "true", "a": "true"}, {"output": "probability", "refine": "true"}),
+        ({}, {"ppm": "true"}, {"output": "cutout", "alpha": "soft"}),
+        (
+            {"bgc": "255,255,255,255"},
+            {},
+            {"output": "cutout", "alpha": "soft", "bg_color": "ffffff"},
+        ),
+        ({"bgc": "0,0,255,128"}, {}, {"output": "cutout", "alpha": "soft", "bg_color": "0000ff80"}),
+        ({"bgc": "10,20,30"}, {}, {"output": "cutout", "alpha": "soft", "bg_color": "0a141e"}),
+        ({}, {"a": "true"}, {"output": "cutout", "alpha": "matte"}),
         (
             {},
             {"a": "true", "af": "240", "ab": "10", "ae": "10"},
-            {"output": "cutout", "refine": "true"},
+            {"output": "cutout", "alpha": "matte"},
         ),
-        ({}, {"model": "u2netp"}, {"output": "cutout"}),
-        ({}, {"extras": "{}"}, {"output": "cutout"}),
+        ({}, {"model": "u2netp"}, {"output": "cutout", "alpha": "soft"}),
+        ({}, {"extras": "{}"}, {"output": "cutout", "alpha": "soft"}),
     ],
 )
 def test_each_option_is_segments_option(

@@ -115,11 +115,11 @@ def test_the_client_removes_backgrounds_from_a_file_a_url_and_base64(
         client.remove_bg_url(f"{photos}/horse.jpg", size="full"),
         client.remove_bg_base64(base64.b64encode(PHOTO).decode(), size="full"),
     ]
-    mask = image(segment(server, output="mask").content)
+    matte = image(segment(server, output="cutout", alpha="matte").content)
     for cutout in cutouts:
         rgba = image(cutout)
         assert rgba.shape == (595, 770, 4)  # the photo's size
-        np.testing.assert_array_equal(rgba[..., 3], mask)
+        np.testing.assert_array_equal(rgba, matte)  # the service's matte, as remove.bg's
     assert client.account.balance() == 0
     assert list(tmp_path.iterdir()) == [path]  # raw=True: nothing written
 
@@ -136,7 +136,7 @@ def test_the_clients_default_size_is_a_preview_of_at_most_a_quarter_megapixel(
     assert w * h > 0.99 * 250_000  # as large as it may be: one row or column from the bound
     assert abs(w / h - 770 / 595) < 0.01
     # The same scaling as /segment's max_side, to the same pixels.
-    same = image(segment(server, output="cutout", max_side=max(w, h)).content)
+    same = image(segment(server, output="cutout", alpha="matte", max_side=max(w, h)).content)
     np.testing.assert_array_equal(preview, same)
 
 
@@ -180,7 +180,7 @@ def test_a_json_body_and_a_json_answer(server: str) -> None:
     assert r.headers["content-type"] == "application/json"
     data = r.json()["data"]
     rgba = image(base64.b64decode(data["result_b64"]))
-    expected = segment(server, output="cutout", crop="true")
+    expected = segment(server, output="cutout", alpha="matte", crop="true")
     np.testing.assert_array_equal(rgba, image(expected.content))
     for side in ("top", "left", "width", "height"):
         assert data[f"foreground_{side}"] == int(r.headers[f"x-foreground-{side}"])
@@ -194,7 +194,7 @@ def test_headers(server: str) -> None:
     assert (r.headers["x-width"], r.headers["x-height"]) == ("770", "595")
     assert r.headers["x-credits-charged"] == "0"
     assert r.headers["x-type"] == "other"  # auto: the service does not classify
-    reference = segment(server, output="cutout")
+    reference = segment(server, output="cutout", alpha="matte")
     for side in ("Top", "Left", "Width", "Height"):
         assert r.headers[f"X-Foreground-{side}"] == reference.headers[f"X-Foreground-{side}"]
     typed = removebg(
@@ -212,15 +212,18 @@ def test_headers(server: str) -> None:
         ({"channels": "alpha"}, {"output": "mask"}),
         (
             {"crop": "true", "crop_margin": "10%"},
-            {"output": "cutout", "crop": "true", "crop_margin": "10%"},
+            {"output": "cutout", "alpha": "matte", "crop": "true", "crop_margin": "10%"},
         ),
         (
             {"crop": "true", "crop_margin": "20px 20px"},
-            {"output": "cutout", "crop": "true", "crop_margin": "20"},
+            {"output": "cutout", "alpha": "matte", "crop": "true", "crop_margin": "20"},
         ),
-        ({"bg_color": "81d4fa77"}, {"output": "cutout", "bg_color": "81d4fa77"}),
-        ({"bg_color": "#fff", "format": "png"}, {"output": "cutout", "bg_color": "ffffff"}),
-        ({"format": "webp"}, {"output": "cutout", "format": "webp"}),
+        ({"bg_color": "81d4fa77"}, {"output": "cutout", "alpha": "matte", "bg_color": "81d4fa77"}),
+        (
+            {"bg_color": "#fff", "format": "png"},
+            {"output": "cutout", "alpha": "matte", "bg_color": "ffffff"},
+        ),
+        ({"format": "webp"}, {"output": "cutout", "alpha": "matte", "format": "webp"}),
     ],
 )
 def test_each_parameter_is_segments_option(
@@ -240,7 +243,7 @@ def test_jpg_is_on_bg_color_or_on_white(server: str) -> None:
         server, files={"image_file": ("h.jpg", PHOTO)}, data={"size": "full", "format": "jpg"}
     )
     assert r.headers["content-type"] == "image/jpeg"
-    reference = segment(server, output="cutout", bg_color="ffffff", format="jpeg")
+    reference = segment(server, output="cutout", alpha="matte", bg_color="ffffff", format="jpeg")
     assert r.content == reference.content
 
 
@@ -253,7 +256,10 @@ def test_zip_holds_the_colour_and_the_alpha(server: str) -> None:
     with zipfile.ZipFile(io.BytesIO(r.content)) as z:
         assert sorted(z.namelist()) == ["alpha.png", "color.jpg"]
         colour, alpha = z.read("color.jpg"), z.read("alpha.png")
-    assert colour == segment(server, output="cutout", bg_color="ffffff", format="jpeg").content
+    assert (
+        colour
+        == segment(server, output="cutout", alpha="matte", bg_color="ffffff", format="jpeg").content
+    )
     np.testing.assert_array_equal(image(alpha), image(segment(server, output="mask").content))
     # The alpha matte came from the map cache: the network ran for the colour image only.
     timing = [entry.strip() for entry in r.headers["server-timing"].split(",")]

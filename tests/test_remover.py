@@ -235,7 +235,7 @@ class Gate:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, remover: Remover) -> None:
         self.opened = threading.Event()
         self.sizes: list[int] = []
-        segmenter = remover._runtime.segmenter  # the loaded model the service's batcher runs
+        segmenter = remover._service.segmenter  # the loaded model the service's batcher runs
         run = segmenter.levels_of
 
         def levels_of(inputs: Any) -> Any:
@@ -280,7 +280,7 @@ def test_threads_are_batched_together(
         rest = [threading.Thread(target=call, args=(i,)) for i in range(1, 5)]
         for t in rest:
             t.start()
-        batcher = remover._runtime.batcher  # the service's batcher, in this process
+        batcher = remover._service.batcher  # the service's batcher, in this process
         assert batcher is not None
         until(lambda: batcher.depth == 4)  # the other four wait together
         gate.opened.set()
@@ -306,7 +306,7 @@ def test_close_finishes_the_calls_under_way(
     until(lambda: gate.sizes == [1])  # the call is in the network
     closing = threading.Thread(target=remover.close)
     closing.start()
-    until(lambda: remover._runtime.draining)  # close() has begun, and waits
+    until(lambda: remover._service.draining)  # close() has begun, and waits
     gate.opened.set()
     call.join()
     closing.join()

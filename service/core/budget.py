@@ -65,9 +65,26 @@ _BYTES_PER_PIXEL = {
 }
 
 
-def request_cost(width: int, height: int, *, alpha: bool, cutout: bool, webp: bool = False) -> int:
-    """Bytes charged to a request for an image of this size and the answer it asks for."""
-    return width * height * _BYTES_PER_PIXEL[alpha, cutout, webp]
+# A cut-out whose alpha is not the mask holds more while its answer is made: the foreground's
+# colour, a copy of the photo (3), and for a matte the map as floats (4), the matte and the band
+# (2), beside working planes bounded by the matte's working resolution, not the photo's area
+# (service/images/matte.py).
+_EDGE_BYTES_PER_PIXEL = {"mask": 0, "soft": 3, "matte": 9}
+
+
+def request_cost(
+    width: int,
+    height: int,
+    *,
+    alpha: bool,
+    cutout: bool,
+    webp: bool = False,
+    cutout_alpha: str = "mask",
+) -> int:
+    """Bytes charged to a request for an image of this size and the answer it asks for
+    (``cutout_alpha``: a cut-out's alpha, mask, soft or matte)."""
+    per_pixel = _BYTES_PER_PIXEL[alpha, cutout, webp] + _EDGE_BYTES_PER_PIXEL[cutout_alpha]
+    return width * height * per_pixel
 
 
 def upload_cost(declared_length: str | None, limit: int) -> int:

@@ -67,10 +67,11 @@ def finish(
     segmenter: Model, levels: np.ndarray, image: np.ndarray, params: SegmentParams
 ) -> np.ndarray:
     """An ``S×S`` uint8 network map → the ``H×W`` uint8 map of the answer, on the CPU: the soft
-    map for ``probability``, else the mask; resized back to ``image`` (the H×W×3 the network
-    saw), refined first if asked, on the model's device."""
+    map for ``probability`` and for a cut-out whose alpha is soft or a matte, else the mask;
+    resized back to ``image`` (the H×W×3 the network saw), refined first if asked, on the
+    model's device."""
     h, w = image.shape[:2]
-    probability = params.output == "probability"
+    probability = params.soft_map
     if segmenter.device.type == "cpu" and not params.refine:
         done = finish_on_cpu(levels, (h, w), probability=probability, threshold=params.threshold)
         if done is not None:

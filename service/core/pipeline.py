@@ -270,6 +270,7 @@ class Pipeline:
             alpha=header.alpha,
             cutout=params.output == "cutout",
             webp=params.format == "webp",
+            cutout_alpha=params.cutout_alpha or "mask",
         )
         charge = self.ready.budget.charge(cost)  # counts its own refusals
         try:

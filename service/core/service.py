@@ -23,8 +23,8 @@ from service.core.admission import Admission, in_flight_limit
 from service.core.batcher import Batcher, QueueGroup
 from service.core.budget import MemoryBudget, give_back_memory, map_large_buffers
 from service.core.cache import open_caches
-from service.core.infer import run_batch
-from service.core.pipeline import Pipeline, Ready, Served
+from service.core.infer import Model, run_batch
+from service.core.pipeline import Pipeline, Queue, Ready, Served
 from service.errors import Draining, NotReady
 from service.metrics import Metrics
 from service.settings import Settings
@@ -95,6 +95,16 @@ class Service:
     def models(self) -> dict[str, Served]:
         """The loaded models, the default one first."""
         return self.ready_parts.models
+
+    @property
+    def segmenter(self) -> Model:
+        """The default model."""
+        return self.models[self.settings.default_model].segmenter
+
+    @property
+    def batcher(self) -> Queue:
+        """The default model's queue to its network."""
+        return self.models[self.settings.default_model].batcher
 
     def serving(self) -> Pipeline:
         """The pipeline, while the service takes work; 503 while warming up or draining."""

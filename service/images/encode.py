@@ -1,6 +1,7 @@
-"""8-bit maps → the answer: a one-channel mask, the photo with the mask as alpha (on a colour if
-asked), or the subject's box as JSON; cropped and scaled down as asked, with headers that give the
-subject's box in the answer's grid."""
+"""8-bit maps → the answer: a one-channel mask, the photo with an alpha (the mask, the soft map or
+a matte solved from the photo, :mod:`service.images.matte`; on a colour if asked), or the
+subject's box as JSON; cropped and scaled down as asked, with headers that give the subject's box
+in the answer's grid."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 from service.images.box import Box, Subject, crop_region, fit_size, side_within, subject
 from service.images.codecs import Picture, encoder
 from service.images.decode import DecodedImage
+from service.images.matte import foreground, matte
 from service.params import SegmentParams
 
 __all__ = ["BOX_HEADERS", "MEDIA_TYPES", "Rendered", "render"]
@@ -40,7 +42,7 @@ class Rendered:
 
 def _cutoff(params: SegmentParams) -> int:
     """The level at which a pixel of the map ``run_batch`` returned is foreground."""
-    if params.output == "probability":
+    if params.soft_map:
         # The 8-bit map is rounded; the box is of the pixels whose level reaches the threshold.
         return math.ceil(params.threshold * 255)
     return 1  # a mask: 0 or 255, so every level but 0 (counted without a threshold)
@@ -85,13 +87,21 @@ def render(
     out_size = fit_size((region.width, region.height), max_side)
     answer_box = found.box.within(region, out_size) if found.box else None
     cutout = params.output == "cutout"
+    colour = image.rgb if cutout else None
+    if params.cutout_alpha in ("soft", "matte"):
+        if params.cutout_alpha == "matte":
+            soft = levels.astype(np.float32)
+            soft *= 1 / 255
+            levels = matte(image.rgb, soft)
+        # Where alpha is partial, the subject's own colour: no rim of the old background.
+        colour = foreground(image.rgb, levels)
     picture = Picture(
         levels=levels,
-        rgb=image.rgb if cutout else None,
+        rgb=colour,
         alpha=image.alpha if cutout else None,
         region=(region.left, region.top, region.width, region.height),
         size=out_size,
-        binary=params.output != "probability",
+        binary=not params.soft_map,
         background=params.background if cutout else None,
     )
     body = encoder(codec).encode(picture, params.format, params.jpeg_quality)

@@ -7,15 +7,17 @@ once), translated into :class:`~service.params.SegmentParams`:
 
 - ``om`` (only mask): ``output=probability``, the soft map, as rembg's mask is; with ``ppm``
   (post-process mask, which rembg thresholds to 0/255) ``output=mask``. Without ``om``, the
-  cut-out (``output=cutout``); its alpha is the service's binary mask, so ``ppm`` changes nothing
-  there.
+  cut-out (``output=cutout``) with the soft map as its alpha (``alpha=soft``), as rembg's is
+  (with the subject's own colour where alpha is partial, where rembg keeps the photo's); ``ppm``
+  changes nothing there.
 - ``bgc`` (``r,g,b`` or ``r,g,b,a``, 0–255): ``bg_color`` on the cut-out; with ``om`` it is a 422
   (rembg ignores it).
 - ``model``: one of the loaded models (the default one if none: rembg's own default,
   ``bria-rmbg``, is no model of this service).
-- ``a`` (alpha matting): the service's edge refinement, ``refine=true``, a guided filter with the
-  photo as guide, which does what rembg's matting is for (the map's edges pulled onto the photo's
-  own), not rembg's trimap matting: so its trimap's ``af``, ``ab`` and ``ae`` are accepted at
+- ``a`` (alpha matting): on the cut-out, the service's matte (``alpha=matte``: alpha solved from
+  the photo in a band the map's own uncertainty finds, and the subject's own colour there), which
+  does what rembg's matting is for; with ``om``, the service's edge refinement of the map
+  (``refine=true``). Neither takes rembg's trimap: its ``af``, ``ab`` and ``ae`` are accepted at
   rembg's defaults (240, 10, 10), which change nothing, and any other value is a 400.
 - ``dc`` (decontaminate), ``vm`` (ViTMatte) and ``extras`` (JSON options for rembg's model): the
   service has no such thing, so true (or non-empty) is a 400.
@@ -95,13 +97,14 @@ def _refuse_what_cannot_be_honoured(p: RembgParams) -> None:
     changed = [f"{k}={getattr(p, k)}" for k, v in MATTING_DEFAULTS.items() if getattr(p, k) != v]
     if changed:
         raise UnsupportedParameter(
-            f"{', '.join(changed)}: a=true is this service's edge refinement, a guided filter with "
-            "no trimap: af, ab and ae are accepted only at rembg's defaults (240, 10, 10)"
+            f"{', '.join(changed)}: a=true is this service's matte, whose band the map's own "
+            "uncertainty finds, with no trimap: af, ab and ae are accepted only at rembg's "
+            "defaults (240, 10, 10)"
         )
     if p.dc:
         raise UnsupportedParameter("dc: this service does not decontaminate edges; leave it out")
     if p.vm:
-        raise UnsupportedParameter("vm: this service has no ViTMatte; use a=true to refine edges")
+        raise UnsupportedParameter("vm: this service has no ViTMatte; use a=true for its matte")
     if p.extras is not None and p.extras.strip():
         try:
             empty = json.loads(p.extras) == {}
@@ -118,10 +121,12 @@ def _params(p: RembgParams) -> SegmentParams:
         if p.bgc is not None:
             raise InvalidParameter("bgc: applies to the cut-out, not to om=true (a mask)")
         given = {"output": "mask" if p.ppm else "probability"}
+        if p.a:
+            given["refine"] = "true"
     else:
-        given = {"output": "cutout"} | ({"bg_color": _colour(p.bgc)} if p.bgc else {})
-    if p.a:
-        given["refine"] = "true"
+        given = {"output": "cutout", "alpha": "matte" if p.a else "soft"}
+        if p.bgc:
+            given["bg_color"] = _colour(p.bgc)
     return parse_params(given)
 
 
@@ -219,7 +224,8 @@ _PARAMS: dict[str, dict[str, Any]] = {
     "a": {
         "type": "boolean",
         "default": False,
-        "description": "alpha matting: this service's edge refinement (refine=true)",
+        "description": "alpha matting: on the cut-out this service's matte (alpha=matte), "
+        "with om its edge refinement (refine=true)",
     },
     "af": {
         "type": "integer",

@@ -5,7 +5,9 @@ A request (multipart, form-encoded or JSON; ``X-Api-Key``) is translated into a
 
 - the image: ``image_file``, ``image_file_b64`` or ``image_url`` (through the service's own
   URL fetcher), exactly one;
-- ``channels``: ``rgba`` is ``output=cutout``, ``alpha`` is ``output=mask`` (the cut-out's alpha);
+- ``channels``: ``rgba`` is ``output=cutout`` with the service's matte (``alpha=matte``: alpha
+  solved from the photo at the subject's boundary, and the subject's own colour there), as
+  remove.bg's cut-outs have soft edges; ``alpha`` is ``output=mask``, the binary mask;
 - ``size``: the answer at most 0.25 MP (``preview``, ``small``, ``regular``: remove.bg's
   default), 1.5 MP (``medium``), 4 MP (``hd``), or the photo's own size (``full``, ``4k``,
   ``50MP``, ``auto``), by the service's ``max_side`` scaling (:attr:`Submission.max_pixels`);
@@ -266,7 +268,7 @@ def _params(p: RemoveBgParams) -> tuple[SegmentParams, SegmentParams | None]:
             )
         if p.channels == "alpha":
             raise InvalidParameter("channels=alpha: format=zip already holds the alpha matte")
-        rgb = given | {"output": "cutout", "bg_color": _WHITE, "format": "jpeg"}
+        rgb = given | {"output": "cutout", "alpha": "matte", "bg_color": _WHITE, "format": "jpeg"}
         return parse_params(rgb), parse_params(given | {"output": "mask"})
     if p.channels == "alpha":
         if colour is not None:
@@ -285,10 +287,15 @@ def _params(p: RemoveBgParams) -> tuple[SegmentParams, SegmentParams | None]:
                 "an opaque one or use png"
             )
         # JPEG has no transparency: on white when no colour is given.
-        cutout = given | {"output": "cutout", "bg_color": colour or _WHITE, "format": "jpeg"}
+        cutout = given | {
+            "output": "cutout",
+            "alpha": "matte",
+            "bg_color": colour or _WHITE,
+            "format": "jpeg",
+        }
         return parse_params(cutout), None
     fmt = "webp" if p.format == "webp" else "png"
-    cutout = given | {"output": "cutout", "format": fmt}
+    cutout = given | {"output": "cutout", "alpha": "matte", "format": fmt}
     if colour is not None:
         cutout["bg_color"] = colour
     return parse_params(cutout), None
