@@ -152,6 +152,7 @@ def load_segmenter(settings: Settings, model: str | None = None) -> Segmenter:
         channels_last=settings.channels_last,
         threads=settings.threads,
         precision=settings.precision,
+        threshold=settings.cascade_threshold,
     )
 
 
@@ -224,7 +225,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     for name, segmenter in segmenters.items():
         max_batch = _batch_size(s, segmenter)
         batcher: Batcher[np.ndarray, np.ndarray] = Batcher(
-            partial(run_batch, segmenter),
+            partial(run_batch, segmenter, second_looks=rt.metrics.second_looks.labels(model=name)),
             max_batch_size=max_batch,
             max_wait_s=s.max_batch_wait_ms / 1000,
             max_queue=s.max_queue,
