@@ -450,7 +450,8 @@ def prepare(weights: Path, model: str) -> list[Path]:
     # The cascade's rule (``auto``) was measured for this int8 model: recorded beside it.
     from model.cascade import write_rule
 
-    return [*made, write_rule(weights, model, _read_record(weights, "int8"))]
+    write_rule(weights, model, _read_record(weights, "int8"))
+    return made
 
 
 def _prepare(weights: Path, model: str, weights_sha256: str, kind: Arithmetic) -> Path:
