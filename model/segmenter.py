@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from model.cascade import Cascade, load_cascade
 from model.engines import (
     DEFAULT_PRECISION,
     PRECISIONS,
@@ -76,7 +77,10 @@ class Segmenter:
         channels_last: bool = True,
         threads: int | None = None,
         precision: str = DEFAULT_PRECISION,
+        threshold: float | None = None,
     ) -> None:
+        """``threshold``: for ``auto`` on the CPU, the cascade's threshold in place of the one
+        recorded for the model (0: float32 for every photo, 1: int8 for every one)."""
         if name not in SPECS:
             raise ValueError(f"model must be one of {', '.join(SPECS)}, not {name!r}")
         if precision not in PRECISIONS:
@@ -90,12 +94,16 @@ class Segmenter:
             threads=threads,
             precision=cast(Precision, precision),
         )
-        self.engine: Engine = load_engine(
-            resolve_engine(engine, options.device, options.dtype, precision, name),
-            Path(weights),
-            name,
-            options,
-        )
+        self.engine: Engine
+        if precision == "auto" and resolved.type == "cpu" and engine == "auto":
+            self.engine = load_cascade(Path(weights), name, options, threshold)
+        else:
+            self.engine = load_engine(
+                resolve_engine(engine, options.device, options.dtype, precision, name),
+                Path(weights),
+                name,
+                options,
+            )
         self.weights_digest = recorded_digest(weights, name)
         self._pinned: Tensor | None = None
         self._asked: Precision = options.precision
@@ -118,6 +126,8 @@ class Segmenter:
         tests hold to the faithful bounds (float32; float16 on CUDA for the model whose CUDA
         default it is; the mixed int8/float32 model, which an engine loads only when asked for
         ``faithful``), ``fast`` otherwise (int8, bfloat16, float16 where it misses them)."""
+        if isinstance(self.engine, Cascade):
+            return "auto"
         faithful = {torch.float32}
         if self.device.type == "cuda":
             faithful.add(DTYPES[self.spec.cuda_dtype])
@@ -161,6 +171,16 @@ class Segmenter:
         """One uint8 ``H×W×3`` image → its normalised ``3×S×S`` input, on the CPU: the part of
         the network's input that is per image, for a thread beside the device's worker."""
         return prepare(image, self.spec)
+
+    @torch.inference_mode()
+    def maps_of(self, inputs: Sequence[np.ndarray]) -> tuple[np.ndarray, list[str]]:
+        """:meth:`levels_of`, and for each input the arithmetic that made its map: ``int8`` or
+        ``float32`` under the cascade (``auto``), else :attr:`arithmetic`."""
+        if isinstance(self.engine, Cascade):
+            fused, looks = self.engine.forward_looks(torch.from_numpy(np.stack(inputs)))
+            made = [self.engine.second.arithmetic if look else "int8" for look in looks]
+            return levels_on_cpu(fused.numpy()), made
+        return self.levels_of(inputs), [self.arithmetic] * len(inputs)
 
     @torch.inference_mode()
     def levels_of(self, inputs: Sequence[np.ndarray]) -> np.ndarray:

@@ -109,6 +109,13 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,
         )
+        self.second_looks = Counter(
+            "u2serve_second_looks",
+            "Images that precision auto ran again in float32 (their int8 map was uncertain), "
+            "by model; their share: over u2serve_batch_size_sum",
+            ["model"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "u2serve_queue_depth",
             "Requests waiting, by stage: for a codec thread to decode them (decode), for the "

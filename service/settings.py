@@ -49,7 +49,15 @@ class Settings(BaseSettings):
         DEFAULT_PRECISION,
         description="faithful (within the parity bounds: on the CPU float32, or U2NET's mixed "
         "int8/float32 model where the CPU has VNNI or AMX), fast (int8 on the CPU, float16 on a "
-        "GPU; less faithful, see the README) or float32 (float32 on the CPU, whatever the CPU)",
+        "GPU; less faithful, see the README), float32 (float32 on the CPU, whatever the CPU) or "
+        "auto (on the CPU int8, and float32 again for the images whose int8 map is uncertain)",
+    )
+    cascade_threshold: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="with precision auto: the uncertainty score from which an image is run "
+        "again in float32, 0 (every image) to 1 (none); default: the one measured for the model",
     )
     channels_last: bool = True
     max_batch_size: int | None = Field(

@@ -42,11 +42,14 @@ __all__ = [
     "resolve_engine",
 ]
 
-EngineName = Literal["torch", "mnn", "openvino"]
+# "cascade" is two of the others, int8 then float32 (model.cascade), never chosen by name.
+EngineName = Literal["torch", "mnn", "openvino", "cascade"]
 ENGINES: tuple[EngineName, ...] = ("torch", "mnn", "openvino")
 
-Precision = Literal["faithful", "fast", "float32"]
-PRECISIONS: tuple[Precision, ...] = ("faithful", "fast", "float32")
+Precision = Literal["faithful", "fast", "float32", "auto"]
+# ``auto``: on the CPU, int8 for every photo and float32 again for the photos whose int8 map is
+# uncertain (model.cascade); elsewhere as ``faithful``.
+PRECISIONS: tuple[Precision, ...] = ("faithful", "fast", "float32", "auto")
 # The rule: int8 (``fast``) would be the CPU default only if it met the faithful parity bounds
 # on both models (mean MAE ≤ 0.001, worst ≤ 0.003, mean IoU@0.5 ≥ 0.995, worst ≥ 0.99 against
 # the authors' maps). It does not (README, Faithfulness; tests/test_parity.py holds the choice),

@@ -71,6 +71,7 @@ __all__ = [
     "prepare",
     "quantize_in_memory",
     "record_file",
+    "record_of",
     "to_float32",
     "to_int8",
     "with_float",
@@ -373,6 +374,11 @@ def _install(part: Path, xml: Path) -> tuple[str, str]:
     return digests
 
 
+def record_of(weights: Path, kind: Arithmetic = "int8") -> dict[str, Any]:
+    """The record beside a model file (empty where there is none): its digests, what made it."""
+    return _read_record(weights, kind)
+
+
 def _read_record(weights: Path, kind: Arithmetic) -> dict[str, Any]:
     try:
         record = json.loads(record_file(weights, kind).read_text())
@@ -440,7 +446,12 @@ def prepare(weights: Path, model: str) -> list[Path]:
     kinds: list[Arithmetic] = ["float32", "int8"]
     if model in KEEP_MIXED:
         kinds.append("mixed")
-    return [_prepare(weights, model, weights_sha256, kind) for kind in kinds]
+    made = [_prepare(weights, model, weights_sha256, kind) for kind in kinds]
+    # The cascade's rule (``auto``) was measured for this int8 model: recorded beside it.
+    from model.engines.cascade_rule import write_rule
+
+    write_rule(weights, model, _read_record(weights, "int8"))
+    return made
 
 
 def _prepare(weights: Path, model: str, weights_sha256: str, kind: Arithmetic) -> Path:

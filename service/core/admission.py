@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import math
-import multiprocessing
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from service.errors import ClientGone, QueueFull, TimedOut
+from service.errors import ClientGone, QueueFull, ServiceError, TimedOut
 from service.settings import Settings
 
 if TYPE_CHECKING:  # not imported before the supervisor has told prometheus-client its folder
@@ -67,8 +67,18 @@ class Counts:
 
     @classmethod
     def local(cls) -> Counts:
-        """Counts for a service of one process (the values' locks are cheap and uncontended)."""
-        return cls(multiprocessing.Value("i", 0), multiprocessing.Value("q", 0))
+        """Counts for a service of one process: plain numbers, kept on its event loop."""
+        return cls(_Number(), _Number())
+
+
+class _Number:
+    """A number with a ``multiprocessing.Value``'s face, for one thread: its lock is none."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def get_lock(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
 
 
 class _DrainRate:
@@ -183,16 +193,36 @@ class PoolStage:
 
         waiting.inc()
         job: Future[R] = self.pool.submit(run)
-        result = asyncio.wrap_future(job)
-        waiters: set[asyncio.Future[Any]] = {result}
+        withdrawn: list[ServiceError] = []
+
+        def withdraw(why: Callable[[], ServiceError]) -> None:
+            if job.cancel():  # not started: it never will be, and its future is cancelled
+                waiting.dec()
+                withdrawn.append(why())
+
+        def client_gone(_: object) -> None:
+            withdraw(self._client_gone)
+
+        # A timer and a callback rather than asyncio.wait: the stage runs twice a request, on
+        # the event loop, and this is the cheaper way to watch the two.
+        timer = asyncio.get_running_loop().call_later(timeout, withdraw, self._expired_waiting)
         if cancelled is not None:
-            waiters.add(cancelled)
-        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if result not in done and job.cancel():  # not started: it never will be
-            waiting.dec()
-            if cancelled is not None and cancelled in done:
-                self._gone.inc()
-                raise ClientGone(f"the client disconnected while its request waited to {self.name}")
-            self._expired.inc()
-            raise TimedOut(f"the request waited past its deadline for a thread to {self.name} it")
-        return await result  # started meanwhile, or done: it finishes, and is answered
+            cancelled.add_done_callback(client_gone)
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            if withdrawn:  # this stage cancelled it, not the request's task being cancelled
+                raise withdrawn[0] from None
+            raise
+        finally:
+            timer.cancel()
+            if cancelled is not None:
+                cancelled.remove_done_callback(client_gone)
+
+    def _expired_waiting(self) -> TimedOut:
+        self._expired.inc()
+        return TimedOut(f"the request waited past its deadline for a thread to {self.name} it")
+
+    def _client_gone(self) -> ClientGone:
+        self._gone.inc()
+        return ClientGone(f"the client disconnected while its request waited to {self.name}")

@@ -26,7 +26,20 @@ from model.segmenter import Segmenter
 from model.weights import WeightsSpec
 from service.params import SegmentParams
 
-__all__ = ["Model", "finish", "finishes_on_worker", "run_batch"]
+__all__ = ["Levels", "Model", "finish", "finishes_on_worker", "run_batch"]
+
+
+class Levels(np.ndarray):
+    """An ``S×S`` uint8 network map that says which arithmetic made it (``int8`` or
+    ``float32`` under ``auto``'s cascade): the answer's ``Server-Timing`` names it."""
+
+    arithmetic: str = ""
+
+
+class Counting(Protocol):
+    """A labelled counter's child (prometheus-client's)."""
+
+    def inc(self, amount: float = 1) -> None: ...
 
 
 class Model(Protocol):
@@ -47,10 +60,23 @@ class Model(Protocol):
     def expand(self, levels: Tensor, size: tuple[int, int]) -> Tensor: ...
 
 
-def run_batch(segmenter: Segmenter, inputs: list[np.ndarray]) -> list[np.ndarray]:
+def run_batch(
+    segmenter: Segmenter, inputs: list[np.ndarray], *, second_looks: Counting | None = None
+) -> list[np.ndarray]:
     """Each prepared input's ``S×S`` uint8 network map, on the CPU. Maps are reduced to 8 bits
-    on the model's device, so only a quarter of the bytes come back."""
-    return list(segmenter.levels_of(inputs))
+    on the model's device, so only a quarter of the bytes come back. Under ``auto`` each map is
+    a :class:`Levels`, and ``second_looks`` counts those the cascade made again in float32."""
+    levels, made = segmenter.maps_of(inputs)
+    if segmenter.precision != "auto":  # one arithmetic for every map: /readyz says which
+        return list(levels)
+    out = []
+    for lv, arithmetic in zip(levels, made, strict=True):
+        tagged = lv.view(Levels)
+        tagged.arithmetic = arithmetic
+        out.append(tagged)
+    if second_looks is not None:
+        second_looks.inc(sum(a != "int8" for a in made))
+    return out
 
 
 def finishes_on_worker(segmenter: Model, size: tuple[int, int], params: SegmentParams) -> bool:

@@ -345,7 +345,10 @@ class Pipeline:
         ctx.stage("cache", t, "miss")
         done = await self._infer(served.batcher, prepared, ctx)
         ctx.timing.append(f"queue;dur={done.queue_s * 1000:.1f}")
-        ctx.timing.append(f'infer;dur={done.infer_s * 1000:.1f};desc="batch of {done.batch_size}"')
+        # Under precision auto, the arithmetic that made this map (service.core.infer.Levels).
+        made = f", {made}" if (made := getattr(done.result, "arithmetic", "")) else ""
+        infer_ms = done.infer_s * 1000
+        ctx.timing.append(f'infer;dur={infer_ms:.1f};desc="batch of {done.batch_size}{made}"')
         ctx.record.batch_size = done.batch_size
         storing = asyncio.ensure_future(self.ready.caches.maps.put(key, done.result.tobytes()))
         return done.result, storing

@@ -161,6 +161,7 @@ def load_segmenter(settings: Settings, model: str | None = None) -> Segmenter:
         channels_last=settings.channels_last,
         threads=settings.threads,
         precision=settings.precision,
+        threshold=settings.cascade_threshold,
     )
 
 
@@ -245,7 +246,7 @@ async def start_service(
     for name, segmenter in segmenters.items():
         max_batch = batch_size(s, segmenter)
         batcher: Batcher[np.ndarray, np.ndarray] = Batcher(
-            partial(run_batch, segmenter),
+            partial(run_batch, segmenter, second_looks=metrics.second_looks.labels(model=name)),
             max_batch_size=max_batch,
             max_wait_s=s.max_batch_wait_ms / 1000,
             max_queue=admission.limit,

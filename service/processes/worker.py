@@ -72,7 +72,7 @@ async def serve(settings: Settings, shared: Shared) -> None:
     for name, seg in segmenters.items():
         max_batch = batch_size(settings, seg)
         batchers[name] = Batcher(
-            partial(run_batch, seg),
+            partial(run_batch, seg, second_looks=metrics.second_looks.labels(model=name)),
             max_batch_size=max_batch,
             max_wait_s=settings.max_batch_wait_ms / 1000,
             max_queue=limit,
