@@ -5,6 +5,7 @@ loaded over HTTP, so that what is measured is everything but the network.
     python -m bench.ceiling --photos 1mp --outputs mask --concurrency 16 --seconds 20
     python -m bench.ceiling --variant w2:U2SERVE_WORKERS=2   # settings against each other
     python -m bench.ceiling --checkout before=../before      # this code against another's
+    python -m bench.ceiling --device cuda --fronts 1 2 4     # a GPU host: the real network
 
 For each photo size, output and concurrency it prints images/s, latency p50 and p99, and, read
 from ``/proc`` before and after the load:
@@ -240,6 +241,19 @@ def load(
 # -- servers -----------------------------------------------------------------------------------
 
 
+def _with_fronts(
+    servers: dict[str, dict[str, str]], checkouts: dict[str, Path], fronts: list[int]
+) -> tuple[dict[str, dict[str, str]], dict[str, Path]]:
+    """Every server once per count of front processes, named ``NAME-Nf``."""
+    each = {
+        f"{name}-{n}f": env | {"U2SERVE_WORKERS": str(n)}
+        for name, env in servers.items()
+        for n in fronts
+    }
+    where = {f"{name}-{n}f": checkouts.get(name, REPO) for name in servers for n in fronts}
+    return each, where
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m bench.ceiling",
@@ -254,6 +268,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-requests", type=int, default=5000, help="per level and server")
     p.add_argument("--rounds", type=int, default=1, help="alternations per level")
     p.add_argument("--body", choices=["multipart", "raw"], default="multipart")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the service runs its network (U2SERVE_DEVICE)",
+    )
+    p.add_argument(
+        "--network",
+        choices=["instant", "real"],
+        default=None,
+        help="the instant stand-in (bench/instant.py), or the model itself; default: instant on "
+        "the CPU, real on CUDA, where the serving path is measured at the network's own pace",
+    )
+    p.add_argument(
+        "--fronts",
+        nargs="+",
+        type=int,
+        default=[1],
+        help="front processes (U2SERVE_WORKERS): each server is run with each count",
+    )
     p.add_argument(
         "--variant",
         action="append",
@@ -271,9 +305,10 @@ def main(argv: list[str] | None = None) -> None:
         "one run (repeatable)",
     )
     args = p.parse_args(argv)
+    network = args.network or ("instant" if args.device == "cpu" else "real")
     env = {
         "U2SERVE_MODEL": args.model,
-        "U2SERVE_DEVICE": "cpu",
+        "U2SERVE_DEVICE": args.device,
         "U2SERVE_MAX_QUEUE": "1024",
         "U2SERVE_REQUEST_TIMEOUT_S": "600",
         "U2SERVE_LOG_LEVEL": "warning",
@@ -292,9 +327,11 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--checkout {checkout}: {where} is not a checkout of this project")
         servers[cname] = env | dict(kv.split("=", 1) for kv in assignments.split(",") if kv)
         checkouts[cname] = Path(where).resolve()
+    if args.fronts != [1]:
+        servers, checkouts = _with_fronts(servers, checkouts, args.fronts)
     print(
         f"# {time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} cores, "
-        f"{args.body} bodies, {args.seconds:g} s a level; "
+        f"{args.body} bodies, the {network} network on {args.device}, {args.seconds:g} s a level; "
         + "; ".join(
             f"{n}: " + " ".join(f"{k}={v}" for k, v in e.items()) for n, e in servers.items()
         )
@@ -318,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
                 + f"; {chain:.1f} ms of CPU"
             )
     with ExitStack() as stack:
-        instant = [sys.executable, "-m", "bench.instant"]
+        instant = [sys.executable, "-m", "bench.instant" if network == "instant" else "service"]
         targets = {
             n: stack.enter_context(
                 running(instant, e, "/readyz", f"ceiling-{n}", args.model, checkouts.get(n, REPO))
