@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A GPU host's measurements in one call (the device is lent for minutes at a time): the CUDA
+# A GPU host's measurements in one call (a GPU host's time is scarce): the CUDA
 # tests that skip on a CPU, then the network alone, then the serving path with the real network,
 # 1 and 12 MP, masks and cut-outs, 1, 16 and 64 clients, 1, 2 and 4 front processes. Each step's
 # output goes to OUT (default bench/results/gpu), and a failed step does not stop the next.
