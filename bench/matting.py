@@ -10,12 +10,12 @@ For every photo with a ground-truth alpha of the same name, the alpha of each of
 - ``matte``: :func:`service.images.matte.matte` of the map;
 - ``rembg cut-out`` and ``rembg matting`` (``-a``): rembg itself, in its own venv (installed as
   ``bench.http`` installs it), on the very ONNX file that u2serve verified;
-- ``ceiling``: the true alpha in a band of 2% of the short side (1% each side) around the
-  map's 0.5 contour, the map elsewhere: the best an edge method working from the map could do.
+- ``ceiling``: the true alpha in a band of 2% of the short side on each side of the map's 0.5
+  contour, the map elsewhere: the best an edge method working from the map could do.
 
 It prints alphamatting.com's four errors (SAD and gradient /1e3, MSE ×1e3, connectivity /1e3),
 averaged over the photos, over the whole image and in the edge band (where the true alpha is
-between 0 and 1, widened by 10 pixels; MSE there is over the band's pixels); the milliseconds
+between 0 and 1, widened by 5 pixels on each side; MSE there is over the band's pixels); the milliseconds
 an alpha adds to a cut-out and that share of the request (u2serve's: decode, network, map back,
 PNG cut-out, in this process; rembg's: its ``remove()``); then the fringe: on synthetic
 composites (a known foreground with soft edges over a known background), the mean colour error
@@ -93,17 +93,24 @@ class Errors:
 # -- the alphas --------------------------------------------------------------------------------
 
 
-def edge_band(truth: np.ndarray, px: int = 10) -> np.ndarray:
+def edge_band(truth: np.ndarray, px: int = 5) -> np.ndarray:
+    """Where the true alpha is between 0 and 1, widened by 10 pixels across: ``px`` on each side,
+    in city-block distance. This is the issue's yardstick as its numbers read: of the shapes
+    tried (disc, square, diamond, of 4 to 10 each side), this one gives its mask and soft rows'
+    band SAD within 0.04 (a disc of 10 each side reads 37.29 and 36.72 against its 33.65 and
+    33.06)."""
     unknown = ((truth > 0) & (truth < 1)).astype(np.uint8)
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
-    return cv2.dilate(unknown, kernel) > 0
+    return cv2.distanceTransform(1 - unknown, cv2.DIST_L1, 3) <= px
 
 
-def ceiling(soft: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """The true alpha within 1% of the short side of the map's 0.5 contour, the map elsewhere."""
+def ceiling(soft: np.ndarray, truth: np.ndarray, share: float = 0.02) -> np.ndarray:
+    """The true alpha within ``share`` of the short side (rounded up) of the map's 0.5 contour on
+    each side, in a square's distance, the map elsewhere. Read from the issue's numbers: 2% on
+    each side (1% gives SAD 87.82 against its 80.38), and a square's reach rather than a disc's
+    (82.79), gives 80.47 / 277.9 against its 80.38 / 277.8."""
     fg = (soft >= 0.5).astype(np.uint8)
-    r = max(1, round(0.01 * min(soft.shape)))
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    r = max(1, int(np.ceil(share * min(soft.shape))))
+    kernel = np.ones((2 * r + 1, 2 * r + 1), np.uint8)
     near = (cv2.dilate(fg, kernel) - cv2.erode(fg, kernel)) > 0
     return np.where(near, truth, soft)
 
