@@ -15,12 +15,12 @@ For every photo with a ground-truth alpha of the same name, the alpha of each of
 
 It prints alphamatting.com's four errors (SAD and gradient /1e3, MSE ×1e3, connectivity /1e3),
 averaged over the photos, over the whole image and in the edge band (where the true alpha is
-between 0 and 1, widened by 5 pixels on each side; MSE there is over the band's pixels); the milliseconds
-an alpha adds to a cut-out and that share of the request (u2serve's: decode, network, map back,
-PNG cut-out, in this process; rembg's: its ``remove()``); then the fringe: on synthetic
-composites (a known foreground with soft edges over a known background), the mean colour error
-(0-255) of the cut-out's colour against the known foreground, weighted by the cut-out's alpha,
-where the true alpha is between 0.05 and 0.95.
+between 0 and 1, widened by 5 pixels on each side; MSE there is over the band's pixels); the
+milliseconds an alpha adds to a cut-out and that share of the request (u2serve's: decode,
+network, map back, PNG cut-out, in this process; rembg's: its ``remove()``); then the fringe:
+on synthetic composites (a known foreground with soft edges over a known background), the mean
+colour error (0-255) of the cut-out's colour against the known foreground, weighted by the
+cut-out's alpha, where the true alpha is between 0.05 and 0.95.
 """
 
 from __future__ import annotations
@@ -178,6 +178,7 @@ def main() -> None:
     parser.add_argument("--radius", type=float, default=None)
     parser.add_argument("--eps", type=float, default=None)
     parser.add_argument("--width", type=float, default=None)
+    parser.add_argument("--stretch", type=float, default=None)
     parser.add_argument("--synthetic", type=int, default=6, help="composites for the fringe")
     args = parser.parse_args()
 
@@ -190,7 +191,12 @@ def main() -> None:
 
     knobs = {
         k: v
-        for k, v in (("radius", args.radius), ("eps", args.eps), ("width", args.width))
+        for k, v in (
+            ("radius", args.radius),
+            ("eps", args.eps),
+            ("width", args.width),
+            ("stretch", args.stretch),
+        )
         if v is not None
     }
     segmenter = load_segmenter(Settings(), args.model)
