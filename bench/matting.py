@@ -1,7 +1,8 @@
 """Cut-out edges against ground-truth mattes: u2serve's alpha choices beside rembg's, in one run.
 
     python -m bench.matting ../shared/matting-dev           # DIR/images/NAME, DIR/alpha/NAME
-    python -m bench.matting DIR --no-rembg --radius 0.004 --eps 1e-3   # matte's constants
+    python -m bench.matting DIR --no-rembg --radius 4 --eps 3e-4 --stretch 1   # matte's constants
+    python -m bench.matting DIR --scaled 3 --sizes 1 12     # the time at 1 and 12 MP
 
 For every photo with a ground-truth alpha of the same name, the alpha of each of:
 
@@ -20,7 +21,9 @@ milliseconds an alpha adds to a cut-out and that share of the request (u2serve's
 network, map back, PNG cut-out, in this process; rembg's: its ``remove()``); then the fringe:
 on synthetic composites (a known foreground with soft edges over a known background), the mean
 colour error (0-255) of the cut-out's colour against the known foreground, weighted by the
-cut-out's alpha, where the true alpha is between 0.05 and 0.95.
+cut-out's alpha, where the true alpha is between 0.05 and 0.95. Last, the time the matte adds
+(alpha and colour) against a cut-out request's at 1 and 12 MP: the ``--scaled`` largest files
+scaled up or down (bicubic) and sent as JPEGs (for timing only: no truth at those sizes).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -167,6 +171,51 @@ def fringe(colour: np.ndarray, alpha: np.ndarray, fg: np.ndarray, truth: np.ndar
     return float((w * err).sum() / max(w.sum(), 1e-6))
 
 
+# -- the time at a photo's size ----------------------------------------------------------------
+
+
+def scaled_times(
+    segmenter: Any, photos: list[Path], sizes: list[float], knobs: dict[str, float]
+) -> None:
+    """The matte's time (alpha and foreground colour) against a cut-out request's, with each of
+    ``photos`` scaled (bicubic) to each of ``sizes`` megapixels and sent as a JPEG (quality 90):
+    the best of three runs of each, printed as a table."""
+    import io
+
+    from service.images import matte as m
+    from service.images.decode import decode
+    from service.images.encode import render
+    from service.params import SegmentParams
+
+    cutout = SegmentParams(output="cutout")
+    print("| photo | size | request ms | matte ms | share |")
+    print("| --- | --- | --- | --- | --- |")
+    for path in photos:
+        rgb0 = load(path, "RGB")
+        h0, w0 = rgb0.shape[:2]
+        for mp in sizes:
+            s = (mp * 1e6 / (h0 * w0)) ** 0.5
+            rgb = cv2.resize(rgb0, (round(w0 * s), round(h0 * s)), interpolation=cv2.INTER_CUBIC)
+            buf = io.BytesIO()
+            Image.fromarray(rgb).save(buf, "JPEG", quality=90)
+            request, added = float("inf"), float("inf")
+            for _ in range(3):
+                t = time.perf_counter()
+                image = decode(buf.getvalue(), max_pixels=10**9)
+                levels = segmenter.levels_of([segmenter.prepare(image.model_rgb)])[0]
+                h, w = image.model_rgb.shape[:2]
+                soft = cv2.resize(levels.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+                soft /= 255
+                render(cv2.compare(soft, 0.5, cv2.CMP_GE), image, cutout)  # type: ignore[call-overload]
+                request = min(request, time.perf_counter() - t)
+                t = time.perf_counter()
+                m.foreground(image.model_rgb, m.matte(image.model_rgb, soft, **knobs))
+                added = min(added, time.perf_counter() - t)
+            size = f"{mp:g} MP ({w}×{h})"
+            row = f"{1e3 * request:.0f} | {1e3 * added:.0f} | {100 * added / request:.0f}%"
+            print(f"| {path.stem} | {size} | {row} |", flush=True)
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 
@@ -180,6 +229,10 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=None)
     parser.add_argument("--stretch", type=float, default=None)
     parser.add_argument("--synthetic", type=int, default=6, help="composites for the fringe")
+    parser.add_argument(
+        "--scaled", type=int, default=3, help="the largest photos timed at --sizes (0: none)"
+    )
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1, 12], help="megapixels")
     args = parser.parse_args()
 
     from service.core.service import load_segmenter
@@ -302,6 +355,9 @@ def main() -> None:
     soft_b, ceil_b = errors["soft"].mean("SAD band"), errors["ceiling"].mean("SAD band")
     closed = (soft_b - errors["matte"].mean("SAD band")) / max(soft_b - ceil_b, 1e-9)
     print(f"# matte closes {100 * closed:.0f}% of the soft→ceiling gap in the edge band's SAD")
+    if args.scaled:
+        largest = sorted(photos, key=lambda p: -p.stat().st_size)[: args.scaled]
+        scaled_times(segmenter, largest, args.sizes, knobs)
 
 
 if __name__ == "__main__":
