@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model.cofactors import solve_symmetric3
 from model.preprocess import resize_weights
 
 __all__ = ["EPS", "RADIUS", "STRETCH", "WORK_SIDE", "refine"]
@@ -84,17 +85,7 @@ def _coefficients(guide: Tensor, p: Tensor, r: int, eps: float) -> Tensor:
 
     s00, s01, s02 = cov_ii(0, 0).add_(eps), cov_ii(0, 1), cov_ii(0, 2)
     s11, s12, s22 = cov_ii(1, 1).add_(eps), cov_ii(1, 2), cov_ii(2, 2).add_(eps)
-    # The inverse of the symmetric 3×3 covariance, by cofactors.
-    c00 = s11 * s22 - s12 * s12
-    c01 = s02 * s12 - s01 * s22
-    c02 = s01 * s12 - s02 * s11
-    c11 = s00 * s22 - s02 * s02
-    c12 = s01 * s02 - s00 * s12
-    c22 = s00 * s11 - s01 * s01
-    det = s00 * c00 + s01 * c01 + s02 * c02
-    a0 = (c00 * cov_ip[0] + c01 * cov_ip[1] + c02 * cov_ip[2]) / det
-    a1 = (c01 * cov_ip[0] + c11 * cov_ip[1] + c12 * cov_ip[2]) / det
-    a2 = (c02 * cov_ip[0] + c12 * cov_ip[1] + c22 * cov_ip[2]) / det
+    a0, a1, a2 = solve_symmetric3(s00, s01, s02, s11, s12, s22, *cov_ip)
     b = mean_p - a0 * mean_i[0] - a1 * mean_i[1] - a2 * mean_i[2]
     return torch.stack([box(a0), box(a1), box(a2), box(b)], dim=-1)
 

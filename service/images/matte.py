@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from model.cofactors import solve_symmetric3
+
 __all__ = ["BAND", "EPS", "RADIUS", "Band", "band", "foreground", "matte"]
 
 # The band's half-width, in shares of the photo's short side (at least 2 pixels), beyond the
@@ -116,18 +118,8 @@ def _coefficients(guide: np.ndarray, p: np.ndarray, r: int, eps: float) -> np.nd
         _box(guide[..., a] * guide[..., b], r) - mean_i[..., a] * mean_i[..., b] for a, b in _PAIRS
     )
     s00, s11, s22 = s00 + eps, s11 + eps, s22 + eps
-    # The inverse of the symmetric 3×3 covariance, by cofactors.
-    c00 = s11 * s22 - s12 * s12
-    c01 = s02 * s12 - s01 * s22
-    c02 = s01 * s12 - s02 * s11
-    c11 = s00 * s22 - s02 * s02
-    c12 = s01 * s02 - s00 * s12
-    c22 = s00 * s11 - s01 * s01
-    det = s00 * c00 + s01 * c01 + s02 * c02
     v0, v1, v2 = cov_ip[..., 0], cov_ip[..., 1], cov_ip[..., 2]
-    a0 = (c00 * v0 + c01 * v1 + c02 * v2) / det
-    a1 = (c01 * v0 + c11 * v1 + c12 * v2) / det
-    a2 = (c02 * v0 + c12 * v1 + c22 * v2) / det
+    a0, a1, a2 = solve_symmetric3(s00, s01, s02, s11, s12, s22, v0, v1, v2)
     b = mean_p - a0 * mean_i[..., 0] - a1 * mean_i[..., 1] - a2 * mean_i[..., 2]
     return _box(cv2.merge([a0, a1, a2, b]), r)
 
