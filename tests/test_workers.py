@@ -119,7 +119,7 @@ def test_a_worker_that_dies_fails_what_waited_and_another_serves(service: Servic
     with ThreadPoolExecutor(n) as pool:
         sent = [pool.submit(post, service.url, p) for p in distinct_photos(n)]
         until(lambda: arrived(service) == n)
-        os.kill(service.processes.worker(), signal.SIGKILL)
+        os.kill(service.worker(), signal.SIGKILL)
         answers = [f.result() for f in sent]  # none is left hanging
     assert [r.status_code for r in answers] == [503] * n
     for r in answers:
@@ -135,7 +135,7 @@ def test_a_front_that_dies_under_load_is_replaced(service: Service) -> None:
     with ThreadPoolExecutor(n) as pool:
         sent = [pool.submit(post, service.url, p) for p in distinct_photos(n)]
         until(lambda: arrived(service) == n)
-        fronts = service.children() - {service.processes.worker()}
+        fronts = service.children() - {service.worker()}
         assert len(fronts) == FRONTS
         victim = min(fronts)
         os.kill(victim, signal.SIGKILL)
@@ -147,7 +147,7 @@ def test_a_front_that_dies_under_load_is_replaced(service: Service) -> None:
     until(
         lambda: (
             victim not in service.children()
-            and len(service.children() - {service.processes.worker()}) == FRONTS
+            and len(service.children() - {service.worker()}) == FRONTS
         )
     )
     with ThreadPoolExecutor(4) as pool:
