@@ -14,11 +14,22 @@ from service.images.codecs.pillow import read_header
 __all__ = ["FORMATS", "DecodedImage", "Header", "decode", "read_header"]
 
 
-def decode(data: bytes, *, max_pixels: int, header: Header | None = None) -> DecodedImage:
+def decode(
+    data: bytes, *, max_pixels: int, header: Header | None = None, min_side: int | None = None
+) -> DecodedImage:
     """Decode an uploaded image; 400 if empty, 415 if not a decodable image, 413 if too large.
-    ``header``: what :func:`read_header` already read of these bytes, if the caller has it."""
+    ``header``: what :func:`read_header` already read of these bytes, if the caller has it.
+    ``min_side``: the photo may be decoded smaller, down to this many pixels a side (JPEG
+    through libjpeg-turbo only; the result's ``full`` then gives its size); every other input
+    decodes in full, as without it."""
     header = header or read_header(data, max_pixels=max_pixels)
-    if header.decoder != "pillow":
+    if min_side is not None and header.decoder == "turbojpeg":
+        from service.images.codecs.turbojpeg import TurboJpegDecoder
+
+        reduced = TurboJpegDecoder().decode_reduced(data, header, min_side)
+        if reduced is not None:
+            return reduced
+    elif header.decoder != "pillow":
         image = decoder(header.decoder).decode(data, header)
         if image is not None:
             return image
