@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.core.scale import decode_side, decode_tag
+from service.core.scale import MAX_FACTOR, MIN_SIDE_PER_INPUT, decode_tag, reduction
 from service.errors import ServiceError
-from service.images.decode import DecodedImage, Header, decode, read_header
+from service.images.decode import DecodedImage, Header, Reduction, decode, read_header
 from service.params import parse_params
 
 from .conftest import reference_dir
@@ -24,6 +24,7 @@ from .test_cache import stage
 
 MAX_PIXELS = 50_000_000
 SIDE = 320
+EIGHTH = Reduction(SIDE, 8)  # the most libjpeg-turbo reduces; the service's own is scale.py's
 
 
 def _photo(size: tuple[int, int], name: str = "horse.jpg") -> Image.Image:
@@ -69,7 +70,7 @@ def test_a_reduced_decode_keeps_the_photos_size_and_orientation(name: str) -> No
     data, size, reduced = CASES[name]
     header = read_header(data, max_pixels=MAX_PIXELS)
     full = decode(data, max_pixels=MAX_PIXELS, header=header)
-    got = decode(data, max_pixels=MAX_PIXELS, header=header, min_side=SIDE)
+    got = decode(data, max_pixels=MAX_PIXELS, header=header, reduce=EIGHTH)
     assert got.size == full.size == size
     h, w = got.model_rgb.shape[:2]
     if reduced is None:
@@ -99,7 +100,7 @@ def test_a_jpeg_whose_header_lies_about_its_size_answers_as_in_full(height: int)
     data = _lying(_jpeg(_photo(BIG)), height)
     header = read_header(data, max_pixels=MAX_PIXELS)
     assert header.height == height
-    want, got = (_outcome(data, header, side) for side in (None, SIDE))
+    want, got = (_outcome(data, header, reduce) for reduce in (None, EIGHTH))
     if isinstance(want, ServiceError):
         assert isinstance(got, type(want))
         assert (got.status, got.message) == (want.status, want.message)
@@ -110,9 +111,9 @@ def test_a_jpeg_whose_header_lies_about_its_size_answers_as_in_full(height: int)
         np.testing.assert_array_equal(got.model_rgb, want.model_rgb)
 
 
-def _outcome(data: bytes, header: Header, side: int | None) -> DecodedImage | ServiceError:
+def _outcome(data: bytes, header: Header, reduce: Reduction | None) -> DecodedImage | ServiceError:
     try:
-        return decode(data, max_pixels=MAX_PIXELS, header=header, min_side=side)
+        return decode(data, max_pixels=MAX_PIXELS, header=header, reduce=reduce)
     except ServiceError as exc:
         return exc
 
@@ -120,11 +121,20 @@ def _outcome(data: bytes, header: Header, side: int | None) -> DecodedImage | Se
 def test_only_fast_masks_soft_maps_and_boxes_decode_reduced() -> None:
     for precision in ("faithful", "float32"):
         for output in ("mask", "probability", "box", "cutout"):
-            assert decode_side(precision, parse_params({"output": output}), SIDE) is None
+            assert reduction(precision, parse_params({"output": output}), SIDE) is None
     for output in ("mask", "probability", "box"):
-        assert decode_side("fast", parse_params({"output": output}), SIDE) == SIDE
-    assert decode_side("fast", parse_params({"output": "cutout"}), SIDE) is None
-    assert decode_side("fast", parse_params({"output": "mask", "refine": "true"}), SIDE) is None
+        got = reduction("fast", parse_params({"output": output}), SIDE)
+        assert got == Reduction(MIN_SIDE_PER_INPUT * SIDE, MAX_FACTOR)
+    assert reduction("fast", parse_params({"output": "cutout"}), SIDE) is None
+    assert reduction("fast", parse_params({"output": "mask", "refine": "true"}), SIDE) is None
+
+
+@pytest.mark.parametrize(("factor", "size"), [(8, (325, 320)), (4, (650, 640)), (2, (1300, 1280))])
+def test_the_reduction_stops_at_its_largest_factor(factor: int, size: tuple[int, int]) -> None:
+    data = CASES["eight times the side"][0]
+    got = decode(data, max_pixels=MAX_PIXELS, reduce=Reduction(SIDE, factor))
+    assert (got.model_rgb.shape[1], got.model_rgb.shape[0]) == size
+    assert got.size == (2600, 2560)
 
 
 def _png_size(body: bytes) -> tuple[int, int]:

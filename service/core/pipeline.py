@@ -29,7 +29,7 @@ from service.core.budget import Charge, MemoryBudget, request_cost, upload_cost
 from service.core.cache import Caches, digest, map_key, new_image_id
 from service.core.infer import Model, finish, finishes_on_worker
 from service.core.request import Submission
-from service.core.scale import decode_side, decode_tag
+from service.core.scale import decode_tag, reduction
 from service.errors import ImageNotFound, ImageTooLarge, NotReady, ServiceError
 from service.images.decode import DecodedImage, decode, read_header
 from service.images.encode import Rendered, render
@@ -274,8 +274,8 @@ class Pipeline:
         )
         charge = self.ready.budget.charge(cost)  # counts its own refusals
         try:
-            side = decode_side(segmenter.precision, params, segmenter.spec.input_size)
-            image = decode(data, max_pixels=self.settings.max_pixels, header=header, min_side=side)
+            reduce = reduction(segmenter.precision, params, segmenter.spec.input_size)
+            image = decode(data, max_pixels=self.settings.max_pixels, header=header, reduce=reduce)
             return _Decoded(image, segmenter.prepare(image.model_rgb), digest(data), charge)
         except ServiceError as exc:
             charge.release()

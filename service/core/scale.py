@@ -16,20 +16,22 @@ float32 look at an int8 map, asks again with its own precision and gets its own 
 
 from __future__ import annotations
 
+from service.images.decode import Reduction
 from service.params import SegmentParams
 
-__all__ = ["MIN_SIDE_PER_INPUT", "decode_side", "decode_tag"]
+__all__ = ["MAX_FACTOR", "MIN_SIDE_PER_INPUT", "decode_tag", "reduction"]
 
-# The reduced photo's short side, in network input sides: the smallest that kept ``fast``'s bounds
-# (bench/README.md, "Scaled decode"): U2NET's int8 maps on the reference photos at 12 MP.
+# The reduced photo's short side, in network input sides, and the largest reduction: what kept
+# ``fast``'s bounds (bench/README.md, "fast's reduced decode").
 MIN_SIDE_PER_INPUT = 1
+MAX_FACTOR = 8
 
 
-def decode_side(precision: str, params: SegmentParams, input_size: int) -> int | None:
-    """The least side (pixels) a JPEG may be decoded at for this request, or None: in full."""
+def reduction(precision: str, params: SegmentParams, input_size: int) -> Reduction | None:
+    """How much smaller a JPEG may be decoded for this request, or None: in full."""
     if precision != "fast" or params.output == "cutout" or params.refine:
         return None
-    return MIN_SIDE_PER_INPUT * input_size
+    return Reduction(MIN_SIDE_PER_INPUT * input_size, MAX_FACTOR)
 
 
 def decode_tag(decoded_size: tuple[int, int], full: tuple[int, int] | None) -> str:

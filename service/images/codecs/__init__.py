@@ -36,6 +36,7 @@ __all__ = [
     "Encoder",
     "Header",
     "Picture",
+    "Reduction",
     "choose_decoder",
     "decoder",
     "encoder",
@@ -81,6 +82,15 @@ class Header:
     # The decoder that gives this input Pillow's pixels fastest (a key of DECODERS).
     decoder: str = "pillow"
     orientation: int = 1  # EXIF orientation (1: upright), as Pillow's exif_transpose reads it
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """How much smaller a JPEG may be decoded: by at most ``max_factor`` (2, 4 or 8) a side,
+    keeping both sides at least ``min_side`` pixels."""
+
+    min_side: int
+    max_factor: int = 8
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 import simplejpeg
 
-from service.images.codecs import DecodedImage, Header
+from service.images.codecs import DecodedImage, Header, Reduction
 
 __all__ = ["TurboJpegDecoder"]
 
@@ -54,12 +54,19 @@ class TurboJpegDecoder:
             return None  # not the picture the header described: Pillow decides
         return _upright(rgb, header)
 
-    def decode_reduced(self, data: bytes, header: Header, min_side: int) -> DecodedImage | None:
-        """The photo decoded at the smallest of 1/2, 1/4 and 1/8 of its size whose sides are
-        both at least ``min_side``, with ``full`` its own size; at full size (``full`` None)
-        where no reduction keeps ``min_side``; None where :meth:`decode` would give None."""
+    def decode_reduced(self, data: bytes, header: Header, reduce: Reduction) -> DecodedImage | None:
+        """The photo decoded at the smallest of 1/2, 1/4 and 1/8 of its size that ``reduce``
+        allows, with ``full`` its own size; at full size (``full`` None) where none does; None
+        where :meth:`decode` would give None."""
         w, h = header.width, header.height
-        k = next((k for k in (8, 4, 2) if -(-min(w, h) // k) >= min_side), 1)
+        k = next(
+            (
+                k
+                for k in (8, 4, 2)
+                if k <= reduce.max_factor and -(-min(w, h) // k) >= reduce.min_side
+            ),
+            1,
+        )
         if k == 1:
             return self.decode(data, header)
         try:
