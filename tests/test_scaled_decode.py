@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.core.scale import MAX_FACTOR, MIN_SIDE_PER_INPUT, decode_tag, reduction
+from service.core.scale import (
+    FULL_FROM_PER_INPUT,
+    MAX_FACTOR,
+    MIN_SIDE_PER_INPUT,
+    decode_tag,
+    reduction,
+)
 from service.errors import ServiceError
 from service.images.decode import DecodedImage, Header, Reduction, decode, read_header
 from service.params import parse_params
@@ -124,9 +130,17 @@ def test_only_fast_masks_soft_maps_and_boxes_decode_reduced() -> None:
             assert reduction(precision, parse_params({"output": output}), SIDE) is None
     for output in ("mask", "probability", "box"):
         got = reduction("fast", parse_params({"output": output}), SIDE)
-        assert got == Reduction(MIN_SIDE_PER_INPUT * SIDE, MAX_FACTOR)
+        assert got == Reduction(
+            MIN_SIDE_PER_INPUT * SIDE, MAX_FACTOR, full_from=FULL_FROM_PER_INPUT * SIDE
+        )
     assert reduction("fast", parse_params({"output": "cutout"}), SIDE) is None
     assert reduction("fast", parse_params({"output": "mask", "refine": "true"}), SIDE) is None
+
+
+def test_a_photo_past_full_from_decodes_in_full() -> None:
+    data = CASES["baseline"][0]  # short side 1000
+    assert decode(data, max_pixels=MAX_PIXELS, reduce=Reduction(SIDE, 2, full_from=1001)).scaled
+    assert not decode(data, max_pixels=MAX_PIXELS, reduce=Reduction(SIDE, 2, full_from=1000)).scaled
 
 
 @pytest.mark.parametrize(("factor", "size"), [(8, (325, 320)), (4, (650, 640)), (2, (1300, 1280))])

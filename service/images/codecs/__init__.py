@@ -87,10 +87,12 @@ class Header:
 @dataclass(frozen=True)
 class Reduction:
     """How much smaller a JPEG may be decoded: by at most ``max_factor`` (2, 4 or 8) a side,
-    keeping both sides at least ``min_side`` pixels."""
+    keeping both sides at least ``min_side`` pixels; a photo whose short side is ``full_from``
+    or more is decoded in full."""
 
     min_side: int
     max_factor: int = 8
+    full_from: int | None = None
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,8 @@ class TurboJpegDecoder:
         allows, with ``full`` its own size; at full size (``full`` None) where none does; None
         where :meth:`decode` would give None."""
         w, h = header.width, header.height
+        if reduce.full_from is not None and min(w, h) >= reduce.full_from:
+            return self.decode(data, header)
         k = next(
             (
                 k
