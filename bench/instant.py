@@ -35,7 +35,10 @@ class InstantEngine:
 
     def __init__(self, options: EngineOptions) -> None:
         self.device = options.device
-        self.dtype = options.dtype
+        # ``fast`` on the CPU is an int8 model: the stand-in says so, so the service runs the
+        # request's path of the precision it stands in for (service/core/scale.py).
+        fast = options.precision == "fast" and options.device.type == "cpu"
+        self.dtype = torch.int8 if fast else options.dtype
 
     def forward(self, x: Tensor) -> Tensor:
         return x[:, :1].float()

@@ -12,6 +12,7 @@ from torch import Tensor
 __all__ = [
     "finish_on_cpu",
     "from_levels",
+    "level_cut",
     "levels_on_cpu",
     "minmax",
     "resize_map",
@@ -133,11 +134,29 @@ def finish_on_cpu(
     if h < levels.shape[0] or w < levels.shape[1]:
         return None
     m: np.ndarray = cv2.resize(levels.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-    m /= np.float32(255)
     if probability:
+        m /= np.float32(255)
         m *= np.float32(255)
         np.rint(m, out=m)
         return np.clip(m, 0, 255, out=m).astype(np.uint8)
-    # 255 where the probability is at least the threshold (compared in float32, as PyTorch
-    # compares a float32 tensor with a Python number), else 0.
-    return cv2.compare(m, float(np.float32(threshold)), cv2.CMP_GE)  # type: ignore[call-overload]
+    # 255 where the probability (the level over 255, in float32) is at least the threshold
+    # (compared in float32, as PyTorch compares a float32 tensor with a Python number), else 0:
+    # the same as the level at least the least float32 whose quotient reaches it, without the
+    # division's pass over the full-size map (12 MP: 5 of 15 ms).
+    return cv2.compare(m, level_cut(threshold), cv2.CMP_GE)  # type: ignore[call-overload]
+
+
+def level_cut(threshold: float) -> float:
+    """The least float32 level ``x`` (of a map in levels 0-255) with ``float32(x / 255) >=
+    float32(threshold)``: division by 255 rounded to float32 never decreases as ``x`` grows, so
+    ``x >= level_cut(t)`` is exactly ``x / 255 >= t`` for every float32 ``x``."""
+    t, d = np.float32(threshold), np.float32(255)
+    if t <= 0:
+        return 0.0  # every level, the smallest being 0 (a bilinear blend of levels ≥ 0)
+    x = np.float32(t * d)
+    down, up = np.float32(-np.inf), np.float32(np.inf)
+    while np.nextafter(x, down) / d >= t:
+        x = np.nextafter(x, down)
+    while x / d < t:
+        x = np.nextafter(x, up)
+    return float(x)

@@ -55,6 +55,11 @@ class Model(Protocol):
     @property
     def device(self) -> torch.device: ...
 
+    @property
+    def precision(self) -> str:
+        """The precision its maps are made at (``faithful``, ``fast``, ``float32``)."""
+        ...
+
     def prepare(self, image: np.ndarray) -> np.ndarray: ...
 
     def expand(self, levels: Tensor, size: tuple[int, int]) -> Tensor: ...
@@ -90,13 +95,18 @@ def finishes_on_worker(segmenter: Model, size: tuple[int, int], params: SegmentP
 
 
 def finish(
-    segmenter: Model, levels: np.ndarray, image: np.ndarray, params: SegmentParams
+    segmenter: Model,
+    levels: np.ndarray,
+    image: np.ndarray,
+    params: SegmentParams,
+    *,
+    size: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """An ``S×S`` uint8 network map → the ``H×W`` uint8 map of the answer, on the CPU: the soft
     map for ``probability`` and for a cut-out whose alpha is soft or a matte, else the mask;
-    resized back to ``image`` (the H×W×3 the network saw), refined first if asked, on the
-    model's device."""
-    h, w = image.shape[:2]
+    resized back to ``size`` (H, W; by default that of ``image``, the H×W×3 the network saw),
+    refined first if asked (``image`` then at full size), on the model's device."""
+    h, w = size or image.shape[:2]
     probability = params.soft_map
     if segmenter.device.type == "cpu" and not params.refine:
         done = finish_on_cpu(levels, (h, w), probability=probability, threshold=params.threshold)

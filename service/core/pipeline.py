@@ -29,6 +29,7 @@ from service.core.budget import Charge, MemoryBudget, request_cost, upload_cost
 from service.core.cache import Caches, digest, map_key, new_image_id
 from service.core.infer import Model, finish, finishes_on_worker
 from service.core.request import Submission
+from service.core.scale import decode_tag, reduction
 from service.errors import ImageNotFound, ImageTooLarge, NotReady, ServiceError
 from service.images.decode import DecodedImage, decode, read_header
 from service.images.encode import Rendered, render
@@ -274,7 +275,8 @@ class Pipeline:
         )
         charge = self.ready.budget.charge(cost)  # counts its own refusals
         try:
-            image = decode(data, max_pixels=self.settings.max_pixels, header=header)
+            reduce = reduction(segmenter.precision, params, segmenter.spec.input_size)
+            image = decode(data, max_pixels=self.settings.max_pixels, header=header, reduce=reduce)
             return _Decoded(image, segmenter.prepare(image.model_rgb), digest(data), charge)
         except ServiceError as exc:
             charge.release()
@@ -313,7 +315,9 @@ class Pipeline:
             if image_id is None:  # a new upload, kept under a new id while the answer is made
                 image_id = new_image_id()
                 keeping = asyncio.ensure_future(caches.uploads.put(image_id, ctx.owner, data))
-            key = map_key(served.segmenter.identity, got.digest)
+            image = got.image
+            tag = decode_tag((image.rgb.shape[1], image.rgb.shape[0]), image.full)
+            key = map_key(served.segmenter.identity + tag, got.digest)
             levels, storing = await self._levels(served, model, key, got.prepared, ctx)
             t = time.monotonic()
             answer = await self._render(
@@ -373,9 +377,11 @@ class Pipeline:
         two where the map needs PyTorch on the CPU (its first half then on the worker's
         thread); withdrawn, as the decode is, if its deadline passes while it waits."""
         deadline, gone = self.deadline(ctx), ctx.disconnected
-        rgb = image.model_rgb
-        if finishes_on_worker(segmenter, rgb.shape[:2], params):
-            m = await self._finishing.run(deadline, gone, finish, segmenter, levels, rgb, params)
+        rgb, size = image.model_rgb, (image.size[1], image.size[0])
+        if finishes_on_worker(segmenter, size, params):
+            m = await self._finishing.run(
+                deadline, gone, partial(finish, size=size), segmenter, levels, rgb, params
+            )
             encode = partial(render, max_pixels=max_pixels)
             return await self._encoding.run(deadline, gone, encode, m, image, params)
         return await self._encoding.run(
@@ -397,5 +403,6 @@ def _finish_and_render(
     params: SegmentParams,
     max_pixels: int | None,
 ) -> Rendered:
-    levels = finish(segmenter, levels, image.model_rgb, params)
+    size = (image.size[1], image.size[0])  # the photo's, where it was decoded smaller
+    levels = finish(segmenter, levels, image.model_rgb, params, size=size)
     return render(levels, image, params, max_pixels=max_pixels)

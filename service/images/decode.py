@@ -8,17 +8,28 @@ cannot decode an input cleanly hands it to Pillow, whose answer it was before.
 
 from __future__ import annotations
 
-from service.images.codecs import FORMATS, DecodedImage, Header, decoder
+from service.images.codecs import FORMATS, DecodedImage, Header, Reduction, decoder
 from service.images.codecs.pillow import read_header
 
-__all__ = ["FORMATS", "DecodedImage", "Header", "decode", "read_header"]
+__all__ = ["FORMATS", "DecodedImage", "Header", "Reduction", "decode", "read_header"]
 
 
-def decode(data: bytes, *, max_pixels: int, header: Header | None = None) -> DecodedImage:
+def decode(
+    data: bytes, *, max_pixels: int, header: Header | None = None, reduce: Reduction | None = None
+) -> DecodedImage:
     """Decode an uploaded image; 400 if empty, 415 if not a decodable image, 413 if too large.
-    ``header``: what :func:`read_header` already read of these bytes, if the caller has it."""
+    ``header``: what :func:`read_header` already read of these bytes, if the caller has it.
+    ``reduce``: the photo may be decoded smaller, as far as it allows (JPEG through
+    libjpeg-turbo only; the result's ``full`` then gives its size); every other input decodes
+    in full, as without it."""
     header = header or read_header(data, max_pixels=max_pixels)
-    if header.decoder != "pillow":
+    if reduce is not None and header.decoder == "turbojpeg":
+        from service.images.codecs.turbojpeg import TurboJpegDecoder
+
+        reduced = TurboJpegDecoder().decode_reduced(data, header, reduce)
+        if reduced is not None:
+            return reduced
+    elif header.decoder != "pillow":
         image = decoder(header.decoder).decode(data, header)
         if image is not None:
             return image

@@ -133,10 +133,15 @@ class RemoteModel:
     def __init__(self, description: dict[str, Any]) -> None:
         self.spec: WeightsSpec = SPECS[description["model"]]
         self._identity: str = description["identity"]
+        self._precision: str = description["precision"]
 
     @property
     def identity(self) -> str:
         return self._identity
+
+    @property
+    def precision(self) -> str:
+        return self._precision
 
     @property
     def device(self) -> torch.device:

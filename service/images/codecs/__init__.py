@@ -36,6 +36,7 @@ __all__ = [
     "Encoder",
     "Header",
     "Picture",
+    "Reduction",
     "choose_decoder",
     "decoder",
     "encoder",
@@ -50,16 +51,25 @@ Format = Literal["png", "webp", "jpeg"]
 @dataclass(frozen=True)
 class DecodedImage:
     """``rgb``: colour as decoded (H×W×3 uint8); ``alpha``: its transparency, if it had any;
-    ``model_rgb``: what the network sees (transparent parts over white)."""
+    ``model_rgb``: what the network sees (transparent parts over white). ``full``: for a
+    photo decoded at a reduced scale (:func:`service.images.decode.decode`'s ``min_side``),
+    the (width, height) of the photo itself, which its answer keeps; ``None`` when the
+    arrays are the photo at full size."""
 
     rgb: np.ndarray
     alpha: np.ndarray | None
     model_rgb: np.ndarray
+    full: tuple[int, int] | None = None
 
     @property
     def size(self) -> tuple[int, int]:
-        """(width, height)."""
-        return self.rgb.shape[1], self.rgb.shape[0]
+        """(width, height) of the photo (and of its answer), whatever scale it was decoded at."""
+        return self.full or (self.rgb.shape[1], self.rgb.shape[0])
+
+    @property
+    def scaled(self) -> bool:
+        """Decoded at a reduced scale: the arrays are smaller than the photo."""
+        return self.full is not None
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,17 @@ class Header:
     # The decoder that gives this input Pillow's pixels fastest (a key of DECODERS).
     decoder: str = "pillow"
     orientation: int = 1  # EXIF orientation (1: upright), as Pillow's exif_transpose reads it
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """How much smaller a JPEG may be decoded: by at most ``max_factor`` (2, 4 or 8) a side,
+    keeping both sides at least ``min_side`` pixels; a photo whose short side is ``full_from``
+    or more is decoded in full."""
+
+    min_side: int
+    max_factor: int = 8
+    full_from: int | None = None
 
 
 @dataclass(frozen=True)
