@@ -24,12 +24,12 @@ from service.__main__ import main
 _run = service.processes.worker.run_batch
 
 
-def _gated(*args: Any) -> Any:
+def _gated(*args: Any, **kwargs: Any) -> Any:
     gate = Path(sys.argv[1])
     Path(f"{gate}.pid").write_text(str(os.getpid()))
     while not gate.exists():
         time.sleep(0.01)
-    return _run(*args)
+    return _run(*args, **kwargs)
 
 
 if __name__ == "__main__":

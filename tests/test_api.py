@@ -548,6 +548,7 @@ async def test_openapi_documents_parameters_and_errors(client: httpx.AsyncClient
         "quality",
         "max_side",
         "refine",
+        "alpha",
         "model",
         "url",
         "image_id",
@@ -695,9 +696,9 @@ async def test_torch_work_runs_on_one_thread(
         monkeypatch.setattr(seg, "warmup", warmup)
         return seg
 
-    def batch(seg: Segmenter, jobs: Any) -> Any:
+    def batch(seg: Segmenter, jobs: Any, **kwargs: Any) -> Any:
         threads["batch"].add(threading.get_ident())
-        return run(seg, jobs)
+        return run(seg, jobs, **kwargs)
 
     monkeypatch.setattr(service.core.service, "load_segmenter", loading)
     monkeypatch.setattr(service.core.service, "run_batch", batch)
