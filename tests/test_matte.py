@@ -101,3 +101,14 @@ def test_an_alpha_too_high_at_the_rim_does_not_keep_the_old_background() -> None
 def test_an_unknown_unmix_is_refused() -> None:
     with pytest.raises(ValueError, match="unmix"):
         foreground(np.zeros((4, 4, 3), np.uint8), np.full((4, 4), 128, np.uint8), unmix="x")
+
+
+@pytest.mark.parametrize(("h", "w"), [(1, 1), (1, 2), (2, 1), (2, 2), (1, 5), (3, 1), (4, 300)])
+def test_tiny_photos_get_an_alpha_and_a_colour(h: int, w: int) -> None:
+    """No edge to solve in a handful of pixels, but an answer all the same, of the right shape."""
+    rgb = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    soft = np.linspace(0, 1, h * w, dtype=np.float32).reshape(h, w)
+    alpha = matte(rgb, soft)
+    assert alpha.shape == (h, w)
+    assert alpha.dtype == np.uint8
+    assert foreground(rgb, alpha).shape == (h, w, 3)

@@ -60,6 +60,9 @@ EPS = 3e-4  # its regularisation: larger keeps more of the map, smaller follows 
 # Measured by bench.matting's fringe on its synthetic composites with the matte's alpha: 22.4
 # ("alpha"), 20.0 ("colour"), 19.2 ("both"); with the true alpha 8.7, 10.8, 8.6.
 UNMIX = "both"
+# Below this many pixels a photo has no edge worth solving: the map thresholded, the photo's
+# colour (found by the OpenAPI fuzzing test: a 1×1 PNG).
+_LEAST_PIXELS = 4
 TILE = 128  # the side of a tile, at the working resolution
 # The working resolution's most pixels: a photo larger is solved scaled down, and what was solved
 # applied to its own pixels.
@@ -224,6 +227,8 @@ def matte(
     """Alpha (H×W uint8) for the photo ``rgb`` (H×W×3 uint8) from its map ``soft``
     (H×W float32 in [0, 1], the network's map at the photo's size)."""
     h, w = soft.shape
+    if h * w < _LEAST_PIXELS:  # no edge to solve; OpenCV reads a 1×1 array as a scalar
+        return np.where(soft >= 0.5, 255, 0).astype(np.uint8)
     grid = _Grid.of(h, w, max_pixels)
     rgb_w, soft_w = grid.down(rgb), grid.down(soft)
     r = max(2, round(radius * max(grid.work) / 320))
@@ -304,7 +309,7 @@ def foreground(
         raise ValueError(f"unmix must be 'alpha', 'colour' or 'both', not {unmix!r}")
     h, w = alpha.shape
     out = rgb.copy()
-    if not cv2.countNonZero(cv2.inRange(alpha, 1, 254)):
+    if h * w < _LEAST_PIXELS or not cv2.countNonZero(cv2.inRange(alpha, 1, 254)):
         return out
     grid = _Grid.of(h, w, max_pixels)
     image_w = grid.down(rgb).astype(np.float32) * np.float32(1 / 255)
