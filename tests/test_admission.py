@@ -18,6 +18,7 @@ from service.core.admission import Admission, Counts, in_flight_limit
 from service.core.pipeline import Pipeline
 from service.errors import QueueFull
 from service.metrics import Metrics
+from service.processes.shared import Shared
 from service.settings import Settings
 
 from .test_api import assert_error, metric, photo, running, settings, until
@@ -108,9 +109,20 @@ async def test_a_request_waiting_for_the_codec_pool_is_withdrawn_at_its_deadline
 
 def test_every_fronts_requests_count_against_one_bound() -> None:
     """Two fronts' admissions over the counts the supervisor shares: what one holds, the other
-    may not take, and either's answers make room for both."""
-    counts = Counts(multiprocessing.Value("i", 0), multiprocessing.Value("q", 0))
-    a, b = (Admission(3, Metrics(), counts) for _ in "ab")
+    may not take, either's answers make room for both, and what a dead front held is given
+    back when the supervisor forgets it."""
+    shared = Shared(
+        held=multiprocessing.Value("q", 0),
+        depth=multiprocessing.Value("i", 0),
+        retry_after=multiprocessing.Value("i", 1),
+        worker_ready=multiprocessing.Value("b", 1),
+        requests=multiprocessing.Array("i", 2),
+        answered=multiprocessing.Value("q", 0),
+        directory=Path("."),
+    )
+    a, b = (
+        Admission(3, Metrics(), Counts(shared.requests, shared.answered, front)) for front in (0, 1)
+    )
     a.admit()
     a.admit()
     b.admit()
@@ -122,8 +134,13 @@ def test_every_fronts_requests_count_against_one_bound() -> None:
         assert exc.value.headers["Retry-After"] == "1"
     a.release()
     b.admit()
-    assert counts.held.value == 3
-    assert counts.answered.value == 1
+    assert list(shared.requests) == [1, 2]
+    assert shared.answered.value == 1
+    shared.forget_front(1)  # front 1 died with two requests: they are held no more
+    assert a.held == 1
+    a.admit()
+    a.admit()
+    assert list(shared.requests) == [3, 0]
 
 
 def test_the_bound_counts_every_fronts_codec_threads() -> None:

@@ -59,26 +59,34 @@ def in_flight_limit(settings: Settings, max_batch_size: int) -> int:
 
 @dataclass(frozen=True)
 class Counts:
-    """The two numbers admission keeps: requests held now and requests answered so far; in
-    memory shared by every front where there are several."""
+    """What admission keeps: the requests each front holds now (``held[front]`` is this
+    process's; one per front, so that a front that dies can be forgotten) and the requests
+    answered so far; in memory shared by every front where there are several."""
 
-    held: Any  # multiprocessing.Value("i")
+    held: Any  # multiprocessing.Array("i", fronts)
     answered: Any  # multiprocessing.Value("q")
+    front: int = 0
 
     @classmethod
     def local(cls) -> Counts:
         """Counts for a service of one process: plain numbers, kept on its event loop."""
-        return cls(_Number(), _Number())
+        return cls(_Numbers([0]), _Number())
 
 
-class _Number:
-    """A number with a ``multiprocessing.Value``'s face, for one thread: its lock is none."""
-
-    def __init__(self) -> None:
-        self.value = 0
+class _Lockless:
+    """A ``multiprocessing`` value's lock, for one thread: none."""
 
     def get_lock(self) -> contextlib.nullcontext[None]:
         return contextlib.nullcontext()
+
+
+class _Number(_Lockless):
+    def __init__(self) -> None:
+        self.value = 0
+
+
+class _Numbers(list[int], _Lockless):
+    pass
 
 
 class _DrainRate:
@@ -121,16 +129,17 @@ class Admission:
 
     @property
     def held(self) -> int:
-        return int(self._counts.held.value)
+        """The requests every front holds now."""
+        return sum(self._counts.held[:])
 
     def admit(self) -> None:
         """Count a request in; 503 with ``Retry-After`` if the service holds its limit."""
-        held = self._counts.held
+        held, front = self._counts.held, self._counts.front
         with held.get_lock():
-            if held.value < self.limit:
-                held.value += 1
+            holding = sum(held[:])
+            if holding < self.limit:
+                held[front] += 1
                 return
-            holding = held.value
         self._full.inc()
         raise QueueFull(
             f"the service holds as many requests as it may ({self.limit}); retry later",
@@ -139,8 +148,9 @@ class Admission:
 
     def release(self) -> None:
         """Count a request out: its answer is written, or it failed."""
-        with self._counts.held.get_lock():
-            self._counts.held.value -= 1
+        held = self._counts.held
+        with held.get_lock():
+            held[self._counts.front] -= 1
         answered = self._counts.answered
         with answered.get_lock():
             answered.value += 1

@@ -418,7 +418,7 @@ async def start_front(
     max_batch = max(int(described[name]["max_batch_size"]) for name in s.served_models)
     # One bound over every front's requests: the counts are in memory they share.
     limit = in_flight_limit(s, max_batch)
-    admission = Admission(limit, metrics, Counts(shared.requests, shared.answered))
+    admission = Admission(limit, metrics, Counts(shared.requests, shared.answered, shared.front))
     models = {
         name: Served(
             RemoteModel(described[name]),

@@ -24,9 +24,15 @@ class Shared:
     depth: Any  # multiprocessing.Value("i")
     retry_after: Any  # multiprocessing.Value("i")
     worker_ready: Any  # multiprocessing.Value("b")
-    requests: Any  # multiprocessing.Value("i")
+    requests: Any  # multiprocessing.Array("i", fronts): the requests each front holds
     answered: Any  # multiprocessing.Value("q")
     directory: Path
+    front: int = 0  # in a front process, its own index among the fronts
+
+    def forget_front(self, front: int) -> None:
+        """What a dead front held is held no more: its requests died with it."""
+        with self.requests.get_lock():
+            self.requests[front] = 0
 
     @property
     def socket(self) -> Path:

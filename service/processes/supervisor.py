@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
@@ -122,7 +123,7 @@ def run(settings: Settings) -> int:
         multiprocessing.Value("i", 0),
         multiprocessing.Value("i", 1),
         multiprocessing.Value("b", 0),
-        multiprocessing.Value("i", 0),
+        multiprocessing.Array("i", settings.workers),
         multiprocessing.Value("q", 0),
         directory,
     )
@@ -138,7 +139,8 @@ def run(settings: Settings) -> int:
         if role == "worker":
             pid = _fork(lambda: _worker(settings, shared))
         else:
-            pid = _fork(lambda: _front(settings, shared, sock))
+            own = replace(shared, front=int(role.removeprefix("front-")))
+            pid = _fork(lambda: _front(settings, own, sock))
         roles[pid] = role
 
     def stop(sig: int, frame: FrameType | None) -> None:
@@ -172,6 +174,8 @@ def run(settings: Settings) -> int:
         if role is None:
             continue
         _forget(pid, shared)
+        if role.startswith("front-"):
+            shared.forget_front(int(role.removeprefix("front-")))
         if role == "worker":
             was_ready = shared.worker_ready.value == 1
             shared.worker_ready.value = 0
