@@ -112,7 +112,7 @@ def test_every_fronts_requests_count_against_one_bound() -> None:
     may not take, either's answers make room for both, and what a dead front held is given
     back when the supervisor forgets it."""
     shared = Shared(
-        held=multiprocessing.Value("q", 0),
+        held=multiprocessing.Array("q", 2),
         depth=multiprocessing.Value("i", 0),
         retry_after=multiprocessing.Value("i", 1),
         worker_ready=multiprocessing.Value("b", 1),
@@ -136,8 +136,11 @@ def test_every_fronts_requests_count_against_one_bound() -> None:
     b.admit()
     assert list(shared.requests) == [1, 2]
     assert shared.answered.value == 1
+    with shared.held.get_lock():
+        shared.held[1] = 1000  # and the memory their images were charged
     shared.forget_front(1)  # front 1 died with two requests: they are held no more
     assert a.held == 1
+    assert list(shared.held) == [0, 0]
     a.admit()
     a.admit()
     assert list(shared.requests) == [3, 0]

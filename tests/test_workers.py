@@ -176,14 +176,16 @@ def test_sigterm_drains_every_front_then_the_worker(service: Service) -> None:
 
 
 def test_the_memory_budget_is_every_processs() -> None:
-    """Two budgets over one shared count, as two fronts have: what one holds, the other may not
-    take."""
-    held = multiprocessing.Value("q", 0)
-    a, b = (MemoryBudget(100, metrics=Metrics(), retry_after=lambda: 1, shared=held) for _ in "ab")
+    """Two budgets over the counts two fronts share: what one holds, the other may not take."""
+    held = multiprocessing.Array("q", 2)
+    a, b = (
+        MemoryBudget(100, metrics=Metrics(), retry_after=lambda: 1, shared=held, front=front)
+        for front in (0, 1)
+    )
     with a.hold(70):
         with pytest.raises(QueueFull):
             b.charge(40)
         with b.hold(30):
-            assert held.value == 100
-    assert held.value == 0
+            assert list(held) == [70, 30]
+    assert list(held) == [0, 0]
     assert a.held_bytes == b.held_bytes == 0

@@ -187,9 +187,10 @@ class MemoryBudget:
 
     ``retry_after`` gives the seconds to tell a refused client. When the last charge of this
     process is released, ``on_idle`` runs (the service uses it to give freed memory back to the
-    OS). ``shared``: with several processes, the bytes all of them hold, in shared memory (a
-    ``multiprocessing.Value`` of a signed 64-bit integer, with its lock): the budget is then the
-    service's, not each process's.
+    OS). ``shared``: with several processes, the bytes each of them holds, in shared memory (a
+    ``multiprocessing.Array`` of signed 64-bit integers, one per front, with its lock; this
+    process's is ``shared[front]``, so that a front that dies can be forgotten): the budget is
+    then the service's, not each process's.
     """
 
     def __init__(
@@ -200,6 +201,7 @@ class MemoryBudget:
         retry_after: Callable[[], int],
         on_idle: Callable[[], None] | None = None,
         shared: Any = None,
+        front: int = 0,
     ) -> None:
         if limit_bytes < 1:
             raise ValueError(f"the memory budget must be at least 1 byte, not {limit_bytes}")
@@ -207,6 +209,7 @@ class MemoryBudget:
         self._held = 0  # this process's
         self._lock = threading.Lock()
         self._shared = shared
+        self._front = front
         self._metrics = metrics
         self._retry_after = retry_after
         self._on_idle = on_idle
@@ -230,9 +233,9 @@ class MemoryBudget:
                 total = self._held
             else:
                 with self._shared.get_lock():
-                    total = self._shared.value
+                    total = sum(self._shared[:])
                     if total + cost <= self.limit_bytes:
-                        self._shared.value = total + cost
+                        self._shared[self._front] += cost
             if total + cost > self.limit_bytes:
                 self._metrics.rejected.labels(reason="memory_full").inc()
                 raise QueueFull(
@@ -250,7 +253,7 @@ class MemoryBudget:
             self._metrics.memory_held.set(held)
             if self._shared is not None:
                 with self._shared.get_lock():
-                    self._shared.value -= cost
+                    self._shared[self._front] -= cost
         if held == 0 and self._on_idle is not None:
             self._on_idle()
 

@@ -442,6 +442,7 @@ async def start_front(
         retry_after=admission.retry_after,
         on_idle=MemoryReturn(codec_pool),
         shared=shared.held,
+        front=shared.front,
     )
     service = Service(
         s,

@@ -20,7 +20,7 @@ class Shared:
     ready, the requests every front holds and has answered (:mod:`service.core.admission`), and the
     folder of the worker's socket and the fronts' slot files."""
 
-    held: Any  # multiprocessing.Value("q")
+    held: Any  # multiprocessing.Array("q", fronts): the memory budget's bytes each front holds
     depth: Any  # multiprocessing.Value("i")
     retry_after: Any  # multiprocessing.Value("i")
     worker_ready: Any  # multiprocessing.Value("b")
@@ -30,9 +30,11 @@ class Shared:
     front: int = 0  # in a front process, its own index among the fronts
 
     def forget_front(self, front: int) -> None:
-        """What a dead front held is held no more: its requests died with it."""
+        """What a dead front held is held no more: its requests and their memory died with it."""
         with self.requests.get_lock():
             self.requests[front] = 0
+        with self.held.get_lock():
+            self.held[front] = 0
 
     @property
     def socket(self) -> Path:

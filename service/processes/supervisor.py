@@ -119,7 +119,7 @@ def run(settings: Settings) -> int:
     # Before any process imports prometheus-client: its values then go to files.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     shared = Shared(
-        multiprocessing.Value("q", 0),
+        multiprocessing.Array("q", settings.workers),
         multiprocessing.Value("i", 0),
         multiprocessing.Value("i", 1),
         multiprocessing.Value("b", 0),
