@@ -135,10 +135,17 @@ def finish_on_cpu(
         return None
     m: np.ndarray = cv2.resize(levels.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
     if probability:
-        m /= np.float32(255)
-        m *= np.float32(255)
-        np.rint(m, out=m)
-        return np.clip(m, 0, 255, out=m).astype(np.uint8)
+        # A band of rows at a time, so that the four passes stay in the CPU's cache (12 MP:
+        # 16 against 22 ms); each pixel's arithmetic is the same.
+        out = np.empty((h, w), np.uint8)
+        step = max(1, (1 << 16) // w)
+        for y in range(0, h, step):
+            part = m[y : y + step]
+            part /= np.float32(255)
+            part *= np.float32(255)
+            np.rint(part, out=part)
+            out[y : y + step] = np.clip(part, 0, 255, out=part)
+        return out
     # 255 where the probability (the level over 255, in float32) is at least the threshold
     # (compared in float32, as PyTorch compares a float32 tensor with a Python number), else 0:
     # the same as the level at least the least float32 whose quotient reaches it, without the

@@ -14,7 +14,7 @@ import numpy as np
 from service.images.box import Box, Subject, crop_region, fit_size, side_within, subject
 from service.images.codecs import Picture, encoder
 from service.images.decode import DecodedImage
-from service.images.matte import foreground, matte
+from service.images.matte import cutout
 from service.params import SegmentParams
 
 __all__ = ["BOX_HEADERS", "MEDIA_TYPES", "Rendered", "render"]
@@ -86,23 +86,19 @@ def render(
             max_side = within if max_side is None else min(max_side, within)
     out_size = fit_size((region.width, region.height), max_side)
     answer_box = found.box.within(region, out_size) if found.box else None
-    cutout = params.output == "cutout"
-    colour = image.rgb if cutout else None
-    if params.cutout_alpha in ("soft", "matte"):
-        if params.cutout_alpha == "matte":
-            soft = levels.astype(np.float32)
-            soft *= 1 / 255
-            levels = matte(image.rgb, soft)
+    is_cutout = params.output == "cutout"
+    colour = image.rgb if is_cutout else None
+    if params.cutout_alpha == "soft" or params.cutout_alpha == "matte":
         # Where alpha is partial, the subject's own colour: no rim of the old background.
-        colour = foreground(image.rgb, levels)
+        levels, colour = cutout(image.rgb, levels, params.cutout_alpha)
     picture = Picture(
         levels=levels,
         rgb=colour,
-        alpha=image.alpha if cutout else None,
+        alpha=image.alpha if is_cutout else None,
         region=(region.left, region.top, region.width, region.height),
         size=out_size,
         binary=not params.soft_map,
-        background=params.background if cutout else None,
+        background=params.background if is_cutout else None,
     )
     body = encoder(codec).encode(picture, params.format, params.jpeg_quality)
     return Rendered(body, MEDIA_TYPES[params.format], _box_headers(found, answer_box), out_size)

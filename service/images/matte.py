@@ -15,25 +15,39 @@ and its colour at the rim is the photo's mix of subject and old background. Two 
   (``UNMIX``), so an alpha too high at the rim does not keep the old background in.
 
 Both solve at a working resolution of at most ``WORK_PIXELS`` (the photo scaled down), tile by
-tile, only on tiles the band reaches; at the photo's own resolution they apply what was solved
-(the filter's coefficients, the foreground's and background's local means, scaled up per tile)
-to the photo's own pixels, again only in the band's tiles. So a 12 MP photo costs about what its
-boundary costs at the working resolution (the full-size passes are a scale-down of the photo and
-the map, and the map snapped to 0 or 1). The method and its constants were chosen by
-``python -m bench.matting`` (bench/README.md has the figures).
+tile, only on tiles the band reaches; at the photo's own size, compiled passes
+(:mod:`service.images.rim`) apply what was solved (the filter's coefficients, the foreground's
+and background's local means, bilinearly) to the photo's own pixels, only in the blocks of the
+working pixels where alpha is partial. So a 12 MP photo costs about what its boundary costs
+(the full-size passes beside them are the photo scaled down, by halves, and the working alpha
+scaled up). :func:`cutout` does both for a cut-out, the photo scaled down once. The method and
+its constants were chosen by ``python -m bench.matting`` (bench/README.md has the figures).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
 
 from model.cofactors import solve_symmetric3
+from service.images import rim
 
-__all__ = ["BAND", "EPS", "RADIUS", "Band", "band", "foreground", "matte"]
+__all__ = [
+    "BAND",
+    "EPS",
+    "RADIUS",
+    "Alpha",
+    "Band",
+    "band",
+    "cutout",
+    "foreground",
+    "matte",
+    "warm",
+]
 
 # The band's half-width, in shares of the photo's short side (at least 2 pixels), beyond the
 # pixels where the map is between UNSURE and 1 - UNSURE: the ceiling's reach (2% each side).
@@ -66,8 +80,11 @@ _LEAST_PIXELS = 4
 TILE = 128  # the side of a tile, at the working resolution
 # The working resolution's most pixels: a photo larger is solved scaled down, and what was solved
 # applied to its own pixels.
-# Measured: 250 000 gives the edge band's SAD 32.85 against 1.5 MP's 32.87, in half the time.
-WORK_PIXELS = 250_000
+# Measured by bench.matting on matting-dev (SAD / MSE / the edge band's SAD / fringe): 1.5 MP
+# 32.87 in the band; 250 000 94.46 / 298.10 / 32.87 / 19.43; 150 000 94.44 / 298.06 / 32.84 /
+# 19.18; 100 000 94.46 / 298.05 / 32.85 / 19.65. A 12 MP cut-out's working-resolution passes
+# cost about their pixels.
+WORK_PIXELS = 150_000
 _COARSE_PIXELS = 40_000  # blur-fusion's wide step: a blur of ~90 px at 1 MP is smooth at this
 # Blur-fusion's two radii (Forte and Pitié use 90 and 6 pixels on photos of about 1 MP), in
 # shares of the short side at 1 MP's short side of 860 pixels.
@@ -129,8 +146,7 @@ def _coefficients(guide: np.ndarray, p: np.ndarray, r: int, eps: float) -> np.nd
 
 @dataclass(frozen=True)
 class _Grid:
-    """The photo's size and the working resolution's, and between them each working tile's
-    rectangle in the photo and its sampling maps."""
+    """The photo's size and the working resolution's, and the way between them."""
 
     size: tuple[int, int]  # (h, w) of the photo
     work: tuple[int, int]  # (h, w) at the working resolution
@@ -145,19 +161,16 @@ class _Grid:
         return self.size != self.work
 
     def down(self, x: np.ndarray) -> np.ndarray:
-        return cv2.resize(x, self.work[::-1], interpolation=cv2.INTER_AREA) if self.scaled else x
-
-    def rect(self, y: int, x: int, tile: int) -> tuple[slice, slice]:
-        """The photo's pixels whose nearest working pixel is in the working tile at (y, x)."""
-        (h, w), (lh, lw) = self.size, self.work
-
-        def edge(i: int, n: int, ln: int) -> int:
-            return min(n, -(-i * n // ln))
-
-        return (
-            slice(edge(y, h, lh), edge(min(y + tile, lh), h, lh)),
-            slice(edge(x, w, lw), edge(min(x + tile, lw), w, lw)),
-        )
+        """``x`` at the working resolution: area averages, first halved while it is three times
+        as large (OpenCV halves an even size in a tenth of the time of another ratio: 12 MP to
+        250 000 pixels in 4 ms, against 23 in one step; an odd last row or column left out)."""
+        if not self.scaled:
+            return x
+        (lh, lw) = self.work
+        while x.shape[0] >= 3 * lh and x.shape[1] >= 3 * lw:
+            h, w = x.shape[0] // 2, x.shape[1] // 2
+            x = cv2.resize(x[: 2 * h, : 2 * w], (w, h), interpolation=cv2.INTER_AREA)
+        return cv2.resize(x, (lw, lh), interpolation=cv2.INTER_AREA)
 
     def sample(
         self, plane: np.ndarray, rect: tuple[slice, slice], nearest: bool = False
@@ -179,25 +192,47 @@ def _levels(q: np.ndarray, stretch: float, snap: float) -> np.ndarray:
     return np.rint(np.clip(q, 0, 1) * 255).astype(np.uint8)
 
 
-def _at(grid: _Grid, plane: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-    """``plane`` (at the working resolution) bilinearly resampled at the photo's pixels
-    (``ys``, ``xs``): N×C."""
-    (h, w), (lh, lw) = grid.size, grid.work
-    n = ys.size
-    rows = -(-n // 1024)  # OpenCV's remap takes maps of fewer than 32767 rows and columns
-    my = np.empty(rows * 1024, np.float32)
-    mx = np.empty(rows * 1024, np.float32)
-    my[:n] = (ys + 0.5) * (lh / h) - 0.5
-    mx[:n] = (xs + 0.5) * (lw / w) - 0.5
-    my[n:], mx[n:] = 0, 0
-    got = cv2.remap(
-        plane,
-        mx.reshape(rows, 1024),
-        my.reshape(rows, 1024),
-        cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_REPLICATE,
-    )
-    return got.reshape(rows * 1024, -1)[:n]
+def _up(grid: _Grid, plane: np.ndarray) -> np.ndarray:
+    """``plane`` (8-bit, at the working resolution) at the photo's size, each pixel the working
+    pixel it falls in (nearest, centres aligned)."""
+    h, w = grid.size
+    return cv2.resize(plane, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
+
+
+@dataclass(frozen=True)
+class _Near:
+    """Working pixels (``wys``, ``wxs``) whose blocks of the photo's pixels a pass at the
+    photo's size visits, and the blocks' bounds (:func:`service.images.rim.blocks`)."""
+
+    wys: np.ndarray
+    wxs: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+
+    @classmethod
+    def of(cls, grid: _Grid, mask: np.ndarray) -> _Near:
+        (h, w), (lh, lw) = grid.size, grid.work
+        wys, wxs = np.nonzero(mask)
+        return cls(wys, wxs, rim.blocks(h, lh), rim.blocks(w, lw))
+
+
+def _unit(soft: np.ndarray) -> np.ndarray:
+    """A map as float32 in [0, 1]: 8-bit levels over 255, or as it is."""
+    if soft.dtype == np.uint8:
+        return soft.astype(np.float32) * np.float32(1 / 255)
+    return soft.astype(np.float32, copy=False)
+
+
+def _settled(soft: np.ndarray) -> np.ndarray:
+    """The map at 0.5 as 8-bit alpha (0 or 255); 8-bit levels from 128."""
+    cut = 128 if soft.dtype == np.uint8 else 0.5
+    return cv2.compare(soft, cut, cv2.CMP_GE)  # type: ignore[call-overload]
+
+
+def _tiny(soft: np.ndarray) -> np.ndarray:
+    """The map at 0.5 for a photo of a handful of pixels (OpenCV reads a 1×1 array as a
+    scalar)."""
+    return np.where(_unit(soft) >= 0.5, 255, 0).astype(np.uint8)
 
 
 def _windows(
@@ -224,49 +259,60 @@ def matte(
     snap: float = SNAP,
     max_pixels: int = WORK_PIXELS,
 ) -> np.ndarray:
-    """Alpha (H×W uint8) for the photo ``rgb`` (H×W×3 uint8) from its map ``soft``
-    (H×W float32 in [0, 1], the network's map at the photo's size)."""
+    """Alpha (H×W uint8) for the photo ``rgb`` (H×W×3 uint8) from its map ``soft`` (H×W, the
+    network's map at the photo's size: float32 in [0, 1], or its 8-bit levels)."""
     h, w = soft.shape
     if h * w < _LEAST_PIXELS:  # no edge to solve; OpenCV reads a 1×1 array as a scalar
-        return np.where(soft >= 0.5, 255, 0).astype(np.uint8)
+        return _tiny(soft)
     grid = _Grid.of(h, w, max_pixels)
-    rgb_w, soft_w = grid.down(rgb), grid.down(soft)
-    r = max(2, round(radius * max(grid.work) / 320))
-    b = band(soft_w, width=width)
+    knobs = _Knobs(radius, eps, width, stretch, snap)
+    rgb = np.ascontiguousarray(rgb)
+    return _matte(rgb, grid.down(rgb), soft, grid, knobs)[0]
+
+
+@dataclass(frozen=True)
+class _Knobs:
+    radius: float = RADIUS
+    eps: float = EPS
+    width: float = BAND
+    stretch: float = STRETCH
+    snap: float = SNAP
+
+
+def _matte(
+    rgb: np.ndarray, rgb_w: np.ndarray, soft: np.ndarray, grid: _Grid, k: _Knobs
+) -> tuple[np.ndarray, _Near | None]:
+    """The matte at the photo's size, and the working pixels in whose blocks it is partial
+    (None: the working resolution is the photo's)."""
+    soft_w = _unit(grid.down(soft))
+    r = max(2, round(k.radius * max(grid.work) / 320))
+    b = band(soft_w, width=k.width)
     # Outside the band the coefficients give the settled map (a = 0, b = 0 or 1), so that the
     # band's edge pixels interpolate towards what surrounds them.
     coefs = np.zeros((*grid.work, 4), np.float32)
     coefs[..., 3] = soft_w >= 0.5
-    alpha_w = cv2.compare(soft_w, 0.5, cv2.CMP_GE)  # type: ignore[call-overload]
+    alpha_w = _settled(soft_w)
     for (y, x), win, inner in _windows(grid.work, b, 2 * r + 1):
         guide = rgb_w[win].astype(np.float32) * np.float32(1 / 255)
-        got = _coefficients(guide, soft_w[win], r, eps)[inner]
+        got = _coefficients(guide, soft_w[win], r, k.eps)[inner]
         tile = (slice(y, y + got.shape[0]), slice(x, x + got.shape[1]))
         where = b.mask[tile]
         coefs[tile][where] = got[where]
         q = got[..., 3] + (got[..., :3] * guide[inner]).sum(axis=2)
-        alpha_w[tile][where] = _levels(q[where], stretch, snap)
+        alpha_w[tile][where] = _levels(q[where], k.stretch, k.snap)
     if not grid.scaled:
-        return alpha_w
-    # At the photo's own size: the working alpha, nearest, then where it is partial (or beside a
-    # partial pixel) the coefficients applied to the photo's own pixels (He and Sun, 2015).
-    alpha = cv2.compare(soft, 0.5, cv2.CMP_GE)  # type: ignore[call-overload]
-    partial = cv2.dilate(cv2.inRange(alpha_w, 1, 254), np.ones((3, 3), np.uint8))
-    for y, x in b.tiles:
-        rect = grid.rect(y, x, b.tile)
-        near = grid.sample(alpha_w, rect, nearest=True)
-        inside = grid.sample(b.mask.view(np.uint8), rect, nearest=True) > 0
-        alpha[rect][inside] = near[inside]
-        ys, xs = np.nonzero(grid.sample(partial, rect, nearest=True))
-        if ys.size == 0:
-            continue
-        ys += rect[0].start
-        xs += rect[1].start
-        coef = _at(grid, coefs, ys, xs)
-        pixels = rgb[ys, xs].astype(np.float32) * np.float32(1 / 255)
-        q = coef[:, 3] + (coef[:, :3] * pixels).sum(axis=1)
-        alpha[ys, xs] = _levels(q, stretch, snap)
-    return alpha
+        return alpha_w, None
+    # At the photo's own size: the working alpha (nearest; beyond the band the map is settled
+    # over wide areas, so its threshold at either size is the same), then in the blocks of the
+    # working pixels where it is partial (or beside one) the coefficients applied to the photo's
+    # own pixels (He and Sun, 2015).
+    alpha = _up(grid, alpha_w)
+    # (A cross: the same figures in bench.matting as a square, with fewer pixels to visit.)
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    near = _Near.of(grid, cv2.dilate(cv2.inRange(alpha_w, 1, 254), cross))
+    scale = k.stretch / (1 - 2 * k.snap)
+    rim.apply_filter(rgb, alpha, coefs, near.wys, near.wxs, near.rows, near.cols, scale)
+    return alpha, near
 
 
 def _blur_fusion(
@@ -287,14 +333,6 @@ def _residual(image: np.ndarray, alpha: np.ndarray, f: np.ndarray, bg: np.ndarra
     return np.clip(f + a * (image - a * f - (1 - a) * bg), 0, 1)
 
 
-def _colour_alpha(pixels: np.ndarray, f: np.ndarray, bg: np.ndarray) -> np.ndarray:
-    """Each pixel's alpha as its colour reads it: its projection on the line from the local
-    background mean to the foreground mean (N×3 each), clamped to [0, 1]."""
-    d = f - bg
-    a = ((pixels - bg) * d).sum(axis=1) / ((d * d).sum(axis=1) + 1e-4)
-    return np.clip(a, 0, 1)
-
-
 def foreground(
     rgb: np.ndarray,
     alpha: np.ndarray,
@@ -308,12 +346,32 @@ def foreground(
     if unmix not in ("alpha", "colour", "both"):
         raise ValueError(f"unmix must be 'alpha', 'colour' or 'both', not {unmix!r}")
     h, w = alpha.shape
-    out = rgb.copy()
-    if h * w < _LEAST_PIXELS or not cv2.countNonZero(cv2.inRange(alpha, 1, 254)):
-        return out
+    if h * w < _LEAST_PIXELS:
+        return rgb.copy()
     grid = _Grid.of(h, w, max_pixels)
-    image_w = grid.down(rgb).astype(np.float32) * np.float32(1 / 255)
-    alpha_w = grid.down(alpha).astype(np.float32) * np.float32(1 / 255)
+    rgb, alpha = np.ascontiguousarray(rgb), np.ascontiguousarray(alpha)
+    return _foreground(rgb, grid.down(rgb), alpha, grid.down(alpha), grid, unmix)
+
+
+def _foreground(
+    rgb: np.ndarray,
+    rgb_w: np.ndarray,
+    alpha: np.ndarray,
+    alpha_w: np.ndarray,
+    grid: _Grid,
+    unmix: str,
+    near: _Near | None = None,
+) -> np.ndarray:
+    """:func:`foreground`, given the photo and its alpha at the working resolution too, and
+    perhaps ``near``, the working pixels in whose blocks are all those where alpha is partial."""
+    out = np.ascontiguousarray(rgb).copy()
+    alpha_w = _unit(alpha_w)
+    partial_w = cv2.inRange(alpha_w, 1 / 512, 1 - 1 / 512)
+    # Nothing partial at the working resolution: nothing to do (scaled down, a pixel or two of
+    # a level or two may be partial in the photo, where its colour does not show).
+    if not cv2.countNonZero(partial_w):
+        return out
+    image_w = rgb_w.astype(np.float32) * np.float32(1 / 255)
     # The wide step on the whole photo at a coarse resolution (its radius is wide anyway), the
     # narrow one in the band's tiles at the working resolution.
     coarse = _Grid.of(*grid.work, _COARSE_PIXELS)
@@ -322,32 +380,60 @@ def foreground(
     f1, b1 = _blur_fusion(image_c, image_c, image_c, alpha_c, r1)
     f1 = _residual(image_c, alpha_c, f1, b1)
     r2 = _radius(_FG_RADII[1], min(grid.work), 1)
-    b = band(cv2.inRange(alpha_w, 1 / 512, 1 - 1 / 512).astype(np.float32) * (0.5 / 255), width=0)
-    means = np.zeros((*grid.work, 6), np.float32)
+    b = band(partial_w.astype(np.float32) * (0.5 / 255), width=0)
+    # Where no tile reaches (a pixel whose working neighbours are all settled, at the ramp's
+    # faint tail), both means are the photo's own colour there, which gives back the photo.
+    f_means, b_means = image_w.copy(), image_w.copy()
     for (y, x), win, inner in _windows(grid.work, b, r2 + 1):
         rect = (slice(win[0].start, win[0].stop), slice(win[1].start, win[1].stop))
         f, bg = (coarse.sample(p, rect) if coarse.scaled else p[rect] for p in (f1, b1))
         fm, bm = _blur_fusion(image_w[win], f, bg, alpha_w[win], r2)
         tile = (slice(y, y + fm[inner].shape[0]), slice(x, x + fm[inner].shape[1]))
-        means[tile] = np.concatenate([fm[inner], bm[inner]], axis=2)
-    for y, x in b.tiles:
-        rect = (
-            grid.rect(y, x, b.tile)
-            if grid.scaled
-            else (slice(y, min(y + b.tile, h)), slice(x, min(x + b.tile, w)))
-        )
-        ys, xs = np.nonzero(cv2.inRange(alpha[rect], 1, 254))
-        if ys.size == 0:
-            continue
-        ys += rect[0].start
-        xs += rect[1].start
-        m = _at(grid, means, ys, xs) if grid.scaled else means[ys, xs]
-        a = alpha[ys, xs].astype(np.float32) * np.float32(1 / 255)
-        pixels = rgb[ys, xs].astype(np.float32) * np.float32(1 / 255)
-        if unmix == "colour":
-            a = _colour_alpha(pixels, m[:, :3], m[:, 3:])
-        elif unmix == "both":
-            a = np.minimum(a, _colour_alpha(pixels, m[:, :3], m[:, 3:]))
-        f = _residual(pixels, a, m[:, :3], m[:, 3:])
-        out[ys, xs] = np.rint(f * 255).astype(np.uint8)
+        f_means[tile], b_means[tile] = fm[inner], bm[inner]
+    if near is None:  # the working pixels where alpha is partial, and those beside them
+        near = _Near.of(grid, cv2.dilate(partial_w, np.ones((3, 3), np.uint8)))
+    how = {"alpha": rim.ALPHA, "colour": rim.COLOUR, "both": rim.BOTH}[unmix]
+    rim.unmix(rgb, alpha, out, f_means, b_means, near.wys, near.wxs, near.rows, near.cols, how)
     return out
+
+
+Alpha = Literal["soft", "matte"]
+
+
+def cutout(
+    rgb: np.ndarray,
+    levels: np.ndarray,
+    alpha: Alpha,
+    *,
+    max_pixels: int = WORK_PIXELS,
+    unmix: str = UNMIX,
+    **knobs: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A cut-out's alpha and colour (H×W uint8, H×W×3 uint8) from the photo ``rgb`` and its
+    map's 8-bit ``levels`` at the photo's size: ``soft``, the map itself, or ``matte``, solved
+    (``knobs``: :func:`matte`'s), with the foreground's colour where alpha is partial; the
+    photo scaled down once for both."""
+    h, w = levels.shape
+    rgb = np.ascontiguousarray(rgb)  # the compiled passes' one layout
+    if h * w < _LEAST_PIXELS:
+        a = levels if alpha == "soft" else _tiny(levels)
+        return a, rgb.copy()
+    grid = _Grid.of(h, w, max_pixels)
+    rgb_w = grid.down(rgb)
+    if alpha == "matte":
+        a, near = _matte(rgb, rgb_w, levels, grid, _Knobs(**knobs))
+    else:
+        a, near = levels, None
+    return a, _foreground(rgb, rgb_w, a, grid.down(a), grid, unmix, near)
+
+
+def warm() -> None:
+    """Compile the passes at the photo's size (or load them from numba's cache) before the
+    first cut-out asks for them: a cut-out of a small synthetic photo, scaled down to work."""
+    side = int(WORK_PIXELS**0.5) + 64
+    y, x = np.mgrid[0:side, 0:side].astype(np.float32)
+    disc = np.clip((side / 3 - np.hypot(y - side / 2, x - side / 2)) / 8 + 0.5, 0, 1)
+    rgb = np.dstack([disc * 200 + 40, disc * 60 + 100, 220 - disc * 180]).astype(np.uint8)
+    levels = np.rint(disc * 255).astype(np.uint8)
+    for alpha in ("soft", "matte"):
+        cutout(rgb, levels, alpha)

@@ -45,6 +45,7 @@ from service.core.cache import Caches, open_caches
 from service.core.pipeline import Ready, Served
 from service.core.service import MemoryReturn, Service
 from service.errors import NotReady, QueueFull, ServiceError
+from service.images.matte import warm as warm_matte
 from service.metrics import Metrics
 from service.processes.shared import Shared, front_slots
 from service.settings import Settings
@@ -451,6 +452,8 @@ async def start_front(
         fetcher=fetcher,
         worker_ready=lambda: bool(shared.worker_ready.value),
     )
+    if s.warmup:  # the cut-out's compiled passes, before the first cut-out needs them
+        await asyncio.get_running_loop().run_in_executor(codec_pool, warm_matte)
     service.set_ready(True)
     try:
         yield service

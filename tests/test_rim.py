@@ -1,0 +1,88 @@
+"""The matte's compiled passes at the photo's size (service/images/rim.py), against the same
+arithmetic written plainly in numpy and OpenCV."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from service.images import rim
+
+RNG = np.random.default_rng(7)
+
+
+@pytest.mark.parametrize(("n", "ln"), [(10, 10), (4000, 447), (3254, 335), (17, 5), (9, 8)])
+def test_blocks_are_opencvs_nearest_exact(n: int, ln: int) -> None:
+    """A photo pixel's block is the working pixel OpenCV's INTER_NEAREST_EXACT gives it."""
+    bounds = rim.blocks(n, ln)
+    of = np.repeat(np.arange(ln), np.diff(bounds))
+    plane = np.arange(ln, dtype=np.uint16)[None, :].repeat(2, 0)
+    cv = cv2.resize(plane, (n, 2), interpolation=cv2.INTER_NEAREST_EXACT)[0]
+    assert bounds[0] == 0
+    assert bounds[-1] == n
+    assert np.array_equal(of, cv)
+
+
+def _bilinear(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``plane`` at ``size`` (h, w) bilinearly, centres aligned, the border replicated."""
+    h, w = size
+    return cv2.resize(plane, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _every(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    wys, wxs = np.nonzero(np.ones(shape, np.uint8))
+    return wys, wxs
+
+
+def test_the_filter_applied_is_the_coefficients_scaled_up_and_applied() -> None:
+    h, w, lh, lw = 90, 130, 20, 31
+    rgb = RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    coefs = RNG.normal(0, 0.5, (lh, lw, 4)).astype(np.float32)
+    alpha = np.zeros((h, w), np.uint8)
+    wys, wxs = _every((lh, lw))
+    rim.apply_filter(rgb, alpha, coefs, wys, wxs, rim.blocks(h, lh), rim.blocks(w, lw), 1.5)
+    c = _bilinear(coefs, (h, w))
+    q = (c[..., :3] * (rgb / 255.0)).sum(axis=2) + c[..., 3]
+    want = np.rint(np.clip((q - 0.5) * 1.5 + 0.5, 0, 1) * 255)
+    assert ((want > 0) & (want < 255)).mean() > 0.2  # a third of the pixels partial
+    # Measured: the same levels (float32 against float64, OpenCV's weights); a level leaves room
+    # for another CPU's rounding (the pass is compiled with fastmath: its sums may be reordered).
+    assert np.abs(alpha.astype(np.int16) - want).max() <= 1
+
+
+def test_the_filter_visits_only_the_blocks_it_is_given() -> None:
+    h, w, lh, lw = 60, 80, 6, 8
+    rgb = np.full((h, w, 3), 128, np.uint8)
+    coefs = np.zeros((lh, lw, 4), np.float32)
+    coefs[..., 3] = 0.5
+    alpha = np.full((h, w), 7, np.uint8)
+    rows, cols = rim.blocks(h, lh), rim.blocks(w, lw)
+    rim.apply_filter(rgb, alpha, coefs, np.array([2]), np.array([5]), rows, cols, 1.0)
+    block = (slice(rows[2], rows[3]), slice(cols[5], cols[6]))
+    assert (alpha[block] == 128).all()  # 0.5 in levels, rounded half up
+    alpha[block] = 7
+    assert (alpha == 7).all()
+
+
+@pytest.mark.parametrize("how", [rim.ALPHA, rim.COLOUR, rim.BOTH])
+def test_a_known_foreground_is_unmixed(how: int) -> None:
+    """A photo mixed from a known foreground and background, with local means equal to them:
+    the foreground comes back wherever alpha is partial, and nothing else is written."""
+    h, w = 40, 50
+    f, b = np.array([0.8, 0.2, 0.1], np.float32), np.array([0.1, 0.6, 0.9], np.float32)
+    a = np.linspace(0, 1, w, dtype=np.float32)[None, :].repeat(h, 0)
+    level = np.rint(a * 255).astype(np.uint8)
+    ratio = (level / 255.0)[..., None]
+    rgb = np.rint((ratio * f + (1 - ratio) * b) * 255).astype(np.uint8)
+    out = np.zeros_like(rgb)
+    f_means = np.broadcast_to(f, (8, 10, 3)).copy()
+    b_means = np.broadcast_to(b, (8, 10, 3)).copy()
+    wys, wxs = _every((8, 10))
+    rim.unmix(rgb, level, out, f_means, b_means, wys, wxs, rim.blocks(h, 8), rim.blocks(w, 10), how)
+    partial = (level > 0) & (level < 255)
+    assert not out[~partial].any()
+    err = np.abs(out[partial].astype(np.float32) - f * 255)
+    # Measured: a level at most, with each of the three unmixings; two leave room for another
+    # CPU's rounding. (The photo holds it mixed at a level of 5 up to 250.)
+    assert err.max() <= 2
