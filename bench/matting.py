@@ -315,9 +315,9 @@ def main() -> None:
             render((mask * 255).astype(np.uint8), image, cutout)
             request = time.perf_counter() - t
             t = time.perf_counter()
-            np.rint(soft * 255).astype(np.uint8)  # what soft adds: the 8-bit map
-            soft_s = time.perf_counter() - t
             levels8 = np.rint(soft * 255).astype(np.uint8)  # the service's soft map back
+            m.cutout(rgb, levels8, "soft")  # soft's colour where it is partial
+            soft_s = time.perf_counter() - t
             t = time.perf_counter()
             levels = m.cutout(rgb, levels8, "matte", **knobs)[0]
             alpha = levels / 255.0

@@ -28,12 +28,20 @@ SIDE = 360
 EDGE_BOX = (150, 120, 290, 220)
 EDGE_ZOOM = 3
 EDGE_BACKGROUND = "f4f4f4"
+DARK = "1b1d22"  # a dark page, where a light rim of the old background would show
 
 
-def _edge(remover: u2serve.Remover, photo: bytes, *, refine: bool) -> Image.Image:
-    """The cut-out on a dark colour at the photo's full size, cropped and zoomed: where a rim of
-    the old background would show."""
-    data = remover.remove(photo, output="cutout", bg_color=EDGE_BACKGROUND, refine=refine)
+def _edge(
+    remover: u2serve.Remover,
+    photo: bytes,
+    *,
+    refine: bool = False,
+    alpha: str = "mask",
+    bg_color: str = EDGE_BACKGROUND,
+) -> Image.Image:
+    """The cut-out on a colour at the photo's full size, cropped and zoomed: where a rim of the
+    old background would show."""
+    data = remover.remove(photo, output="cutout", bg_color=bg_color, refine=refine, alpha=alpha)
     with Image.open(io.BytesIO(data)) as im:
         crop = im.convert("RGB").crop(EDGE_BOX)
     w, h = crop.size
@@ -41,8 +49,9 @@ def _edge(remover: u2serve.Remover, photo: bytes, *, refine: bool) -> Image.Imag
 
 
 def make_pictures(out: Path = OUT) -> list[Path]:
-    """Write the photo, its mask and its cut-out at :data:`SIDE`, and the edge side by side
-    (the authors' map, then ``refine=true``); return the files written."""
+    """Write the photo, its mask and its cut-out at :data:`SIDE`, the edge side by side (the
+    authors' map, then ``refine=true``) and the cut-out's three alphas on a dark page; return
+    the files written."""
     out.mkdir(parents=True, exist_ok=True)
     photo = PHOTO.read_bytes()
     written = []
@@ -54,14 +63,22 @@ def make_pictures(out: Path = OUT) -> list[Path]:
             im.thumbnail((SIDE, SIDE), Image.Resampling.LANCZOS)
             im.save(out / "horse.jpg", quality=85)
         written.append(out / "horse.jpg")
-        plain, refined = _edge(remover, photo, refine=False), _edge(remover, photo, refine=True)
-        gap = 8
-        both = Image.new("RGB", (plain.width * 2 + gap, plain.height), "white")
-        both.paste(plain, (0, 0))
-        both.paste(refined, (plain.width + gap, 0))
-        both.save(out / "horse-edges.png", optimize=True)
-        written.append(out / "horse-edges.png")
+        # The map's edge (the mask as alpha), then refine=true's.
+        plain, refined = _edge(remover, photo), _edge(remover, photo, refine=True)
+        written.append(_side_by_side([plain, refined], out / "horse-edges.png"))
+        # The three alphas of a cut-out on a dark page: mask, soft, matte.
+        edges = [_edge(remover, photo, alpha=a, bg_color=DARK) for a in ("mask", "soft", "matte")]
+        written.append(_side_by_side(edges, out / "horse-alphas.png"))
     return written
+
+
+def _side_by_side(pictures: list[Image.Image], path: Path, gap: int = 8) -> Path:
+    w, h = pictures[0].size
+    row = Image.new("RGB", (len(pictures) * (w + gap) - gap, h), "white")
+    for i, picture in enumerate(pictures):
+        row.paste(picture, (i * (w + gap), 0))
+    row.save(path, optimize=True)
+    return path
 
 
 def main() -> None:

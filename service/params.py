@@ -31,7 +31,7 @@ Output = Literal["mask", "probability", "cutout", "box"]
 Format = Literal["png", "webp", "jpeg"]
 Alpha = Literal["mask", "soft", "matte"]
 # A cut-out's alpha when none is asked for (README, "Cut-out edges", has the measurements).
-CUTOUT_ALPHA: Alpha = "mask"
+CUTOUT_ALPHA: Alpha = "matte"
 
 _COLOUR = re.compile(r"^#?([0-9a-fA-F]{6})([0-9a-fA-F]{2})?$")
 _MARGIN = re.compile(r"^(\d{1,5})(px|%)?$")
@@ -58,7 +58,8 @@ class SegmentParams(BaseModel):
     output: Output = Field(
         "mask",
         description="mask: binary 0/255, one channel; probability: the soft 8-bit map; "
-        "cutout: RGBA, the photo with the mask as alpha (RGB on an opaque bg_color); "
+        "cutout: RGBA, the photo with an alpha made from the map (see alpha; RGB on an opaque "
+        "bg_color); "
         "box: no image, a JSON object with the subject's box, its share of the image and the "
         "image's size",
     )

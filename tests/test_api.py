@@ -178,7 +178,7 @@ async def test_maps_are_the_pipelines_maps(client: httpx.AsyncClient, u2netp_wei
     )
     prob = await post_image(client, photo(), output="probability")
     mask = await post_image(client, photo(), threshold=0.3)
-    cut = await post_image(client, photo(), output="cutout", threshold=0.3)
+    cut = await post_image(client, photo(), output="cutout", alpha="mask", threshold=0.3)
     np.testing.assert_array_equal(np.asarray(opened(prob)), to_probability(p).numpy())
     np.testing.assert_array_equal(np.asarray(opened(mask)), to_mask(p, 0.3).numpy())
     rgba = np.asarray(opened(cut))
@@ -324,7 +324,9 @@ async def test_palette_png_with_transparency(client: httpx.AsyncClient) -> None:
     pal = Image.fromarray(arr, "P")
     pal.putpalette([*(im.getpalette() or [])[: 63 * 3], 0, 0, 0])  # 63: unused by the photo
     data = png_bytes(pal, transparency=63)
-    r = await post_image(client, data, ctype="image/png", output="cutout", threshold=0)
+    r = await post_image(
+        client, data, ctype="image/png", output="cutout", alpha="mask", threshold=0
+    )
     assert r.status_code == 200, r.text
     rgba = np.asarray(opened(r))
     assert rgba.shape == (595, 770, 4)

@@ -112,3 +112,23 @@ def test_tiny_photos_get_an_alpha_and_a_colour(h: int, w: int) -> None:
     assert alpha.shape == (h, w)
     assert alpha.dtype == np.uint8
     assert foreground(rgb, alpha).shape == (h, w, 3)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+def test_the_matte_is_half_way_where_the_map_reaches_the_threshold(threshold: float) -> None:
+    """``threshold`` steers the matte as it steers the mask: on a photo with no edge of its own
+    (one colour), alpha crosses one half where the map crosses the threshold."""
+    h, w = 200, 400
+    soft = np.linspace(1, 0, w, dtype=np.float32)[None, :].repeat(h, 0)  # 1 → 0 across
+    rgb = np.full((h, w, 3), 128, np.uint8)
+    alpha = matte(rgb, soft, threshold=threshold)
+    crossing = int(np.argmax(alpha[h // 2] < 128))
+    want = int(np.argmax(soft[h // 2] < threshold))
+    # Measured: the same column at 0.5, two columns off at 0.3 and 0.7 (the ramp's slope changes
+    # at the threshold, and the filter's windows average across it); four leave room.
+    assert abs(crossing - want) <= 4
+
+
+def test_a_threshold_of_0_keeps_every_pixel() -> None:
+    soft = np.linspace(1, 0, 300, dtype=np.float32)[None, :].repeat(100, 0)
+    assert (matte(np.full((100, 300, 3), 90, np.uint8), soft, threshold=0) == 255).all()

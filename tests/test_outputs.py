@@ -74,7 +74,11 @@ async def test_box_headers_on_every_output(client: httpx.AsyncClient, name: str)
     assert header_box(mask_r) == expected
     assert float(mask_r.headers["x-foreground-ratio"]) == pytest.approx(fg.mean(), abs=1e-6)
     for output in ("cutout", "box"):
-        r = await post_image(client, photo(name), ctype=ctype, output=output, threshold=0.3)
+        # (A cut-out with the mask as alpha; a soft or matte alpha's box is the soft map's.)
+        extra = {"alpha": "mask"} if output == "cutout" else {}
+        r = await post_image(
+            client, photo(name), ctype=ctype, output=output, threshold=0.3, **extra
+        )
         assert r.status_code == 200, r.text
         assert header_box(r) == expected, output
         assert r.headers["x-foreground-ratio"] == mask_r.headers["x-foreground-ratio"]
@@ -139,7 +143,7 @@ async def test_no_foreground_is_explicit(client: httpx.AsyncClient) -> None:
 
 @pytest.mark.parametrize(("margin", "px"), [(None, 0), ("15", 15), ("15px", 15), ("400px", 400)])
 async def test_crop_mask_and_cutout(client: httpx.AsyncClient, margin: str | None, px: int) -> None:
-    full = await post_image(client, photo(), output="cutout")
+    full = await post_image(client, photo(), output="cutout", alpha="mask")
     rgba = np.asarray(opened(full))
     fg = rgba[..., 3] == 255
     box = numpy_box(fg)
@@ -149,7 +153,8 @@ async def test_crop_mask_and_cutout(client: httpx.AsyncClient, margin: str | Non
     bottom = min(595, box["top"] + box["height"] + px)
     extra = {} if margin is None else {"crop_margin": margin}
     for output in ("mask", "cutout"):
-        r = await post_image(client, photo(), output=output, crop="true", **extra)
+        alpha = {"alpha": "mask"} if output == "cutout" else {}
+        r = await post_image(client, photo(), output=output, crop="true", **extra, **alpha)
         assert r.status_code == 200, r.text
         got = np.asarray(opened(r))
         want = rgba[top:bottom, left:right]
@@ -180,17 +185,19 @@ async def test_crop_margin_in_percent(client: httpx.AsyncClient) -> None:
 
 
 async def test_bg_color_opaque_and_translucent(client: httpx.AsyncClient) -> None:
-    cut = np.asarray(opened(await post_image(client, photo(), output="cutout")))
+    cut = np.asarray(opened(await post_image(client, photo(), output="cutout", alpha="mask")))
     alpha = cut[..., 3]
     assert {0, 255} == set(np.unique(alpha))
-    r = await post_image(client, photo(), output="cutout", bg_color="#1e90ff")
+    r = await post_image(client, photo(), output="cutout", alpha="mask", bg_color="#1e90ff")
     assert r.status_code == 200, r.text
     im = opened(r)
     assert im.mode == "RGB"
     arr = np.asarray(im)
     assert (arr[alpha == 0] == (0x1E, 0x90, 0xFF)).all()
     np.testing.assert_array_equal(arr[alpha == 255], cut[alpha == 255, :3])
-    r = await post_image(client, photo(), output="cutout", bg_color="00FF0080", format="webp")
+    r = await post_image(
+        client, photo(), output="cutout", alpha="mask", bg_color="00FF0080", format="webp"
+    )
     arr = np.asarray(opened(r))
     assert arr.shape[2] == 4
     assert (arr[alpha == 0] == (0, 255, 0, 0x80)).all()

@@ -66,11 +66,11 @@ _BYTES_PER_PIXEL = {
 
 
 # A cut-out whose alpha is not the mask holds more while its answer is made: the foreground's
-# colour (a copy of the photo, and blur-fusion's float planes over the band) and for a matte the
-# map as floats, the band and the matte (service/images/matte.py). Measured at 12 MP (the
-# reference bike photo at 12 MP, U2NET's map; tracemalloc's peak during render, beyond the
-# mask's): soft 8.7, matte 12.0 bytes a pixel; charged rounded up.
-_EDGE_BYTES_PER_PIXEL = {"mask": 0, "soft": 9, "matte": 13}
+# colour (a copy of the photo) and for a matte the alpha scaled up from the working resolution
+# (service/images/matte.py; its other planes are at the working resolution, 150 000 pixels at
+# most). Measured at 12 MP (the reference bike photo at 12 MP, U2NET's map; tracemalloc's peak
+# during render, beyond the mask's): soft 3.4, matte 4.5 bytes a pixel; charged rounded up.
+_EDGE_BYTES_PER_PIXEL = {"mask": 0, "soft": 4, "matte": 5}
 
 
 def request_cost(

@@ -90,7 +90,7 @@ def render(
     colour = image.rgb if is_cutout else None
     if params.cutout_alpha == "soft" or params.cutout_alpha == "matte":
         # Where alpha is partial, the subject's own colour: no rim of the old background.
-        levels, colour = cutout(image.rgb, levels, params.cutout_alpha)
+        levels, colour = cutout(image.rgb, levels, params.cutout_alpha, threshold=params.threshold)
     picture = Picture(
         levels=levels,
         rgb=colour,

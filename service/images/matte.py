@@ -229,10 +229,10 @@ def _settled(soft: np.ndarray) -> np.ndarray:
     return cv2.compare(soft, cut, cv2.CMP_GE)  # type: ignore[call-overload]
 
 
-def _tiny(soft: np.ndarray) -> np.ndarray:
-    """The map at 0.5 for a photo of a handful of pixels (OpenCV reads a 1×1 array as a
-    scalar)."""
-    return np.where(_unit(soft) >= 0.5, 255, 0).astype(np.uint8)
+def _tiny(soft: np.ndarray, threshold: float) -> np.ndarray:
+    """The map at ``threshold`` for a photo of a handful of pixels (OpenCV reads a 1×1 array as
+    a scalar)."""
+    return np.where(_unit(soft) >= threshold, 255, 0).astype(np.uint8)
 
 
 def _windows(
@@ -257,15 +257,17 @@ def matte(
     width: float = BAND,
     stretch: float = STRETCH,
     snap: float = SNAP,
+    threshold: float = 0.5,
     max_pixels: int = WORK_PIXELS,
 ) -> np.ndarray:
     """Alpha (H×W uint8) for the photo ``rgb`` (H×W×3 uint8) from its map ``soft`` (H×W, the
-    network's map at the photo's size: float32 in [0, 1], or its 8-bit levels)."""
+    network's map at the photo's size: float32 in [0, 1], or its 8-bit levels); its half-way
+    contour is where the map reaches ``threshold``."""
     h, w = soft.shape
     if h * w < _LEAST_PIXELS:  # no edge to solve; OpenCV reads a 1×1 array as a scalar
-        return _tiny(soft)
+        return _tiny(soft, threshold)
     grid = _Grid.of(h, w, max_pixels)
-    knobs = _Knobs(radius, eps, width, stretch, snap)
+    knobs = _Knobs(radius, eps, width, stretch, snap, threshold)
     rgb = np.ascontiguousarray(rgb)
     return _matte(rgb, grid.down(rgb), soft, grid, knobs)[0]
 
@@ -277,6 +279,22 @@ class _Knobs:
     width: float = BAND
     stretch: float = STRETCH
     snap: float = SNAP
+    threshold: float = 0.5
+
+
+def _recentred(soft: np.ndarray, threshold: float) -> np.ndarray:
+    """The map (float32 in [0, 1]) with ``threshold`` moved to 0.5, linearly on each side, so
+    that the matte's half-way contour is the mask's at that threshold: 0 makes every pixel
+    foreground, as it does the mask."""
+    if threshold == 0.5:
+        return soft
+    if threshold <= 0:
+        return np.ones_like(soft)
+    low = soft * np.float32(0.5 / threshold)
+    if threshold >= 1:
+        return np.where(soft >= 1, np.float32(1), np.minimum(low, np.float32(0.4999)))
+    high = np.float32(0.5) + (soft - np.float32(threshold)) * np.float32(0.5 / (1 - threshold))
+    return np.where(soft < threshold, low, high).astype(np.float32)
 
 
 def _matte(
@@ -284,7 +302,7 @@ def _matte(
 ) -> tuple[np.ndarray, _Near | None]:
     """The matte at the photo's size, and the working pixels in whose blocks it is partial
     (None: the working resolution is the photo's)."""
-    soft_w = _unit(grid.down(soft))
+    soft_w = _recentred(_unit(grid.down(soft)), k.threshold)
     r = max(2, round(k.radius * max(grid.work) / 320))
     b = band(soft_w, width=k.width)
     # Outside the band the coefficients give the settled map (a = 0, b = 0 or 1), so that the
@@ -405,23 +423,24 @@ def cutout(
     levels: np.ndarray,
     alpha: Alpha,
     *,
+    threshold: float = 0.5,
     max_pixels: int = WORK_PIXELS,
     unmix: str = UNMIX,
     **knobs: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A cut-out's alpha and colour (H×W uint8, H×W×3 uint8) from the photo ``rgb`` and its
     map's 8-bit ``levels`` at the photo's size: ``soft``, the map itself, or ``matte``, solved
-    (``knobs``: :func:`matte`'s), with the foreground's colour where alpha is partial; the
-    photo scaled down once for both."""
+    (its half-way contour where the map reaches ``threshold``; ``knobs``: :func:`matte`'s), with
+    the foreground's colour where alpha is partial; the photo scaled down once for both."""
     h, w = levels.shape
     rgb = np.ascontiguousarray(rgb)  # the compiled passes' one layout
     if h * w < _LEAST_PIXELS:
-        a = levels if alpha == "soft" else _tiny(levels)
+        a = levels if alpha == "soft" else _tiny(levels, threshold)
         return a, rgb.copy()
     grid = _Grid.of(h, w, max_pixels)
     rgb_w = grid.down(rgb)
     if alpha == "matte":
-        a, near = _matte(rgb, rgb_w, levels, grid, _Knobs(**knobs))
+        a, near = _matte(rgb, rgb_w, levels, grid, _Knobs(**knobs, threshold=threshold))
     else:
         a, near = levels, None
     return a, _foreground(rgb, rgb_w, a, grid.down(a), grid, unmix, near)
