@@ -51,6 +51,16 @@ def _corners(n: int, ln: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return i0, i1, t
 
 
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _row_end(wys: np.ndarray, k: int) -> int:
+    """One past the last of the working pixels from ``k`` on in ``wys[k]``'s row (``wys``
+    ascending, as ``np.nonzero`` gives them)."""
+    end = k
+    while end < wys.size and wys[end] == wys[k]:
+        end += 1
+    return end
+
+
 @njit(cache=True, nogil=True, fastmath=True)
 def _columns(wxs: np.ndarray, start: int, stop: int, cols: np.ndarray) -> np.ndarray:
     """The photo's columns in the blocks of working columns ``wxs[start:stop]`` (ascending)."""
@@ -114,9 +124,7 @@ def apply_filter(
     k255, one = np.float32(1 / 255), np.float32(1)
     k = 0
     while k < wys.size:  # a working row at a time, the photo's rows in order (as they lie)
-        end = k
-        while end < wys.size and wys[end] == wys[k]:
-            end += 1
+        end = _row_end(wys, k)
         wy = wys[k]
         for y in range(rows[wy], rows[wy + 1]):
             y0, y1, ty = y0s[y], y1s[y], tys[y]
@@ -157,9 +165,7 @@ def unmix(
     line = np.empty((lw, 6), np.float32)  # both means between two working rows, at one photo row
     k = 0
     while k < wys.size:  # a working row at a time, the photo's rows in order (as they lie)
-        end = k
-        while end < wys.size and wys[end] == wys[k]:
-            end += 1
+        end = _row_end(wys, k)
         wy = wys[k]
         lo = max(wxs[k] - 1, 0)
         hi = min(wxs[end - 1] + 2, lw)
