@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REFERENCE_DATA / "images"
 REMBG_VENV = REPO / "bench" / ".rembg-venv"
 REMBG_REQUIREMENT = "rembg[cpu,cli]==2.0.86"
-SIZES_MP = {"0.3mp": 0.3, "1mp": 1.0, "4mp": 4.0, "12mp": 12.0}
+SIZES_MP = {"0.3mp": 0.3, "1mp": 1.0, "4mp": 4.0, "12mp": 12.0, "39mp": 39.0}
 
 
 # -- photos ------------------------------------------------------------------------------------

@@ -86,30 +86,37 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--network", nargs="+", choices=["real", "instant"], default=["real", "instant"])
     p.add_argument("--photos", default="1mp")
     p.add_argument("--max-queue", default="2")
+    p.add_argument("--model", default="u2netp")
+    p.add_argument("--precision", default=None, help="U2SERVE_PRECISION (default: the server's)")
+    p.add_argument("--output", default="mask", choices=["mask", "probability", "cutout"])
     args = p.parse_args(argv)
     (photo,) = photo_set(args.photos)
+    precision = f", U2SERVE_PRECISION={args.precision}" if args.precision else ""
     print(
-        f"# U2NETP on the CPU, U2SERVE_MAX_QUEUE={args.max_queue}, U2SERVE_MAX_BATCH_SIZE=2, "
-        f"map cache off, {args.photos} masks, every client at once"
+        f"# {args.model.upper()} on the CPU{precision}, U2SERVE_MAX_QUEUE={args.max_queue}, "
+        f"U2SERVE_MAX_BATCH_SIZE=2, map cache off, {args.photos} {args.output}s, every client "
+        "at once; the memory budget the server's default"
     )
     print(
         f"{'network':8} {'fronts':>6} {'burst':>5} {'200':>4} {'503':>4} {'504':>4} "
-        f"{'other':>5} {'last answer s':>13} {'Retry-After':20} rejected"
+        f"{'other':>5} {'last answer s':>13} {'Retry-After':20} {'peak RSS MiB':>12} rejected"
     )
     for network in args.network:
         cmd = [sys.executable, "-m", "bench.instant" if network == "instant" else "service"]
         for workers in args.workers:
             env = {
-                "U2SERVE_MODEL": "u2netp",
+                "U2SERVE_MODEL": args.model,
                 "U2SERVE_DEVICE": "cpu",
                 "U2SERVE_MAX_QUEUE": args.max_queue,
                 "U2SERVE_MAX_BATCH_SIZE": "2",
                 "U2SERVE_CACHE_MAP_BYTES": "0",
                 "U2SERVE_WORKERS": str(workers),
             }
-            with running(cmd, env, "/readyz", f"overload-{network}-{workers}", "u2netp") as t:
+            if args.precision:
+                env["U2SERVE_PRECISION"] = args.precision
+            with running(cmd, env, "/readyz", f"overload-{network}-{workers}", args.model) as t:
                 port = int(t.url.rsplit(":", 1)[1])
-                request = request_bytes(photo, "mask", port, "multipart")
+                request = request_bytes(photo, args.output, port, "multipart")
                 asyncio.run(_burst(port, request, 4))  # warm
                 for n in args.burst:
                     before = _rejected(t.url)
@@ -123,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"{network:8} {workers:>6} {n:>5} {codes[200]:>4} {codes[503]:>4} "
                         f"{codes[504]:>4} {other:>5} {took:13.2f} "
                         f"{','.join(f'{k}×{v}' for k, v in sorted(retry.items())) or '-':20} "
+                        f"{t.peak_rss_mib():12.0f} "
                         f"{', '.join(f'{k} {v}' for k, v in rejected.items() if v) or '-'}",
                         flush=True,
                     )
