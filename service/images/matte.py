@@ -224,9 +224,8 @@ def _unit(soft: np.ndarray) -> np.ndarray:
 
 
 def _settled(soft: np.ndarray) -> np.ndarray:
-    """The map at 0.5 as 8-bit alpha (0 or 255); 8-bit levels from 128."""
-    cut = 128 if soft.dtype == np.uint8 else 0.5
-    return cv2.compare(soft, cut, cv2.CMP_GE)  # type: ignore[call-overload]
+    """The map (float32) at 0.5 as 8-bit alpha (0 or 255)."""
+    return cv2.compare(soft, 0.5, cv2.CMP_GE)  # type: ignore[call-overload]
 
 
 def _tiny(soft: np.ndarray, threshold: float) -> np.ndarray:
@@ -292,7 +291,7 @@ def _recentred(soft: np.ndarray, threshold: float) -> np.ndarray:
         return np.ones_like(soft)
     low = soft * np.float32(0.5 / threshold)
     if threshold >= 1:
-        return np.where(soft >= 1, np.float32(1), np.minimum(low, np.float32(0.4999)))
+        return np.where(soft >= 1, np.float32(1), low).astype(np.float32)
     high = np.float32(0.5) + (soft - np.float32(threshold)) * np.float32(0.5 / (1 - threshold))
     return np.where(soft < threshold, low, high).astype(np.float32)
 
