@@ -3,6 +3,11 @@ arithmetic written plainly in numpy and OpenCV."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -86,3 +91,18 @@ def test_a_known_foreground_is_unmixed(how: int) -> None:
     # Measured: a level at most, with each of the three unmixings; two leave room for another
     # CPU's rounding. (The photo holds it mixed at a level of 5 up to 250.)
     assert err.max() <= 2
+
+
+def test_the_passes_run_where_numba_can_keep_no_cache() -> None:
+    """On a read-only file system numba finds nowhere to keep its cache and refuses a function
+    asked to cache outright (the Kubernetes manifest's read-only root, with no NUMBA_CACHE_DIR):
+    the passes are then compiled in the process. Here numba is told to look only where a script
+    never has a cache (IPython's cells), as it would find nothing on such a file system."""
+    code = "from service.images.matte import warm; warm(); print('warm')"
+    env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "IPythonCacheLocator"}
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "warm"
