@@ -164,6 +164,10 @@ PATHS: list[dict[str, str]] = [
     {"output": "mask"},
     {"output": "probability"},
     {"output": "cutout"},
+    {"output": "cutout", "alpha": "mask"},  # the 0/255 alpha's own paths in each encoder
+    {"output": "cutout", "alpha": "mask", "bg_color": "1e90ff"},
+    {"output": "cutout", "alpha": "mask", "bg_color": "00ff0080"},
+    {"output": "cutout", "alpha": "soft"},
     {"output": "cutout", "bg_color": "1e90ff"},
     {"output": "cutout", "bg_color": "00ff0080"},
     {"output": "mask", "crop": "true", "crop_margin": "7"},
@@ -212,7 +216,7 @@ def test_every_encoder_gives_pillows_pixels(
     image = decode(data, max_pixels=MAX_PIXELS)
     soft, mask = _maps(*image.rgb.shape[:2])
     params = SegmentParams.model_validate(fields)
-    levels = soft if params.output == "probability" else mask
+    levels = soft if params.soft_map else mask
     want = render(levels, image, params, codec="pillow")
     got = render(levels, image, params, codec=codec)
     assert got.media_type == want.media_type

@@ -381,7 +381,7 @@ def _foreground(
 ) -> np.ndarray:
     """:func:`foreground`, given the photo and its alpha at the working resolution too, and
     perhaps ``near``, the working pixels in whose blocks are all those where alpha is partial."""
-    out = np.ascontiguousarray(rgb).copy()
+    out = rgb.copy()  # contiguous: the callers made it so
     alpha_w = _unit(alpha_w)
     partial_w = cv2.inRange(alpha_w, 1 / 512, 1 - 1 / 512)
     # Nothing partial at the working resolution: nothing to do (scaled down, a pixel or two of
