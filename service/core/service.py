@@ -18,6 +18,7 @@ from functools import partial
 
 import numpy as np
 
+from model import scratch
 from model.segmenter import Segmenter, resolve_device
 from service.core.admission import Admission, in_flight_limit
 from service.core.batcher import Batcher, QueueGroup
@@ -45,7 +46,8 @@ log = logging.getLogger("u2serve")
 
 
 class MemoryReturn:
-    """Once nothing is held, returns the freed heap to the OS, on a codec thread, one at a time."""
+    """Once nothing is held, returns the freed heap and the kept working buffers to the OS, on a
+    codec thread, one at a time."""
 
     def __init__(self, pool: ThreadPoolExecutor) -> None:
         self._pool = pool
@@ -58,6 +60,7 @@ class MemoryReturn:
 
     def _trim(self) -> None:
         try:
+            scratch.clear()  # the working buffers kept for the next request
             give_back_memory()
         finally:
             self._trimming = False

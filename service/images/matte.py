@@ -33,6 +33,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from model import scratch
 from model.cofactors import solve_symmetric3
 from service.images import rim
 
@@ -381,7 +382,10 @@ def _foreground(
 ) -> np.ndarray:
     """:func:`foreground`, given the photo and its alpha at the working resolution too, and
     perhaps ``near``, the working pixels in whose blocks are all those where alpha is partial."""
-    out = rgb.copy()  # contiguous: the callers made it so
+    # A copy, contiguous as the callers made the photo, in a buffer kept from an earlier
+    # request (model/scratch.py): at 12 MP a fresh one is 36 MB of pages to fault in.
+    out = scratch.array(rgb.shape, np.uint8)
+    np.copyto(out, rgb)
     alpha_w = _unit(alpha_w)
     partial_w = cv2.inRange(alpha_w, 1 / 512, 1 - 1 / 512)
     # Nothing partial at the working resolution: nothing to do (scaled down, a pixel or two of

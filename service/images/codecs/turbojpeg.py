@@ -19,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 import simplejpeg
 
+from model import scratch
 from service.images.codecs import DecodedImage, Header, Reduction
 
 __all__ = ["TurboJpegDecoder"]
@@ -46,7 +47,15 @@ class TurboJpegDecoder:
             # such a file goes to Pillow, whose answer for it (415 when truncated, its pixels
             # otherwise) stays the service's.
             rgb = simplejpeg.decode_jpeg(
-                data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True
+                data,
+                colorspace="RGB",
+                fastdct=False,
+                fastupsample=False,
+                strict=True,
+                # Into a buffer kept from an earlier request (model/scratch.py), as large as
+                # the header says: a photo larger than its header is a ValueError, like any
+                # other that libjpeg cannot decode cleanly.
+                buffer=scratch.array((header.height, header.width, 3), np.uint8),
             )
         except ValueError:  # simplejpeg's one error type: libjpeg could not decode it cleanly
             return None
@@ -82,6 +91,7 @@ class TurboJpegDecoder:
                 strict=True,
                 min_width=-(-w // k),
                 min_height=-(-h // k),
+                buffer=scratch.array((-(-h // k), -(-w // k), 3), np.uint8),
             )
         except ValueError:
             return None
@@ -99,5 +109,7 @@ _TURNED = frozenset({5, 6, 7, 8})
 def _upright(rgb: np.ndarray, header: Header) -> DecodedImage:
     upright = _UPRIGHT.get(header.orientation)
     if upright is not None:
-        rgb = np.ascontiguousarray(upright(rgb))
+        view = upright(rgb)
+        rgb = scratch.array(view.shape, np.uint8)
+        np.copyto(rgb, view)
     return DecodedImage(rgb=rgb, alpha=None, model_rgb=rgb)
