@@ -8,9 +8,10 @@ fresh pages was the largest cost beside the JPEG decode itself (``perf``, bench/
 
 A buffer is lent again only once no array made from it is alive (its reference count says so),
 so an array that outlives its request, in a thread still working past its deadline say, is never
-written under it. What the pool holds, lent or not, is bounded (``max_bytes``): beyond it arrays
-are made and dropped as before; and the service empties the pool whenever its memory budget
-holds nothing (:func:`clear`), as it gives the heap back then.
+written under it. Lent buffers are their requests', within the memory budget's charges; what
+the pool keeps unused is bounded (``max_unused``, checked each time one is asked for), and the
+service empties the pool whenever its memory budget holds nothing (:func:`clear`), as it gives
+the heap back then.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import threading
 
 import numpy as np
 
-__all__ = ["MAX_BYTES", "MIN_BYTES", "BufferPool", "array", "clear", "held_bytes"]
+__all__ = ["MAX_UNUSED", "MIN_BYTES", "BufferPool", "array", "clear", "held_bytes"]
 
-# A 12 MP photo's decode (36 MB) and float map (48 MB) for each of two requests at once, about.
-MAX_BYTES = 192 * 1024 * 1024
+# What the pool keeps that no request uses (lent buffers are within their requests' charges): a
+# 12 MP photo's decode (36 MB), float map (48 MB) and mask (12 MB), for each of two requests.
+MAX_UNUSED = 192 * 1024 * 1024
 # Below the size from which the service's allocator maps each buffer on its own
 # (service/core/budget.py's MMAP_THRESHOLD), freed memory stays in the heap for the next.
 MIN_BYTES = 2 * 1024 * 1024
@@ -42,61 +44,56 @@ _UNUSED = _refs([np.empty(1, np.uint8)], 0)
 class BufferPool:
     """Thread-safe."""
 
-    def __init__(self, max_bytes: int = MAX_BYTES) -> None:
-        self.max_bytes = max_bytes
+    def __init__(self, max_unused: int = MAX_UNUSED) -> None:
+        self.max_unused = max_unused
         self._buffers: list[np.ndarray] = []  # flat uint8, each owning its memory
         self._lock = threading.Lock()
 
     def array(self, shape: tuple[int, ...], dtype: type[np.generic]) -> np.ndarray:
         """A C-contiguous array of ``shape`` and ``dtype`` whose values are whatever a previous
-        user left (write every element before reading one), in a kept buffer while it is
+        user left (write every element before reading one), in a kept buffer where one is
         unused; the buffer is lent again once this array and every view of it are gone."""
         dt = np.dtype(dtype)
         need = int(np.prod(shape)) * dt.itemsize
         if need < MIN_BYTES:  # the heap keeps these between requests already
             return np.empty(shape, dt)
+        if need > self.max_unused:  # it could never be kept
+            return np.empty(shape, dt)
         with self._lock:
             buf = self._unused_fit(need)
             if buf is None:
-                size = -(-need // _MB) * _MB  # photos a few pixels apart share a buffer
-                if not self._make_room(size):
-                    return np.empty(shape, dt)
-                buf = np.empty(size, np.uint8)
+                buf = np.empty(-(-need // _MB) * _MB, np.uint8)  # a few pixels apart: one size
                 self._buffers.append(buf)
+            self._trim()
         return buf[:need].view(dt).reshape(shape)
+
+    def _unused(self) -> list[int]:
+        """The indices of the buffers no array is made from now. By index: a name bound to a
+        buffer would count as a reference to it."""
+        return [i for i in range(len(self._buffers)) if _refs(self._buffers, i) <= _UNUSED]
 
     def _unused_fit(self, need: int) -> np.ndarray | None:
         """The least unused buffer that holds ``need`` bytes, unless it is more than twice
         that: a small map does not hold a large photo's buffer while that photo's request
         makes one afresh."""
-        # By index: a name bound to a buffer would count as a reference to it.
-        fits = [
-            i
-            for i in range(len(self._buffers))
-            if need <= self._buffers[i].nbytes <= 2 * need and _refs(self._buffers, i) <= _UNUSED
-        ]
+        fits = [i for i in self._unused() if need <= self._buffers[i].nbytes <= 2 * need]
         if not fits:
             return None
         return self._buffers[min(fits, key=lambda i: self._buffers[i].nbytes)]
 
-    def _make_room(self, size: int) -> bool:
-        """Drop unused buffers, the smallest first, until ``size`` more fits in the bound."""
-        if size > self.max_bytes:
-            return False
-        held = sum(b.nbytes for b in self._buffers)
-        unused = sorted(
-            (i for i in range(len(self._buffers)) if _refs(self._buffers, i) <= _UNUSED),
-            key=lambda i: self._buffers[i].nbytes,
-        )
+    def _trim(self) -> None:
+        """Drop unused buffers, the smallest first, until at most ``max_unused`` bytes are.
+        Lent ones are their requests' (charged to them): only what none uses is bounded here."""
+        unused = sorted(self._unused(), key=lambda i: self._buffers[i].nbytes)
+        kept = sum(self._buffers[i].nbytes for i in unused)
         dropped = []
         for i in unused:
-            if held + size <= self.max_bytes:
+            if kept <= self.max_unused:
                 break
-            held -= self._buffers[i].nbytes
+            kept -= self._buffers[i].nbytes
             dropped.append(i)
         for i in sorted(dropped, reverse=True):
             del self._buffers[i]
-        return held + size <= self.max_bytes
 
     def clear(self) -> None:
         """Forget every buffer: unused ones are freed now, lent ones when their arrays go."""

@@ -43,18 +43,21 @@ def test_a_buffer_is_lent_again_only_once_every_array_made_from_it_is_gone() -> 
     assert not np.shares_memory(d, c)
 
 
-def test_what_it_holds_stays_within_its_bound() -> None:
+def test_what_it_keeps_unused_stays_within_its_bound() -> None:
     pool = BufferPool(10 * MB)
-    big = pool.array((11 * MB,), np.uint8)  # over the bound: an array of its own
+    big = pool.array((11 * MB,), np.uint8)  # over the bound: it could never be kept
     assert pool.held_bytes == 0
     assert big.size == 11 * MB
-    a, b = pool.array((6 * MB,), np.uint8), pool.array((3 * MB,), np.uint8)
-    c = pool.array((4 * MB,), np.uint8)  # 13 MiB: no room while a and b are lent
-    assert pool.held_bytes == 9 * MB
-    del b
-    e = pool.array((4 * MB,), np.uint8)  # the unused 3 MiB goes to make room
-    assert pool.held_bytes == 10 * MB
-    del a, c, e
+    # Lent buffers are their requests' (charged by the memory budget): not bounded here.
+    a, b, c = (pool.array((n * MB,), np.uint8) for n in (6, 3, 4))
+    assert pool.held_bytes == 13 * MB
+    del a, b, c
+    d = pool.array((3 * MB,), np.uint8)  # the least unused that fits: 3 MiB
+    assert pool.held_bytes == 13 * MB  # 10 MiB unused: within the bound
+    del d
+    e = pool.array((9 * MB,), np.uint8)  # none fits: a new one, and 13 MiB unused beside it
+    assert pool.held_bytes == (4 + 6 + 9) * MB  # the smallest unused (3 MiB) went
+    del e
     pool.clear()
     assert pool.held_bytes == 0
 
