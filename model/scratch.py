@@ -21,7 +21,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["MAX_UNUSED", "MIN_BYTES", "BufferPool", "array", "clear", "held_bytes"]
+__all__ = ["MAX_UNUSED", "MIN_BYTES", "BufferPool", "array", "clear", "held_bytes", "unused_bytes"]
 
 # What the pool keeps that no request uses (lent buffers are within their requests' charges): a
 # 12 MP photo's decode (36 MB), float map (48 MB) and mask (12 MB), for each of two requests.
@@ -106,6 +106,12 @@ class BufferPool:
         with self._lock:
             return sum(b.nbytes for b in self._buffers)
 
+    @property
+    def unused_bytes(self) -> int:
+        """The bytes of the buffers the pool holds that no array is made from now."""
+        with self._lock:
+            return sum(self._buffers[i].nbytes for i in self._unused())
+
 
 _POOL = BufferPool()
 
@@ -123,3 +129,8 @@ def clear() -> None:
 def held_bytes() -> int:
     """What the process's pool holds, lent or not."""
     return _POOL.held_bytes
+
+
+def unused_bytes() -> int:
+    """What the process's pool holds that no request uses now."""
+    return _POOL.unused_bytes

@@ -175,6 +175,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.kept_buffers = Gauge(
+            "u2serve_kept_buffers_bytes",
+            "Bytes of working buffers kept for the next request that no request uses now, beyond "
+            "the memory budget's charges (at most 192 MiB a process; none once nothing is held)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.map_cache_hits = Counter(
             "u2serve_map_cache_hits",
             "Requests whose network map came from the map cache (no network pass), by model",

@@ -160,6 +160,14 @@ def test_burst_of_large_images_stays_within_the_budget(
     while (after := settle_rss(proc.pid)) - before > 24 * MiB and time.monotonic() < end:
         pass
     assert after - before <= 24 * MiB, f"RSS {before / MiB:.0f} → {after / MiB:.0f} MiB"
+    # And the working buffers kept for the next request (model/scratch.py) are freed with it.
+    while (
+        "u2serve_kept_buffers_bytes 0.0"
+        not in (metrics := httpx.get(f"{url}/metrics", timeout=5).text)
+        and time.monotonic() < end
+    ):
+        time.sleep(0.1)
+    assert "u2serve_kept_buffers_bytes 0.0" in metrics
 
 
 def test_an_image_over_the_whole_budget_is_413(

@@ -15,9 +15,11 @@ from PIL import Image
 from model import scratch
 from model.postprocess import finish_on_cpu, level_cut
 from model.scratch import MIN_BYTES, BufferPool
+from service.core.budget import MemoryBudget
 from service.core.service import MemoryReturn
 from service.images.codecs import Reduction
 from service.images.decode import decode, read_header
+from service.metrics import Metrics
 
 MB = 1 << 20
 
@@ -137,11 +139,37 @@ def test_a_decoded_photo_keeps_its_pixels_while_others_are_decoded() -> None:
     np.testing.assert_array_equal(a, kept)
 
 
-def test_the_service_empties_the_pool_when_nothing_is_held() -> None:
+def _gauge(metrics: Metrics, name: str) -> float:
+    value = metrics.registry.get_sample_value(name)
+    assert value is not None
+    return value
+
+
+def test_the_service_shows_and_empties_what_is_kept_when_nothing_is_held() -> None:
+    metrics, pool = Metrics(), ThreadPoolExecutor(1)
+    budget = MemoryBudget(
+        10**9, metrics=metrics, retry_after=lambda: 1, on_idle=MemoryReturn(pool, metrics)
+    )
+    scratch.clear()
     levels = np.full((320, 320), 200, np.uint8)
-    finish_on_cpu(levels, (2000, 2000), probability=False, threshold=0.5)
-    assert scratch.held_bytes() >= 16 * MB
-    pool = ThreadPoolExecutor(1)
-    MemoryReturn(pool)()  # the memory budget's idle hook
+    with budget.charge(10**6), budget.charge(10**6):
+        mask = finish_on_cpu(levels, (2000, 2000), probability=False, threshold=0.5)
+        float_map = 16 * MB  # 16 000 000 bytes, rounded up: unused once finish_on_cpu returned
+        assert scratch.unused_bytes() == float_map
+        assert scratch.held_bytes() == float_map + 4 * MB
+        del mask
+    # The first release showed the request's buffers unused, beyond any charge; the last one
+    # (the budget idle) emptied the pool, on the codec pool's thread.
     pool.shutdown(wait=True)
     assert scratch.held_bytes() == 0
+    assert _gauge(metrics, "u2serve_kept_buffers_bytes") == 0
+    assert _gauge(metrics, "u2serve_memory_held_bytes") == 0
+
+
+def test_a_release_shows_what_is_kept_unused() -> None:
+    metrics = Metrics()
+    budget = MemoryBudget(10**9, metrics=metrics, retry_after=lambda: 1)  # no idle hook
+    scratch.clear()
+    with budget.charge(10**6):
+        finish_on_cpu(np.zeros((320, 320), np.uint8), (2000, 2000), probability=True, threshold=0.5)
+    assert _gauge(metrics, "u2serve_kept_buffers_bytes") == scratch.unused_bytes() > 0

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from model import scratch
 from service.errors import ImageTooLarge, QueueFull
 
 if TYPE_CHECKING:  # not imported before the supervisor has told prometheus-client its folder
@@ -247,6 +248,8 @@ class MemoryBudget:
             self._metrics.memory_held.set(self._held)
 
     def _give(self, cost: int) -> None:
+        # The request's arrays are gone by now: its kept buffers are unused, beyond any charge.
+        self._metrics.kept_buffers.set(scratch.unused_bytes())
         with self._lock:
             self._held -= cost
             held = self._held

@@ -49,8 +49,9 @@ class MemoryReturn:
     """Once nothing is held, returns the freed heap and the kept working buffers to the OS, on a
     codec thread, one at a time."""
 
-    def __init__(self, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, pool: ThreadPoolExecutor, metrics: Metrics | None = None) -> None:
         self._pool = pool
+        self._metrics = metrics
         self._trimming = False
 
     def __call__(self) -> None:
@@ -61,6 +62,8 @@ class MemoryReturn:
     def _trim(self) -> None:
         try:
             scratch.clear()  # the working buffers kept for the next request
+            if self._metrics is not None:
+                self._metrics.kept_buffers.set(0)
             give_back_memory()
         finally:
             self._trimming = False
@@ -289,7 +292,7 @@ async def start_service(
         s.memory_budget_bytes,
         metrics=metrics,
         retry_after=admission.retry_after,
-        on_idle=MemoryReturn(codec_pool),
+        on_idle=MemoryReturn(codec_pool, metrics),
     )
     ready = Ready(models, codec_pool, infer, caches, budget, admission)
     service = Service(s, metrics, ready, fetcher=fetcher)

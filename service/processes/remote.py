@@ -441,7 +441,7 @@ async def start_front(
         s.memory_budget_bytes,
         metrics=metrics,
         retry_after=admission.retry_after,
-        on_idle=MemoryReturn(codec_pool),
+        on_idle=MemoryReturn(codec_pool, metrics),
         shared=shared.held,
         front=shared.front,
     )
