@@ -55,9 +55,8 @@ class BufferPool:
         unused; the buffer is lent again once this array and every view of it are gone."""
         dt = np.dtype(dtype)
         need = int(np.prod(shape)) * dt.itemsize
-        if need < MIN_BYTES:  # the heap keeps these between requests already
-            return np.empty(shape, dt)
-        if need > self.max_unused:  # it could never be kept
+        # The heap keeps the small ones between requests already; one over the bound is never kept.
+        if not MIN_BYTES <= need <= self.max_unused:
             return np.empty(shape, dt)
         with self._lock:
             buf = self._unused_fit(need)
