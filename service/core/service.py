@@ -49,7 +49,7 @@ class MemoryReturn:
     """Once nothing is held, returns the freed heap and the kept working buffers to the OS, on a
     codec thread, one at a time."""
 
-    def __init__(self, pool: ThreadPoolExecutor, metrics: Metrics | None = None) -> None:
+    def __init__(self, pool: ThreadPoolExecutor, metrics: Metrics) -> None:
         self._pool = pool
         self._metrics = metrics
         self._trimming = False
@@ -62,8 +62,7 @@ class MemoryReturn:
     def _trim(self) -> None:
         try:
             scratch.clear()  # the working buffers kept for the next request
-            if self._metrics is not None:
-                self._metrics.kept_buffers.set(0)
+            self._metrics.kept_buffers.set(0)
             give_back_memory()
         finally:
             self._trimming = False
