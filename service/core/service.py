@@ -27,6 +27,7 @@ from service.core.cache import open_caches
 from service.core.infer import Model, run_batch
 from service.core.pipeline import Pipeline, Queue, Ready, Served
 from service.errors import Draining, NotReady
+from service.images.codecs.maskpng import warm as warm_mask_png
 from service.images.matte import warm as warm_matte
 from service.metrics import Metrics
 from service.settings import Settings
@@ -299,6 +300,7 @@ async def start_service(
     async def warm_up() -> None:
         if s.warmup:
             await loop.run_in_executor(codec_pool, warm_matte)
+            await loop.run_in_executor(codec_pool, warm_mask_png)
             for name, seg in segmenters.items():
                 max_batch = batchers[name].max_batch_size
                 sizes = sorted({1, max_batch}) if seg.device.type == "cuda" else [1]

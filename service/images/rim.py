@@ -15,35 +15,15 @@ working pixels are bilinear, centres aligned, the border replicated (``INTER_LIN
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 import numpy as np
-from numba import njit
+
+from service.images.compiled import compiled
 
 __all__ = ["ALPHA", "BOTH", "COLOUR", "apply_filter", "blocks", "unmix"]
 
 # How :func:`unmix` unmixes (service.images.matte.UNMIX's names).
 ALPHA, COLOUR, BOTH = 0, 1, 2
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _compiled(**options: Any) -> Callable[[F], F]:
-    """numba's ``njit`` without the GIL, with fastmath, and with its cache on disk where numba
-    finds a writable place for it (beside this file, ``NUMBA_CACHE_DIR``, the user's cache
-    folder). Where it finds none (a read-only file system: numba then refuses the function
-    outright), the function is compiled in each process, about 3 s, at warm-up."""
-
-    def wrap(f: F) -> F:
-        try:
-            return njit(cache=True, nogil=True, fastmath=True, **options)(f)
-        except RuntimeError as e:
-            if "cannot cache" not in str(e):
-                raise
-            return njit(nogil=True, fastmath=True, **options)(f)
-
-    return wrap
 
 
 def blocks(n: int, ln: int) -> np.ndarray:
@@ -54,7 +34,7 @@ def blocks(n: int, ln: int) -> np.ndarray:
     return np.searchsorted(of, np.arange(ln + 1), side="left").astype(np.int64)
 
 
-@_compiled()
+@compiled()
 def _corners(n: int, ln: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each of ``n`` photo pixels along a side of ``ln`` working pixels, a bilinear
     sample's two working indices and the second one's weight (centres aligned, the border
@@ -72,7 +52,7 @@ def _corners(n: int, ln: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return i0, i1, t
 
 
-@_compiled(inline="always")
+@compiled(inline="always")
 def _row_end(wys: np.ndarray, k: int) -> int:
     """One past the last of the working pixels from ``k`` on in ``wys[k]``'s row (``wys``
     ascending, as ``np.nonzero`` gives them)."""
@@ -82,7 +62,7 @@ def _row_end(wys: np.ndarray, k: int) -> int:
     return end
 
 
-@_compiled()
+@compiled()
 def _columns(wxs: np.ndarray, start: int, stop: int, cols: np.ndarray) -> np.ndarray:
     """The photo's columns in the blocks of working columns ``wxs[start:stop]`` (ascending)."""
     n = 0
@@ -97,13 +77,13 @@ def _columns(wxs: np.ndarray, start: int, stop: int, cols: np.ndarray) -> np.nda
     return out
 
 
-@_compiled(inline="always")
+@compiled(inline="always")
 def _level(v: float) -> np.uint8:
     """A value in [0, 1] (clamped) as an 8-bit level, rounded half up."""
     return np.uint8(int(min(max(v, 0.0), 1.0) * 255 + 0.5))
 
 
-@_compiled(inline="always")
+@compiled(inline="always")
 def _bilinear(
     plane: np.ndarray,
     c: int,
@@ -125,7 +105,7 @@ def _bilinear(
     )
 
 
-@_compiled()
+@compiled()
 def apply_filter(
     rgb: np.ndarray,
     alpha: np.ndarray,
@@ -161,7 +141,7 @@ def apply_filter(
         k = end
 
 
-@_compiled()
+@compiled()
 def unmix(
     rgb: np.ndarray,
     alpha: np.ndarray,
