@@ -47,16 +47,18 @@ _CL_ORDER = np.array([16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14,
 
 
 @compiled(inline="always")
-def _put(out: np.ndarray, st: np.ndarray, value: int, nbits: int) -> None:
-    """Append ``nbits`` bits of ``value``, least significant first (``st``: byte position,
-    pending bits, their count)."""
-    st[1] |= np.uint64(value) << np.uint64(st[2])
-    st[2] += np.uint64(nbits)
-    while st[2] >= 8:
-        out[st[0]] = np.uint8(st[1] & np.uint64(0xFF))
-        st[0] += np.uint64(1)
-        st[1] >>= np.uint64(8)
-        st[2] -= np.uint64(8)
+def _put(out: np.ndarray, pos: int, buf: int, nb: int, value: int, n: int) -> tuple[int, int, int]:
+    """Append the ``n`` ≤ 28 low bits of ``value``, least significant first, to the ``nb`` < 32
+    bits pending in ``buf``; whole 32-bit words go to ``out`` at ``pos``. (pos, buf, nb) after."""
+    buf |= value << nb
+    nb += n
+    if nb >= 32:
+        for k in range(4):
+            out[pos + k] = (buf >> (8 * k)) & 0xFF
+        pos += 4
+        buf >>= 32
+        nb -= 32
+    return pos, buf, nb
 
 
 @compiled()
@@ -228,35 +230,36 @@ def _block(
     ncl = 19
     while ncl > 4 and clen[_CL_ORDER[ncl - 1]] == 0:
         ncl -= 1
-    _put(out, st, 1 if final else 0, 1)
-    _put(out, st, 2, 2)
-    _put(out, st, nlit - 257, 5)
-    _put(out, st, ndist - 1, 5)
-    _put(out, st, ncl - 4, 4)
+    pos, buf, nb = int(st[0]), int(st[1]), int(st[2])
+    pos, buf, nb = _put(out, pos, buf, nb, 1 if final else 0, 1)
+    pos, buf, nb = _put(out, pos, buf, nb, 2, 2)
+    pos, buf, nb = _put(out, pos, buf, nb, nlit - 257, 5)
+    pos, buf, nb = _put(out, pos, buf, nb, ndist - 1, 5)
+    pos, buf, nb = _put(out, pos, buf, nb, ncl - 4, 4)
     for k in range(ncl):
-        _put(out, st, clen[_CL_ORDER[k]], 3)
+        pos, buf, nb = _put(out, pos, buf, nb, clen[_CL_ORDER[k]], 3)
     for k in range(nr):
         s = rsym[k]
-        _put(out, st, ccode[s], clen[s])
+        pos, buf, nb = _put(out, pos, buf, nb, ccode[s], clen[s])
         if s == 16:
-            _put(out, st, rext[k], 2)
+            pos, buf, nb = _put(out, pos, buf, nb, rext[k], 2)
         elif s == 17:
-            _put(out, st, rext[k], 3)
+            pos, buf, nb = _put(out, pos, buf, nb, rext[k], 3)
         elif s == 18:
-            _put(out, st, rext[k], 7)
+            pos, buf, nb = _put(out, pos, buf, nb, rext[k], 7)
     for t in range(count):
         d = dist[t]
         if d == 0:
-            _put(out, st, lcode[lit[t]], llen[lit[t]])
+            pos, buf, nb = _put(out, pos, buf, nb, lcode[lit[t]], llen[lit[t]])
         else:
             ln = lit[t] - 256
             s = _LEN_SYM[ln]
-            _put(out, st, lcode[s], llen[s])
-            _put(out, st, _LEN_EXTRA[ln], _LEN_NBITS[ln])
+            code = lcode[s] | (_LEN_EXTRA[ln] << llen[s])
+            pos, buf, nb = _put(out, pos, buf, nb, code, llen[s] + _LEN_NBITS[ln])
             ds, dn, dx = _dist_code(d)
-            _put(out, st, dcode[ds], dlen[ds])
-            _put(out, st, dx, dn)
-    _put(out, st, lcode[256], llen[256])
+            pos, buf, nb = _put(out, pos, buf, nb, dcode[ds] | (dx << dlen[ds]), dlen[ds] + dn)
+    pos, buf, nb = _put(out, pos, buf, nb, lcode[256], llen[256])
+    st[0], st[1], st[2] = pos, buf, nb
 
 
 # The scan indexes with unsigned integers: numba then leaves out the check for a negative index,
@@ -321,7 +324,7 @@ def _deflate(x: np.ndarray, h: int, w: int, out: np.ndarray) -> tuple[int, int]:
     """The rows of the h×w image ``x`` (flat, C order), each after a filter byte of 0, deflated
     into ``out`` as runs: (bytes written, Adler-32 of the filtered rows), or (-1, 0) as soon as
     the runs are short (under 8 bytes on average, past the first 64 kB: not a mask's)."""
-    st = np.zeros(3, np.uint64)
+    st = np.zeros(3, np.int64)  # the bit writer's position, pending bits and their count
     seg = w + 1  # a row in the stream: its filter byte, then its pixels
     # A block is written between rows once it has _BLOCK tokens; a row adds at most seg.
     lit = np.empty(_BLOCK + 2 * seg + 64, np.int64)
@@ -372,10 +375,13 @@ def _deflate(x: np.ndarray, h: int, w: int, out: np.ndarray) -> tuple[int, int]:
     if 8 * (tokens + nt) > h * seg and h * seg > 65536:
         return -1, 0
     _block(lit, dist, nt, True, out, st)
-    if st[2] > 0:
-        out[st[0]] = np.uint8(st[1] & np.uint64(0xFF))
-        st[0] += np.uint64(1)
-    return int(np.int64(st[0])), (b << 16) | a
+    pos, buf, nb = st[0], st[1], st[2]
+    while nb > 0:  # the last bits, to a whole byte
+        out[pos] = buf & 0xFF
+        pos += 1
+        buf >>= 8
+        nb -= 8
+    return pos, (b << 16) | a
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
