@@ -152,37 +152,19 @@ def _codes(lengths: np.ndarray) -> np.ndarray:
     return codes
 
 
-@compiled(inline="always")
-def _dist_code(d: int) -> tuple[int, int, int]:
-    """Distance 1..32768 → (symbol, extra bits, extra value)."""
-    if d <= 4:
-        return d - 1, 0, 0
-    v = d - 1
-    nb = 0
-    while (v >> (nb + 1)) > 0:
-        nb += 1
-    return 2 * nb + ((v >> (nb - 1)) & 1), nb - 1, v & ((1 << (nb - 1)) - 1)
-
-
 @compiled()
-def _block(
-    lit: np.ndarray,
-    dist: np.ndarray,
-    count: int,
-    final: bool,
-    out: np.ndarray,
-    st: np.ndarray,
-) -> None:
-    """One dynamic-Huffman block of ``count`` tokens: ``lit`` a byte (0..255) or 256 + a match's
-    length, ``dist`` the match's distance (0 for a byte)."""
+def _block(tokens: np.ndarray, count: int, final: bool, out: np.ndarray, st: np.ndarray) -> None:
+    """One dynamic-Huffman block of ``count`` tokens, each a byte (0..255) or 256 + the length
+    of a match of the byte before (distance 1)."""
     lfreq = np.zeros(286, np.int64)
     dfreq = np.zeros(30, np.int64)
     for t in range(count):
-        if dist[t] == 0:
-            lfreq[lit[t]] += 1
+        v = tokens[t]
+        if v < 256:
+            lfreq[v] += 1
         else:
-            lfreq[_LEN_SYM[lit[t] - 256]] += 1
-            dfreq[_dist_code(dist[t])[0]] += 1
+            lfreq[_LEN_SYM[v - 256]] += 1
+            dfreq[0] += 1  # distance 1's symbol
     lfreq[256] = 1  # the end of the block
     llen = _lengths(lfreq, 15)
     dlen = _lengths(dfreq, 15)
@@ -247,17 +229,21 @@ def _block(
             pos, buf, nb = _put(out, pos, buf, nb, rext[k], 3)
         elif s == 18:
             pos, buf, nb = _put(out, pos, buf, nb, rext[k], 7)
+    # Each token's whole code: a byte's, or a length's with its extra bits and distance 1's
+    # code (at most 15 + 5 + 1 bits: distance 1 is one of two one-bit codes).
+    whole = np.zeros(515, np.int64)
+    bits = np.zeros(515, np.int64)
+    for v in range(256):
+        whole[v], bits[v] = lcode[v], llen[v]
+    for ln in range(3, 259):
+        sym = _LEN_SYM[ln]
+        if llen[sym]:
+            n = llen[sym] + _LEN_NBITS[ln]
+            whole[256 + ln] = lcode[sym] | (_LEN_EXTRA[ln] << llen[sym]) | (dcode[0] << n)
+            bits[256 + ln] = n + dlen[0]
     for t in range(count):
-        d = dist[t]
-        if d == 0:
-            pos, buf, nb = _put(out, pos, buf, nb, lcode[lit[t]], llen[lit[t]])
-        else:
-            ln = lit[t] - 256
-            s = _LEN_SYM[ln]
-            code = lcode[s] | (_LEN_EXTRA[ln] << llen[s])
-            pos, buf, nb = _put(out, pos, buf, nb, code, llen[s] + _LEN_NBITS[ln])
-            ds, dn, dx = _dist_code(d)
-            pos, buf, nb = _put(out, pos, buf, nb, dcode[ds] | (dx << dlen[ds]), dlen[ds] + dn)
+        v = tokens[t]
+        pos, buf, nb = _put(out, pos, buf, nb, whole[v], bits[v])
     pos, buf, nb = _put(out, pos, buf, nb, lcode[256], llen[256])
     st[0], st[1], st[2] = pos, buf, nb
 
@@ -274,47 +260,55 @@ def _repeats(x: np.ndarray, i: int, v: int, n: int) -> int:
     k = np.uint64(0)
     if n == 0 or x[ui] != uv:
         return 0
-    # Long strides, then short ones inside the one that differs; no early exit inside a stride.
-    while k + np.uint64(_CHUNK) <= un:
-        differ = False
-        for t in range(_CHUNK):
-            differ |= x[ui + k + np.uint64(t)] != uv
-        if differ:
+    # Short strides first (a texture's runs are short), then long ones, then short ones inside
+    # the long one that differs; no early exit inside a stride, so each is vector compares.
+    for _ in range(4):
+        if k + np.uint64(_SUBCHUNK) > un:
             break
-        k += np.uint64(_CHUNK)
-    while k + np.uint64(_SUBCHUNK) <= un:
         differ = False
         for t in range(_SUBCHUNK):
             differ |= x[ui + k + np.uint64(t)] != uv
         if differ:
             break
         k += np.uint64(_SUBCHUNK)
+    else:
+        while k + np.uint64(_CHUNK) <= un:
+            differ = False
+            for t in range(_CHUNK):
+                differ |= x[ui + k + np.uint64(t)] != uv
+            if differ:
+                break
+            k += np.uint64(_CHUNK)
+        while k + np.uint64(_SUBCHUNK) <= un:
+            differ = False
+            for t in range(_SUBCHUNK):
+                differ |= x[ui + k + np.uint64(t)] != uv
+            if differ:
+                break
+            k += np.uint64(_SUBCHUNK)
     while k < un and x[ui + k] == uv:
         k += np.uint64(1)
     return int(np.int64(k))
 
 
 @compiled(inline="always")
-def _run(lit: np.ndarray, dist: np.ndarray, nt: int, v: int, n: int, fresh: bool) -> int:
+def _run(tokens: np.ndarray, nt: int, v: int, n: int, fresh: bool) -> int:
     """Tokens for a run of ``n`` bytes of ``v``; ``fresh``: after a byte that is not ``v``, so
     the first is a literal. The rest repeat the byte before them: matches of 3 to 258 bytes
     (literals, under 3)."""
     if fresh:
-        lit[nt] = v
-        dist[nt] = 0
+        tokens[nt] = v
         nt += 1
         n -= 1
     if n >= 3:
         while n > 0:
             take = n if n <= 258 else (258 if n - 258 >= 3 else n - 3)
-            lit[nt] = 256 + take
-            dist[nt] = 1
+            tokens[nt] = 256 + take
             nt += 1
             n -= take
         return nt
     for _ in range(n):
-        lit[nt] = v
-        dist[nt] = 0
+        tokens[nt] = v
         nt += 1
     return nt
 
@@ -327,10 +321,9 @@ def _deflate(x: np.ndarray, h: int, w: int, out: np.ndarray) -> tuple[int, int]:
     st = np.zeros(3, np.int64)  # the bit writer's position, pending bits and their count
     seg = w + 1  # a row in the stream: its filter byte, then its pixels
     # A block is written between rows once it has _BLOCK tokens; a row adds at most seg.
-    lit = np.empty(_BLOCK + 2 * seg + 64, np.int64)
-    dist = np.empty_like(lit)
+    tokens = np.empty(_BLOCK + 2 * seg + 64, np.int64)
     nt = 0
-    tokens = 0
+    written = 0  # tokens written in blocks so far
     mod = 65521
     a = 1
     b = 0
@@ -345,11 +338,11 @@ def _deflate(x: np.ndarray, h: int, w: int, out: np.ndarray) -> tuple[int, int]:
         if rv == 0:  # and the run before it may be of 0 too, across the row's end
             rn += 1 + c
             if rn > 3 * 258:  # a run over many rows: its head written, to bound the tokens held
-                nt = _run(lit, dist, nt, 0, rn - 258, fresh)
+                nt = _run(tokens, nt, 0, rn - 258, fresh)
                 rn, fresh = 258, False
         else:
             if rn:
-                nt = _run(lit, dist, nt, rv, rn, fresh)
+                nt = _run(tokens, nt, rv, rn, fresh)
             rv, rn, fresh = 0, 1 + c, True
         s = 0  # the row's sum, and the sum of each byte times its column
         t = 0
@@ -358,7 +351,7 @@ def _deflate(x: np.ndarray, h: int, w: int, out: np.ndarray) -> tuple[int, int]:
             n = 1 + _repeats(x, row + c + 1, v, w - c - 1)
             s += v * n
             t += v * n * (2 * c + n - 1) // 2
-            nt = _run(lit, dist, nt, rv, rn, fresh)
+            nt = _run(tokens, nt, rv, rn, fresh)
             rv, rn, fresh = v, n, True
             c += n
         # Adler-32 over the segment: a grows by its sum, b by each byte times how many bytes
@@ -366,15 +359,15 @@ def _deflate(x: np.ndarray, h: int, w: int, out: np.ndarray) -> tuple[int, int]:
         b = (b + seg * a + w * s - t) % mod
         a = (a + s) % mod
         if nt >= _BLOCK:
-            tokens += nt
-            if 8 * tokens > (r + 1) * seg and (r + 1) * seg > 65536:
+            written += nt
+            if 8 * written > (r + 1) * seg and (r + 1) * seg > 65536:
                 return -1, 0
-            _block(lit, dist, nt, False, out, st)
+            _block(tokens, nt, False, out, st)
             nt = 0
-    nt = _run(lit, dist, nt, rv, rn, fresh)
-    if 8 * (tokens + nt) > h * seg and h * seg > 65536:
+    nt = _run(tokens, nt, rv, rn, fresh)
+    if 8 * (written + nt) > h * seg and h * seg > 65536:
         return -1, 0
-    _block(lit, dist, nt, True, out, st)
+    _block(tokens, nt, True, out, st)
     pos, buf, nb = st[0], st[1], st[2]
     while nb > 0:  # the last bits, to a whole byte
         out[pos] = buf & 0xFF
