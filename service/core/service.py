@@ -9,6 +9,7 @@ builds it over the inference worker's models.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -306,6 +307,11 @@ async def start_service(
                 sizes = sorted({1, max_batch}) if seg.device.type == "cuda" else [1]
                 await loop.run_in_executor(infer, seg.warmup, sizes)
         if not service.draining:
+            # What the process holds once loaded (modules, models, compiled passes) is never
+            # garbage: frozen out of the collector's passes, which otherwise walked all of it
+            # again and again under load (bench/README.md, section 11).
+            gc.collect()
+            gc.freeze()
             service.set_ready(True)
 
     warming = asyncio.create_task(warm_up())
