@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import struct
 import threading
@@ -501,6 +502,18 @@ async def test_not_ready_until_warmed_up(u2netp_weights: Path) -> None:
                 assert_error(await post_image(c, photo()), 503, "not_ready")
             await wait_ready(rt)
             assert (await c.get("/readyz")).status_code == 200
+
+
+async def test_what_is_loaded_is_frozen_out_of_the_collector_until_closed(
+    u2netp_weights: Path,
+) -> None:
+    """Once warmed up, what the process holds is out of the garbage collector's passes; closed,
+    it is collectable again (a process that builds another service does not keep this one)."""
+    gc.unfreeze()
+    async with running(settings(u2netp_weights)) as (_, c):
+        assert gc.get_freeze_count() > 0
+        assert (await post_image(c, photo())).status_code == 200
+    assert gc.get_freeze_count() == 0
 
 
 async def test_bad_weights_stop_the_start(tmp_path: Path) -> None:

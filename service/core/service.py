@@ -326,4 +326,5 @@ async def start_service(
         await caches.close()
         infer.shutdown(wait=True)
         codec_pool.shutdown(wait=True)
+        gc.unfreeze()  # collectable again once closed (a process may build another service)
         log.info("stopped")
