@@ -133,6 +133,16 @@ def test_network_masks_are_no_larger_than_libvips_zlib(path: Path, size: tuple[i
         assert len(_check(mask)) <= len(_vips(mask))
 
 
+@pytest.mark.parametrize("level", [0, 255])
+@pytest.mark.parametrize("shape", [(640, 480), (3000, 4000)])
+def test_no_subject_or_all_subject_is_no_larger_than_libvips_zlib(
+    level: int, shape: tuple[int, int]
+) -> None:
+    """A photo where nothing stands out answers a blank mask: one run over every row."""
+    mask = np.full(shape, level, np.uint8)
+    assert len(_check(mask)) <= len(_vips(mask))
+
+
 def test_a_texture_is_left_to_zlib() -> None:
     """Runs too short for a mask: None, and the caller writes libvips' PNG."""
     rng = np.random.default_rng(3)

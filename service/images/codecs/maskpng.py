@@ -338,8 +338,14 @@ def _deflate(x: np.ndarray, h: int, w: int, out: np.ndarray) -> tuple[int, int]:
         if rv == 0:  # and the run before it may be of 0 too, across the row's end
             rn += 1 + c
             if rn > 3 * 258:  # a run over many rows: its head written, to bound the tokens held
-                nt = _run(tokens, nt, 0, rn - 258, fresh)
-                rn, fresh = 258, False
+                if fresh:
+                    tokens[nt] = 0
+                    nt += 1
+                    rn, fresh = rn - 1, False
+                while rn >= 2 * 258:  # in whole 258s: one symbol, a bit or two each
+                    tokens[nt] = 256 + 258
+                    nt += 1
+                    rn -= 258
         else:
             if rn:
                 nt = _run(tokens, nt, rv, rn, fresh)
