@@ -150,3 +150,8 @@ def test_a_texture_is_left_to_zlib() -> None:
     assert maskpng.encode(noise) is None
     # Small images are always coded: the choice starts past 64 kB of stream.
     _check(noise[:40, :40])
+
+
+def test_an_empty_array_is_not_coded() -> None:
+    assert maskpng.encode(np.zeros((0, 5), np.uint8)) is None
+    assert maskpng.encode(np.zeros((5, 0), np.uint8)) is None

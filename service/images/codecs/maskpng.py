@@ -46,7 +46,7 @@ _LEN_SYM[258], _LEN_NBITS[258], _LEN_EXTRA[258] = 285, 0, 0  # 258 has a symbol 
 _CL_ORDER = np.array([16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15], np.int64)
 
 
-@compiled(inline="always")
+@compiled()
 def _put(out: np.ndarray, pos: int, buf: int, nb: int, value: int, n: int) -> tuple[int, int, int]:
     """Append the ``n`` ≤ 28 low bits of ``value``, least significant first, to the ``nb`` < 32
     bits pending in ``buf``; whole 32-bit words go to ``out`` at ``pos``. (pos, buf, nb) after."""
@@ -252,7 +252,7 @@ def _block(tokens: np.ndarray, count: int, final: bool, out: np.ndarray, st: np.
 # and LLVM turns each fixed-length inner loop into vector compares (12 MP: 0.5 against 4.5 ms).
 
 
-@compiled(inline="always")
+@compiled()
 def _repeats(x: np.ndarray, i: int, v: int, n: int) -> int:
     """How many of ``x[i:i+n]`` equal ``v`` before the first that does not."""
     ui, un = np.uint64(i), np.uint64(n)
@@ -291,7 +291,7 @@ def _repeats(x: np.ndarray, i: int, v: int, n: int) -> int:
     return int(np.int64(k))
 
 
-@compiled(inline="always")
+@compiled()
 def _run(tokens: np.ndarray, nt: int, v: int, n: int, fresh: bool) -> int:
     """Tokens for a run of ``n`` bytes of ``v``; ``fresh``: after a byte that is not ``v``, so
     the first is a literal. The rest repeat the byte before them: matches of 3 to 258 bytes
@@ -397,6 +397,8 @@ def encode(levels: np.ndarray) -> bytes | None:
     mask: a texture, noise), which zlib's own search compresses better."""
     x = np.ascontiguousarray(levels, dtype=np.uint8)
     h, w = x.shape
+    if h == 0 or w == 0:
+        return None  # no such PNG: the caller's encoder says why
     # Worst case: every byte a literal of 15 bits, and each block's header (the pages are
     # touched only as far as the stream goes).
     out = np.empty(2 * h * (w + 1) + 1024 * (h * (w + 1) // _BLOCK + 2), np.uint8)
