@@ -39,12 +39,29 @@ __all__ = [
     "Service",
     "batch_size",
     "describe",
+    "freeze_loaded",
     "load_segmenter",
     "start_service",
     "url_fetcher",
+    "warm_codecs",
 ]
 
 log = logging.getLogger("u2serve")
+
+
+def warm_codecs() -> None:
+    """Compile the codecs' passes (or load them from numba's cache) before the first answer asks
+    for them: the cut-out's matte and the mask's PNG coder."""
+    warm_matte()
+    warm_mask_png()
+
+
+def freeze_loaded() -> None:
+    """Leave what the process holds once loaded (modules, models, compiled passes), none of it
+    ever garbage, out of the garbage collector's passes, which otherwise walked all of it again
+    and again under load (bench/README.md, section 11); ``gc.unfreeze()`` undoes it."""
+    gc.collect()
+    gc.freeze()
 
 
 class MemoryReturn:
@@ -300,18 +317,13 @@ async def start_service(
 
     async def warm_up() -> None:
         if s.warmup:
-            await loop.run_in_executor(codec_pool, warm_matte)
-            await loop.run_in_executor(codec_pool, warm_mask_png)
+            await loop.run_in_executor(codec_pool, warm_codecs)
             for name, seg in segmenters.items():
                 max_batch = batchers[name].max_batch_size
                 sizes = sorted({1, max_batch}) if seg.device.type == "cuda" else [1]
                 await loop.run_in_executor(infer, seg.warmup, sizes)
         if not service.draining:
-            # What the process holds once loaded (modules, models, compiled passes) is never
-            # garbage: frozen out of the collector's passes, which otherwise walked all of it
-            # again and again under load (bench/README.md, section 11).
-            gc.collect()
-            gc.freeze()
+            freeze_loaded()
             service.set_ready(True)
 
     warming = asyncio.create_task(warm_up())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import logging
 import mmap
@@ -43,9 +44,8 @@ from service.core.batcher import Completed
 from service.core.budget import MemoryBudget, map_large_buffers
 from service.core.cache import Caches, open_caches
 from service.core.pipeline import Ready, Served
-from service.core.service import MemoryReturn, Service
+from service.core.service import MemoryReturn, Service, freeze_loaded, warm_codecs
 from service.errors import NotReady, QueueFull, ServiceError
-from service.images.matte import warm as warm_matte
 from service.metrics import Metrics
 from service.processes.shared import Shared, front_slots
 from service.settings import Settings
@@ -452,8 +452,9 @@ async def start_front(
         fetcher=fetcher,
         worker_ready=lambda: bool(shared.worker_ready.value),
     )
-    if s.warmup:  # the cut-out's compiled passes, before the first cut-out needs them
-        await asyncio.get_running_loop().run_in_executor(codec_pool, warm_matte)
+    if s.warmup:  # the codecs' compiled passes, before the first answer needs them
+        await asyncio.get_running_loop().run_in_executor(codec_pool, warm_codecs)
+    freeze_loaded()
     service.set_ready(True)
     try:
         yield service
@@ -463,6 +464,7 @@ async def start_front(
         await link.close()
         infer.shutdown(wait=True)
         codec_pool.shutdown(wait=True)
+        gc.unfreeze()
 
 
 async def _none() -> None:

@@ -29,6 +29,7 @@ from service.core.admission import in_flight_limit
 from service.core.batcher import Batcher, QueueGroup
 from service.core.cache import open_caches
 from service.core.infer import run_batch
+from service.core.service import freeze_loaded
 from service.errors import ServiceError
 from service.metrics import Metrics
 from service.processes.remote import Slots, receive, send
@@ -94,6 +95,7 @@ async def serve(settings: Settings, shared: Shared) -> None:
         for name, seg in segmenters.items():
             sizes = sorted({1, batchers[name].max_batch_size}) if seg.device.type == "cuda" else [1]
             await loop.run_in_executor(infer, seg.warmup, sizes)
+    freeze_loaded()
     side = max(seg.spec.input_size for seg in segmenters.values())
 
     handlers: set[asyncio.Task[Any]] = set()
