@@ -261,7 +261,8 @@ def _repeats(x: np.ndarray, i: int, v: int, n: int) -> int:
     if n == 0 or x[ui] != uv:
         return 0
     # Short strides first (a texture's runs are short), then long ones, then short ones inside
-    # the long one that differs; no early exit inside a stride, so each is vector compares.
+    # the long one that differs; no early exit inside a stride, so each is vector compares. The
+    # three loops are written out: one inlined helper for them measured 10% slower.
     for _ in range(4):
         if k + np.uint64(_SUBCHUNK) > un:
             break
