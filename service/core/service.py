@@ -237,8 +237,9 @@ async def start_service(
     its own), drained and closed on exit.
 
     ``owns_process``: the service is its process's only one (``python -m service``), so it may
-    set process-wide state, the C allocator's policy for large buffers, that an embedding
-    process (tests, another ASGI host) keeps for itself.
+    set process-wide state, the C allocator's policy for large buffers and what the garbage
+    collector walks (:func:`freeze_loaded`), that an embedding process (tests, another ASGI
+    host, ``u2serve.Remover``) keeps for itself.
     """
     s = settings
     # Every CPU PyTorch operation of the service runs on this one thread: loading, warm-up,
@@ -323,7 +324,8 @@ async def start_service(
                 sizes = sorted({1, max_batch}) if seg.device.type == "cuda" else [1]
                 await loop.run_in_executor(infer, seg.warmup, sizes)
         if not service.draining:
-            freeze_loaded()
+            if owns_process:
+                freeze_loaded()
             service.set_ready(True)
 
     warming = asyncio.create_task(warm_up())
@@ -338,5 +340,6 @@ async def start_service(
         await caches.close()
         infer.shutdown(wait=True)
         codec_pool.shutdown(wait=True)
-        gc.unfreeze()  # collectable again once closed (a process may build another service)
+        if owns_process:
+            gc.unfreeze()
         log.info("stopped")

@@ -454,7 +454,8 @@ async def start_front(
     )
     if s.warmup:  # the codecs' compiled passes, before the first answer needs them
         await asyncio.get_running_loop().run_in_executor(codec_pool, warm_codecs)
-    freeze_loaded()
+    if owns_process:
+        freeze_loaded()
     service.set_ready(True)
     try:
         yield service
@@ -464,7 +465,8 @@ async def start_front(
         await link.close()
         infer.shutdown(wait=True)
         codec_pool.shutdown(wait=True)
-        gc.unfreeze()
+        if owns_process:
+            gc.unfreeze()
 
 
 async def _none() -> None:
