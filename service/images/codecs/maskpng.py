@@ -9,10 +9,10 @@ with Huffman codes made for each block of them (deflate's dynamic blocks), so th
 matches that make up most of a mask cost a bit or two each.
 
 The file is an 8-bit greyscale PNG without row filters, as libvips writes a mask: the same
-pixels, read by any PNG reader. Masks the network makes, 12 MP: 1.4-3.4 against libvips' 6-10 ms,
-a third smaller (bench/README.md). Any uint8 image is written correctly; one whose runs are short
-(a texture, noise: fewer than 8 bytes a token past the first 64 kB) is left to zlib, whose
-search finds what runs do not.
+pixels, read by any PNG reader. Masks the network makes, 12 MP: 1.2-3.1 against libvips'
+7.3-10.5 ms, a third smaller (bench/README.md). Any uint8 image is written correctly; one whose
+runs are short (a texture, noise: fewer than 8 bytes a token past the first 64 kB) is left to
+zlib, whose search finds what runs do not.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ _CL_ORDER = np.array([16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14,
 
 @compiled()
 def _put(out: np.ndarray, pos: int, buf: int, nb: int, value: int, n: int) -> tuple[int, int, int]:
-    """Append the ``n`` ≤ 28 low bits of ``value``, least significant first, to the ``nb`` < 32
-    bits pending in ``buf``; whole 32-bit words go to ``out`` at ``pos``. (pos, buf, nb) after."""
+    """Append the ``n`` ≤ 32 low bits of ``value`` (a whole code here is at most 21), least
+    significant first, to the ``nb`` < 32 bits pending in ``buf``; whole 32-bit words go to
+    ``out`` at ``pos``. (pos, buf, nb) after."""
     buf |= value << nb
     nb += n
     if nb >= 32:
