@@ -8,12 +8,13 @@ Module attribute names follow the authors' reference code (``stageN``, ``rebncon
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from model.architecture import STAGES, Stage
 
 __all__ = ["U2Net", "fuse_batchnorm", "u2net", "u2netp"]
 
@@ -80,16 +81,8 @@ class _RSU(nn.Module):
         return hx + hxin
 
 
-@dataclass(frozen=True)
-class _Stage:
-    height: int
-    in_ch: int
-    mid_ch: int
-    out_ch: int
-    dilated: bool = False
-
-    def build(self) -> _RSU:
-        return _RSU(self.height, self.in_ch, self.mid_ch, self.out_ch, dilated=self.dilated)
+def _rsu(stage: Stage) -> _RSU:
+    return _RSU(stage.height, stage.in_ch, stage.mid_ch, stage.out_ch, dilated=stage.dilated)
 
 
 class U2Net(nn.Module):
@@ -100,15 +93,15 @@ class U2Net(nn.Module):
     authors' seven maps are available from ``forward_side_outputs`` for training or inspection.
     """
 
-    def __init__(self, encoder: Sequence[_Stage], decoder: Sequence[_Stage], out_ch: int = 1):
+    def __init__(self, encoder: Sequence[Stage], decoder: Sequence[Stage], out_ch: int = 1):
         super().__init__()
         if len(encoder) != len(decoder) + 1:
             raise ValueError("U2Net needs exactly one more encoder stage than decoder stages")
         self.depth = len(encoder)
         for i, stage in enumerate(encoder, start=1):
-            self.add_module(f"stage{i}", stage.build())
+            self.add_module(f"stage{i}", _rsu(stage))
         for i, stage in zip(range(self.depth - 1, 0, -1), decoder, strict=True):
-            self.add_module(f"stage{i}d", stage.build())
+            self.add_module(f"stage{i}d", _rsu(stage))
         side_in = [s.out_ch for s in reversed(decoder)] + [encoder[-1].out_ch]
         for i, ch in enumerate(side_in, start=1):
             self.add_module(f"side{i}", nn.Conv2d(ch, out_ch, 3, padding=1))
@@ -165,50 +158,15 @@ def fuse_batchnorm(model: U2Net) -> U2Net:
     return model
 
 
-_U2NET_ENCODER = (
-    _Stage(7, 3, 32, 64),
-    _Stage(6, 64, 32, 128),
-    _Stage(5, 128, 64, 256),
-    _Stage(4, 256, 128, 512),
-    _Stage(4, 512, 256, 512, dilated=True),
-    _Stage(4, 512, 256, 512, dilated=True),
-)
-_U2NET_DECODER = (  # stage5d … stage1d
-    _Stage(4, 1024, 256, 512, dilated=True),
-    _Stage(4, 1024, 128, 256),
-    _Stage(5, 512, 64, 128),
-    _Stage(6, 256, 32, 64),
-    _Stage(7, 128, 16, 64),
-)
-_U2NETP_ENCODER = (
-    _Stage(7, 3, 16, 64),
-    _Stage(6, 64, 16, 64),
-    _Stage(5, 64, 16, 64),
-    _Stage(4, 64, 16, 64),
-    _Stage(4, 64, 16, 64, dilated=True),
-    _Stage(4, 64, 16, 64, dilated=True),
-)
-_U2NETP_DECODER = (
-    _Stage(4, 128, 16, 64, dilated=True),
-    _Stage(4, 128, 16, 64),
-    _Stage(5, 128, 16, 64),
-    _Stage(6, 128, 16, 64),
-    _Stage(7, 128, 16, 64),
-)
-
-
 def _build(name: str, weights: str | Path | None, fused: bool) -> U2Net:
-    encoder, decoder = {
-        "u2net": (_U2NET_ENCODER, _U2NET_DECODER),
-        "u2netp": (_U2NETP_ENCODER, _U2NETP_DECODER),
-    }[name]
-    model = U2Net(encoder, decoder).eval()
+    model = U2Net(*STAGES[name]).eval()
     if weights is not None or fused:
         fuse_batchnorm(model)
     if weights is not None:
         from model.weights import load_state_dict
 
-        model.load_state_dict(load_state_dict(weights, name), strict=True)
+        state = {k: torch.from_numpy(v) for k, v in load_state_dict(weights, name).items()}
+        model.load_state_dict(state, strict=True)
     return model
 
 

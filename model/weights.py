@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from safetensors import SafetensorError, safe_open
 
 __all__ = [
@@ -93,18 +93,36 @@ def default_weights_path(name: str) -> Path:
     return default_weights_dir() / f"{name}.safetensors"
 
 
-def tensors_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+# The dtypes as PyTorch spells them: the digests pinned above were first computed on its
+# tensors, and the bytes hashed stay the same.
+_DTYPE_NAMES = {
+    np.dtype(np.float64): "torch.float64",
+    np.dtype(np.float32): "torch.float32",
+    np.dtype(np.float16): "torch.float16",
+    np.dtype(np.int64): "torch.int64",
+    np.dtype(np.int32): "torch.int32",
+    np.dtype(np.int16): "torch.int16",
+    np.dtype(np.int8): "torch.int8",
+    np.dtype(np.uint8): "torch.uint8",
+    np.dtype(np.bool_): "torch.bool",
+}
+
+
+def tensors_sha256(state_dict: Mapping[str, np.ndarray]) -> str:
     """A digest of names, dtypes, shapes and bytes, independent of file layout."""
     h = hashlib.sha256()
     for key in sorted(state_dict):
-        t = state_dict[key].detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        a = np.ascontiguousarray(state_dict[key])
+        if a.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"tensor {key!r} has dtype {a.dtype}, which weights files never hold")
+        h.update(f"{key}|{_DTYPE_NAMES[a.dtype]}|{tuple(a.shape)}\n".encode())
+        h.update(a.tobytes())
     return h.hexdigest()
 
 
-def load_state_dict(path: str | Path, name: str) -> dict[str, torch.Tensor]:
-    """Read and verify a fused ``.safetensors`` weights file for model ``name``."""
+def load_state_dict(path: str | Path, name: str) -> dict[str, np.ndarray]:
+    """Read and verify a fused ``.safetensors`` weights file for model ``name``: its tensors as
+    numpy arrays, by the PyTorch module names of :class:`model.u2net.U2Net`."""
     return _read_verified(path, name)[0]
 
 
@@ -123,7 +141,7 @@ def recorded_digest(path: str | Path, name: str) -> str:
     return _open(path, name, lambda f: None)[2]
 
 
-def _read_verified(path: str | Path, name: str) -> tuple[dict[str, torch.Tensor], str]:
+def _read_verified(path: str | Path, name: str) -> tuple[dict[str, np.ndarray], str]:
     state, _, expected = _open(path, name, lambda f: {k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (not a dict)
     assert state is not None
     digest = tensors_sha256(state)
@@ -140,15 +158,15 @@ def _hint(name: str) -> str:
 
 
 def _open(
-    path: str | Path, name: str, read: Callable[[Any], dict[str, torch.Tensor] | None]
-) -> tuple[dict[str, torch.Tensor] | None, dict[str, str], str]:
+    path: str | Path, name: str, read: Callable[[Any], dict[str, np.ndarray] | None]
+) -> tuple[dict[str, np.ndarray] | None, dict[str, str], str]:
     """``read``'s result on the open file, its metadata, and the digest its tensors must have."""
     spec = SPECS[name]
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} not found. {_hint(name)}")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="np") as f:
             meta = f.metadata() or {}
             state = read(f)
     except (SafetensorError, OSError, ValueError) as exc:

@@ -1,4 +1,5 @@
-"""The architecture with random weights: shapes, dtypes, batch-norm folding, strict loading."""
+"""The architecture with random weights: shapes, dtypes, batch-norm folding, strict loading, and
+the framework-free description (model/architecture.py) held to the PyTorch model."""
 
 from __future__ import annotations
 
@@ -8,10 +9,33 @@ import pytest
 import torch
 from torch import nn
 
+from model.architecture import convolutions, state_shapes
 from model.u2net import U2Net, fuse_batchnorm, u2net, u2netp
-from weights.convert import conv_call_order, from_pth, save_weights
+from weights.convert import from_pth, save_weights
 
 BUILDERS = {"u2net": u2net, "u2netp": u2netp}
+
+
+def conv_call_order(model: U2Net) -> list[tuple[str, nn.Conv2d]]:
+    """The model's ``Conv2d`` modules in the order its forward pass calls them.
+
+    Runs the forward on the meta device, so it costs no memory and no arithmetic.
+    """
+    names = {m: n for n, m in model.named_modules()}
+    order: list[tuple[str, nn.Conv2d]] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, _: order.append((names[mod], mod)))
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    try:
+        meta = model.to("meta")
+        with torch.no_grad():
+            meta(torch.empty(1, 3, 64, 64, device="meta"))
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
 
 
 def _randomise_bn(model: U2Net) -> None:
@@ -107,6 +131,21 @@ def test_conv_call_order_follows_the_forward_pass() -> None:
     )
 
 
+@pytest.mark.parametrize("name", ["u2net", "u2netp"])
+def test_architecture_is_the_pytorch_model(name: str) -> None:
+    """model/architecture.py's convolutions are the PyTorch model's, in its forward-call order,
+    with their channels, kernels, dilations and padding; its state layout is the fused model's."""
+    torch_order = conv_call_order(BUILDERS[name](fused=True))
+    described = convolutions(name)
+    assert [c.name for c in described] == [n for n, _ in torch_order]
+    for conv, (_, module) in zip(described, torch_order, strict=True):
+        assert conv.weight_shape == tuple(module.weight.shape)
+        assert (conv.dilation,) * 2 == module.dilation
+        assert (conv.padding,) * 2 == module.padding
+    fused = BUILDERS[name](fused=True).state_dict()
+    assert state_shapes(name) == {k: tuple(v.shape) for k, v in fused.items()}
+
+
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_official_checkpoint_loads_strictly_and_folds(tmp_path: Path, wrapped: bool) -> None:
     """A checkpoint in the authors' format (batch norm included) converts to the same function."""
@@ -130,3 +169,4 @@ def test_checkpoint_of_the_wrong_model_is_refused(tmp_path: Path) -> None:
     torch.save(u2netp().state_dict(), pth)
     with pytest.raises(RuntimeError, match=r"size mismatch|Missing key|Unexpected key"):
         from_pth(pth, "u2net")
+

@@ -2,25 +2,61 @@
 
 from __future__ import annotations
 
-import shutil
+import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from model.u2net import u2netp
-from model.weights import SPECS, WeightsError, load_state_dict
+from model.weights import SPECS, WeightsError, load_state_dict, tensors_sha256
 from weights.__main__ import main as weights_cli
 from weights.convert import save_weights
+
+
+def _random_state() -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in u2netp(fused=True).state_dict().items()}
 
 
 @pytest.fixture
 def tiny_weights(tmp_path: Path) -> Path:
     """A user-converted u2netp file (random weights, its own digest in the metadata)."""
     path = tmp_path / "u2netp.safetensors"
-    state = u2netp(fused=True).state_dict()
-    save_weights(state, path, "u2netp", source="random.pth", source_md5="0" * 32)
+    save_weights(_random_state(), path, "u2netp", source="random.pth", source_md5="0" * 32)
     return path
+
+
+def test_digest_is_the_one_first_taken_of_torch_tensors() -> None:
+    """The digests pinned in SPECS were first taken of PyTorch tensors, dtypes spelt its way:
+    the numpy digest hashes the same bytes."""
+    state = {
+        "a.weight": torch.randn(4, 3, 3, 3),
+        "a.bias": torch.arange(4, dtype=torch.int64),
+        "empty": torch.zeros(0, 2, dtype=torch.float16),
+    }
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    assert tensors_sha256({k: v.numpy() for k, v in state.items()}) == h.hexdigest()
+
+
+def test_a_state_dict_of_another_layout_is_not_written(tmp_path: Path) -> None:
+    state = _random_state()
+    path = tmp_path / "u2netp.safetensors"
+    # Both models have the same names; not the same shapes.
+    with pytest.raises(ValueError, match=r"conv_s1.weight is float32 \(16, 64, 3, 3\)"):
+        save_weights(state, path, "u2net", source="x", source_md5="0" * 32)
+    unfused = {**state, "side1.bn.weight": state["side1.bias"]}
+    del unfused["side1.weight"]
+    with pytest.raises(ValueError, match=r"missing \['side1.weight'\].*unexpected"):
+        save_weights(unfused, path, "u2netp", source="x", source_md5="0" * 32)
+    state["side1.bias"] = state["side1.bias"].astype(np.float64)
+    with pytest.raises(ValueError, match=r"side1\.bias is float64"):
+        save_weights(state, path, "u2netp", source="x", source_md5="0" * 32)
+    assert not path.exists()
 
 
 def test_missing_file_names_the_file_and_the_fetch_command(tmp_path: Path) -> None:
@@ -56,9 +92,7 @@ def test_claiming_the_release_requires_the_pinned_digest(tmp_path: Path) -> None
     """Random tensors labelled as the released ONNX are caught by the pinned digest."""
     path = tmp_path / "u2netp.safetensors"
     spec = SPECS["u2netp"]
-    save_weights(
-        u2netp(fused=True).state_dict(), path, "u2netp", source="forged", source_md5=spec.onnx_md5
-    )
+    save_weights(_random_state(), path, "u2netp", source="forged", source_md5=spec.onnx_md5)
     with pytest.raises(WeightsError) as exc:
         load_state_dict(path, "u2netp")
     assert spec.tensors_sha256 in str(exc.value)
@@ -71,27 +105,6 @@ def test_good_file_loads_strictly(tiny_weights: Path) -> None:
 
 def test_released_weights_verify(u2netp_weights: Path) -> None:
     assert weights_cli(["verify", "--model", "u2netp", str(u2netp_weights)]) == 0
-
-
-def test_fetch_is_idempotent_and_repairs(
-    u2netp_weights: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """With the verified ONNX already present nothing is downloaded; a damaged output is redone."""
-    shutil.copy(u2netp_weights.with_suffix(".onnx"), tmp_path / "u2netp.onnx")
-    (tmp_path / "u2netp.safetensors").write_bytes(b"garbage")
-    caplog.set_level("INFO")
-    assert weights_cli(["fetch", "u2netp", "--dir", str(tmp_path)]) == 0
-    assert "converting it again" in caplog.text
-    assert "downloading" not in caplog.text
-    assert weights_cli(["fetch", "u2netp", "--dir", str(tmp_path)]) == 0
-    assert "is present and verified" in caplog.text
-    load_state_dict(tmp_path / "u2netp.safetensors", "u2netp")
-    # Every engine's derived file was made too, OpenVINO's float32 and int8 models included.
-    assert (tmp_path / "u2netp.mnn").is_file()
-    assert (tmp_path / "u2netp.f32.xml").is_file()
-    assert (tmp_path / "u2netp.f32.bin").is_file()
-    assert (tmp_path / "u2netp.int8.xml").is_file()
-    assert (tmp_path / "u2netp.int8.bin").is_file()
 
 
 def test_cli_converts_an_official_checkpoint(tmp_path: Path) -> None:
