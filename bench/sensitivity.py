@@ -36,10 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from model.engines.onnx_export import export_onnx
+from model.engines.onnx_graph import write_onnx
 from model.engines.openvino_engine import (
     HEAD,
     calibration_inputs,
@@ -49,7 +48,7 @@ from model.engines.openvino_engine import (
     quantize_in_memory,
     with_float,
 )
-from model.preprocess import preprocess
+from model.preprocess import prepare
 from model.weights import SPECS, default_weights_path
 
 RANKINGS = Path(__file__).resolve().parent / "sensitivity"
@@ -61,9 +60,9 @@ def validation_inputs(model: str) -> list[np.ndarray]:
     out = []
     for path in calibration_photos():
         with Image.open(path) as im:
-            image = torch.from_numpy(np.array(im.convert("RGB")))
-        turned = image.transpose(0, 1).flip(1).contiguous()
-        out.append(preprocess([turned], SPECS[model]).numpy())
+            image = np.array(im.convert("RGB"))
+        turned = np.ascontiguousarray(image.transpose(1, 0, 2)[:, ::-1])
+        out.append(np.stack([prepare(turned, SPECS[model])]))
     return out
 
 
@@ -132,7 +131,7 @@ def rank(model: str, threads: int) -> dict[str, Any]:
     weights = default_weights_path(model)
     with tempfile.TemporaryDirectory(prefix="u2serve-sensitivity-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        export_onnx(weights, model, onnx_path)
+        write_onnx(weights, model, onnx_path)
         float_model = ov.convert_model(onnx_path)
     quantized = quantize_in_memory(float_model, model, HEAD)
     # Static shapes, as the engine compiles them (and so that each layer's cost is known).
@@ -202,7 +201,7 @@ def accuracy_control(model: str, max_drop: float, save: Path | None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="u2serve-sensitivity-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        export_onnx(default_weights_path(model), model, onnx_path)
+        write_onnx(default_weights_path(model), model, onnx_path)
         float_model = ov.convert_model(onnx_path)
     core = ov.Core()
     reference = core.compile_model(float_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})

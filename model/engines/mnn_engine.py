@@ -1,10 +1,10 @@
 """MNN on the CPU: Winograd 3×3 convolutions in float32, the fastest CPU engine measured here.
 
 Its model file (``<weights>.mnn``) is derived from the verified weights by :func:`to_mnn`: the
-fused PyTorch model is exported to ONNX and converted by MNN's own converter. A record beside it
-(``<weights>.mnn.json``) names the weights digest it was made from and the file's SHA-256;
-:func:`load` checks both before use, so a stale, truncated or swapped file is refused like a bad
-weights file.
+fused network is written as an ONNX graph (:mod:`model.engines.onnx_graph`, no PyTorch) and
+converted by MNN's own converter. A record beside it (``<weights>.mnn.json``) names the weights
+digest it was made from and the file's SHA-256; :func:`load` checks both before use, so a stale,
+truncated or swapped file is refused like a bad weights file.
 """
 
 from __future__ import annotations
@@ -25,14 +25,15 @@ import torch
 from torch import Tensor
 
 from model.engines import EngineName, EngineOptions, file_sha256, prepare_hint
-from model.engines.onnx_export import INPUT, OUTPUT, export_onnx
+from model.engines.onnx_graph import INPUT, OUTPUT, write_onnx
 from model.weights import WeightsError, recorded_digest, verified_digest
 
 __all__ = ["MNNEngine", "engine_file", "load", "prepare", "record_file", "to_mnn"]
 
 log = logging.getLogger(__name__)
 
-_FORMAT = "u2serve-mnn-v1"
+# v2: converted from the ONNX graph model.engines.onnx_graph writes (v1: PyTorch's export).
+_FORMAT = "u2serve-mnn-v2"
 
 
 def engine_file(weights: Path) -> Path:
@@ -47,7 +48,7 @@ def to_mnn(weights: Path, model: str, out: Path) -> str:
     """Convert verified weights to an MNN model file at ``out``; return its SHA-256."""
     with tempfile.TemporaryDirectory(prefix="u2serve-mnn-") as tmp:
         onnx_path, mnn_path = Path(tmp) / f"{model}.onnx", Path(tmp) / f"{model}.mnn"
-        export_onnx(weights, model, onnx_path)
+        write_onnx(weights, model, onnx_path)
         # The converter is MNN's C++ one, called in a child process so its chatter and any crash
         # stay there. (The wheel's `mnnconvert` script would also report usage over the
         # network; the extension it wraps does not.)

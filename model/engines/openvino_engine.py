@@ -3,14 +3,15 @@ mixed int8/float32 model, what ``faithful`` runs where int8 pays (:func:`model.e
 cpu_arithmetic`); and float32, the faithful engine elsewhere on Intel CPUs with AVX-512
 (:func:`model.engines.float32_cpu_engine`) and what ``float32`` runs.
 
-Every model file is derived from the verified weights: the fused PyTorch model is exported to
-ONNX and read by ``openvino.convert_model`` (whose graph keeps the biases apart from the
-convolutions, which NNCF's bias correction needs; ``Core.read_model``'s does not, and the maps
-were twice as far from the authors'). :func:`to_float32` saves it as it is (``<weights>.f32.xml``
-and ``.f32.bin``); :func:`to_int8` quantizes it with NNCF's post-training ``quantize`` on the
-calibration photos in ``model/calibration`` (never the photos the parity tests measure) into
-``<weights>.int8.xml`` and ``.int8.bin``: weights int8 per output channel, activations int8 per
-tensor, the layers in :data:`KEEP_FLOAT` in float32. The mixed model (``<weights>.mixed.xml`` and
+Every model file is derived from the verified weights: the fused network is written as an ONNX
+graph (:mod:`model.engines.onnx_graph`, no PyTorch) and read by ``openvino.convert_model``
+(whose graph keeps the biases apart from the convolutions, which NNCF's bias correction needs;
+``Core.read_model``'s does not, and the maps were twice as far from the authors').
+:func:`to_float32` saves it as it is (``<weights>.f32.xml`` and ``.f32.bin``); :func:`to_int8`
+quantizes it with NNCF's post-training ``quantize`` on the calibration photos in
+``model/calibration`` (never the photos the parity tests measure) into ``<weights>.int8.xml`` and
+``.int8.bin``: weights int8 per output channel, activations int8 per tensor, the layers in
+:data:`KEEP_FLOAT` in float32. The mixed model (``<weights>.mixed.xml`` and
 ``.bin``) is the same quantization with the head in float32, then the layers of
 :data:`KEEP_MIXED` returned to float32 by editing the graph (:func:`with_float`). A record beside
 each pair (``.f32.json``, ``.int8.json``, ``.mixed.json``) names the weights digest, the
@@ -51,8 +52,8 @@ from model.engines import (
     file_sha256,
     prepare_hint,
 )
-from model.engines.onnx_export import INPUT, export_onnx
-from model.preprocess import preprocess
+from model.engines.onnx_graph import INPUT, write_onnx
+from model.preprocess import prepare as prepare_input
 from model.weights import SPECS, WeightsError, recorded_digest, verified_digest
 
 __all__ = [
@@ -86,9 +87,10 @@ class _Kind:
 
     suffix: str  # the files' middle suffix: <weights>.<suffix>.xml/.bin/.json
     name: str  # in messages
-    # v1: the recipe below (calibration variants, NNCF's arguments; for float32, the
-    # conversion). A change to it makes every recorded file stale, as a change of weights or
-    # calibration photos does.
+    # The recipe below (calibration variants, NNCF's arguments; for float32, the conversion),
+    # versioned: a change to it makes every recorded file stale, as a change of weights or
+    # calibration photos does. v2: from the ONNX graph model.engines.onnx_graph writes (v1:
+    # PyTorch's export of the same network).
     format: str
     verb: str  # what making it is called in the log
     made_by: str  # the record's key for the versions of the packages that made it
@@ -100,17 +102,17 @@ class _Kind:
 
 _KINDS: dict[Arithmetic, _Kind] = {
     "int8": _Kind(
-        "int8", "int8", "u2serve-openvino-int8-v1", "quantizing", "quantizer", ("openvino", "nncf")
+        "int8", "int8", "u2serve-openvino-int8-v2", "quantizing", "quantizer", ("openvino", "nncf")
     ),
     "float32": _Kind(
-        "f32", "float32", "u2serve-openvino-f32-v1", "converting", "converter", ("openvino",)
+        "f32", "float32", "u2serve-openvino-f32-v2", "converting", "converter", ("openvino",)
     ),
-    # v1: NNCF's quantize with the head in float (as int8's for U2NET), then the layers of
-    # KEEP_MIXED returned to float32 by with_float.
+    # NNCF's quantize with the head in float (as int8's for U2NET), then the layers of
+    # KEEP_MIXED returned to float32 by with_float (v2 as int8's).
     "mixed": _Kind(
         "mixed",
         "mixed int8/float32",
-        "u2serve-openvino-mixed-v1",
+        "u2serve-openvino-mixed-v2",
         "quantizing (mixed)",
         "quantizer",
         ("openvino", "nncf"),
@@ -169,17 +171,17 @@ def calibration_sha256() -> str:
     return h.hexdigest()
 
 
-def _variants(image: Tensor) -> list[Tensor]:
-    """Each photo as it is, mirrored, and three crops (the middle and two corners, 3/4 of each
-    side): the subject at other scales and places, as uploads have it."""
+def _variants(image: np.ndarray) -> list[np.ndarray]:
+    """Each photo (``H×W×3``) as it is, mirrored, and three crops (the middle and two corners,
+    3/4 of each side): the subject at other scales and places, as uploads have it."""
     h, w = image.shape[:2]
     ch, cw = h * 3 // 4, w * 3 // 4
     return [
         image,
-        image.flip(1),
+        image[:, ::-1],
         image[(h - ch) // 2 : (h - ch) // 2 + ch, (w - cw) // 2 : (w - cw) // 2 + cw],
         image[:ch, :cw],
-        image[h - ch :, w - cw :].flip(1),
+        image[h - ch :, w - cw :][:, ::-1],
     ]
 
 
@@ -189,9 +191,9 @@ def calibration_inputs(model: str) -> list[np.ndarray]:
     out = []
     for path in calibration_photos():
         with Image.open(path) as im:
-            image = torch.from_numpy(np.array(im.convert("RGB")))
+            image = np.array(im.convert("RGB"))
         for variant in _variants(image):
-            out.append(preprocess([variant.contiguous()], SPECS[model]).numpy())
+            out.append(np.stack([prepare_input(np.ascontiguousarray(variant), SPECS[model])]))
     return out
 
 
@@ -216,7 +218,7 @@ def _float_model(weights: Path, model: str) -> Any:
 
     with tempfile.TemporaryDirectory(prefix="u2serve-openvino-") as tmp:
         onnx_path = Path(tmp) / f"{model}.onnx"
-        export_onnx(weights, model, onnx_path)
+        write_onnx(weights, model, onnx_path)
         return ov.convert_model(onnx_path)
 
 
@@ -301,7 +303,7 @@ def float_units(quantized: Any) -> list[str]:
 
 
 def _quantize(weights: Path, model: str, out: Path, kind: str, *keep: str) -> None:
-    """Export, quantize with ``keep`` in float32 (for ``mixed``: the head, then return the rest
+    """Convert, quantize with ``keep`` in float32 (for ``mixed``: the head, then return the rest
     of ``keep`` to float32 by :func:`with_float`) and save to ``out`` (``.xml``, with its
     ``.bin``); run in a child."""
     import openvino as ov
