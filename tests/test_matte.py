@@ -70,9 +70,10 @@ def test_the_foregrounds_own_colour_at_the_rim() -> None:
     err = np.abs(colour[rim] - F).max()
     was = np.abs(photo[rim].astype(np.float32) - F).max()
     # The photo's rim is up to 192 levels off (white mixed in); the estimate measured at most
-    # 6 levels off; 12 allows for other CPUs' rounding.
+    # 1 level off (the same from a generic x86-64 build as from the AVX2 one); 6 allows for
+    # other CPUs' rounding.
     assert was > 100
-    assert err <= 12
+    assert err <= 6
     # Where alpha is 0 or 1 the photo is left as it is.
     settled = (alpha == 0) | (alpha == 255)
     assert np.array_equal(colour[settled], photo[settled])
@@ -86,21 +87,16 @@ def test_an_alpha_too_high_at_the_rim_does_not_keep_the_old_background() -> None
     photo = composite(truth)
     alpha = np.rint(np.clip(truth * 1.8, 0, 1) * 255).astype(np.uint8)
     rim = (truth > 0.1) & (truth < 0.9) & (alpha < 255)
-    errs = {
-        unmix: np.abs(foreground(photo, alpha, unmix=unmix)[rim].astype(np.float32) - F).max()
-        for unmix in ("alpha", "both")
-    }
-    # Measured where alpha is partial: the given alpha alone leaves up to 88 levels of white in,
-    # the lesser of it and the colour's reading 48 (the foreground's local mean itself is
-    # tinted, by the rim's pixels at 255); the bounds leave 7 levels or more for other CPUs'
-    # rounding (which moves a level or two).
-    assert errs["alpha"] >= 80
-    assert errs["both"] <= 55
-
-
-def test_an_unknown_unmix_is_refused() -> None:
-    with pytest.raises(ValueError, match="unmix"):
-        foreground(np.zeros((4, 4, 3), np.uint8), np.full((4, 4), 128, np.uint8), unmix="x")
+    a = (alpha / 255.0)[..., None]
+    given_alone = (photo - (1 - a) * B) / np.maximum(a, 1 / 255)  # with the true background
+    colour = foreground(photo, alpha).astype(np.float32)
+    # Measured where alpha is partial: the given alpha alone leaves up to 98 levels of white in,
+    # the estimate (the colour's reading of alpha) 30 (its foreground model is drawn from the
+    # pixels this alpha calls opaque, the inner ones of them mixes yet at this 8-pixel ramp;
+    # blur-fusion's estimate left 48), the same from a generic x86-64 build (SSE2, no FMA) as
+    # from the AVX2 one; 40 leaves room for other CPUs' rounding.
+    assert np.abs(given_alone[rim] - F).max() >= 80
+    assert np.abs(colour[rim] - F).max() <= 40
 
 
 @pytest.mark.parametrize(("h", "w"), [(1, 1), (1, 2), (2, 1), (2, 2), (1, 5), (3, 1), (4, 300)])

@@ -70,10 +70,11 @@ def test_the_filter_visits_only_the_blocks_it_is_given() -> None:
     assert (alpha == 7).all()
 
 
-@pytest.mark.parametrize("how", [rim.ALPHA, rim.COLOUR, rim.BOTH])
-def test_a_known_foreground_is_unmixed(how: int) -> None:
-    """A photo mixed from a known foreground and background, with local means equal to them:
-    the foreground comes back wherever alpha is partial, and nothing else is written."""
+@pytest.mark.parametrize("spread", [0.01, 0.05], ids=["narrow models", "wide models"])
+def test_a_known_foreground_is_unmixed(spread: float) -> None:
+    """A photo mixed from a known foreground and background, with models whose means are them:
+    the foreground comes back wherever alpha is partial (the wider the models' spread, the less
+    the pixel's colour is trusted where alpha is small), and nothing else is written."""
     h, w = 40, 50
     f, b = np.array([0.8, 0.2, 0.1], np.float32), np.array([0.1, 0.6, 0.9], np.float32)
     a = np.linspace(0, 1, w, dtype=np.float32)[None, :].repeat(h, 0)
@@ -81,16 +82,42 @@ def test_a_known_foreground_is_unmixed(how: int) -> None:
     ratio = (level / 255.0)[..., None]
     rgb = np.rint((ratio * f + (1 - ratio) * b) * 255).astype(np.uint8)
     out = np.zeros_like(rgb)
-    f_means = np.broadcast_to(f, (8, 10, 3)).copy()
-    b_means = np.broadcast_to(b, (8, 10, 3)).copy()
+    fg = np.zeros((8, 10, 9), np.float32)
+    fg[..., :3] = f
+    fg[..., [3, 6, 8]] = spread**2
+    bg = np.zeros((8, 10, 4), np.float32)
+    bg[..., :3], bg[..., 3] = b, spread**2
     wys, wxs = _every((8, 10))
-    rim.unmix(rgb, level, out, f_means, b_means, wys, wxs, rim.blocks(h, 8), rim.blocks(w, 10), how)
+    rows, cols = rim.blocks(h, 8), rim.blocks(w, 10)
+    rim.unmix(rgb, level, out, fg, bg, wys, wxs, rows, cols, 0.007**2, 0.25)
     partial = (level > 0) & (level < 255)
     assert not out[~partial].any()
     err = np.abs(out[partial].astype(np.float32) - f * 255)
-    # Measured: a level at most, with each of the three unmixings; two leave room for another
-    # CPU's rounding. (The photo holds it mixed at a level of 5 up to 250.)
+    # Measured: a level at most with either spread (the photo holds it mixed at a level of 5 up
+    # to 250), the same from a generic x86-64 build (SSE2, no FMA) as from the AVX2 one; two
+    # leave room for another CPU's rounding.
     assert err.max() <= 2
+
+
+def test_an_unknown_colour_is_drawn_towards_the_models_mean_where_alpha_is_small() -> None:
+    """A pixel that is all background but for a faint alpha holds no sign of the foreground: its
+    colour is the foreground's mean, not the noise in the pixel divided by a small alpha."""
+    f, b = np.array([0.8, 0.2, 0.1], np.float32), np.array([0.1, 0.6, 0.9], np.float32)
+    rng = np.random.default_rng(2)
+    rgb = np.clip(b * 255 + rng.normal(0, 3, (20, 30, 3)), 0, 255).astype(np.uint8)
+    level = np.full((20, 30), 3, np.uint8)  # alpha 0.012: the photo's noise is 5 times that
+    fg = np.zeros((2, 3, 9), np.float32)
+    fg[..., :3], fg[..., [3, 6, 8]] = f, 0.05**2
+    bg = np.zeros((2, 3, 4), np.float32)
+    bg[..., :3], bg[..., 3] = b, 0.01**2
+    out = np.zeros_like(rgb)
+    wys, wxs = _every((2, 3))
+    rim.unmix(
+        rgb, level, out, fg, bg, wys, wxs, rim.blocks(20, 2), rim.blocks(30, 3), 0.007**2, 0.25
+    )
+    # Measured: within 2.5 levels of the mean (the same from a generic x86-64 build as from the
+    # AVX2 one); divided by the alpha, the noise (3 levels) would be 255. 6 leaves room.
+    assert np.abs(out.astype(np.float32) - f * 255).max() <= 6
 
 
 def test_the_passes_run_where_numba_can_keep_no_cache() -> None:

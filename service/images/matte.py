@@ -8,20 +8,19 @@ and its colour at the rim is the photo's mix of subject and old background. Two 
   share of the photo's short side), alpha is a colour guided filter of the map (He, Sun and Tang,
   2010), which fits the map in each window as a linear function of the photo's colour, so that
   it follows the photo's edges; outside the band alpha is the map snapped to 0 or 1.
-- :func:`foreground`: where 0 < α < 1, the colour written is the foreground estimated by
-  blur-fusion (Forte and Pitié, 2021): local means of the foreground and the background, then
-  the photo's residual given back to the foreground, twice (a wide, then a narrow radius); the
-  last step unmixes with the lesser of the given alpha and the one the pixel's colour reads
-  (``UNMIX``), so an alpha too high at the rim does not keep the old background in.
+- :func:`foreground`: where 0 < α < 1, the colour written is the foreground's own, estimated
+  from local models of the foreground's and the background's colours and the pixel itself
+  (:mod:`service.images.foreground`), so that no rim of the old background is left.
 
-Both solve at a working resolution of at most ``WORK_PIXELS`` (the photo scaled down), tile by
-tile, only on tiles the band reaches; at the photo's own size, compiled passes
-(:mod:`service.images.rim`) apply what was solved (the filter's coefficients, the foreground's
-and background's local means, bilinearly) to the photo's own pixels, only in the blocks of the
-working pixels where alpha is partial. So a 12 MP photo costs about what its boundary costs
-(the full-size passes beside them are the photo scaled down, by halves, and the working alpha
-scaled up). :func:`cutout` does both for a cut-out, the photo scaled down once. The method and
-its constants were chosen by ``python -m bench.matting`` (bench/README.md has the figures).
+Both work at a working resolution of at most ``WORK_PIXELS`` (the photo scaled down): the
+filter tile by tile, only on tiles the band reaches, the colour's models on the whole of it. At
+the photo's own size, compiled passes (:mod:`service.images.rim`) apply what was solved there
+(the filter's coefficients, the colour's models, bilinearly) to the photo's own pixels, only in
+the blocks of the working pixels where alpha is partial. So a 12 MP photo costs about what its
+boundary costs (the full-size passes beside them are the photo scaled down, by halves, and the
+working alpha scaled up). :func:`cutout` does both for a cut-out, the photo scaled down once.
+The method and its constants were chosen by ``python -m bench.matting`` (bench/README.md has the
+figures).
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ import numpy as np
 
 from model import scratch
 from model.cofactors import solve_symmetric3
+from service.images import foreground as colour
 from service.images import rim
 
 __all__ = [
@@ -68,13 +68,6 @@ STRETCH = 1.0
 # that the full-size passes and the foreground's colour pay for (12 MP: 2.3 s to 1.1 s).
 SNAP = 0.015
 EPS = 3e-4  # its regularisation: larger keeps more of the map, smaller follows colour more
-# Which alpha unmixes the photo's colour at the rim: "alpha" (the one given), "colour" (each
-# pixel's own, read off the line between the local background and foreground means) or "both"
-# (the lesser). Where the given alpha is too high, the photo's colour holds more background
-# than it says, and "alpha" leaves that background in; the colour's reading takes it out.
-# Measured by bench.matting's fringe on its synthetic composites with the matte's alpha: 22.4
-# ("alpha"), 20.0 ("colour"), 19.2 ("both"); with the true alpha 8.7, 10.8, 8.6.
-UNMIX = "both"
 # Below this many pixels a photo has no edge worth solving: the map thresholded, the photo's
 # colour (found by the OpenAPI fuzzing test: a 1×1 PNG).
 _LEAST_PIXELS = 4
@@ -86,10 +79,6 @@ TILE = 128  # the side of a tile, at the working resolution
 # 19.18; 100 000 94.46 / 298.05 / 32.85 / 19.65. A 12 MP cut-out's working-resolution passes
 # cost about their pixels.
 WORK_PIXELS = 150_000
-_COARSE_PIXELS = 40_000  # blur-fusion's wide step: a blur of ~90 px at 1 MP is smooth at this
-# Blur-fusion's two radii (Forte and Pitié use 90 and 6 pixels on photos of about 1 MP), in
-# shares of the short side at 1 MP's short side of 860 pixels.
-_FG_RADII = (90 / 860, 6 / 860)
 
 
 @dataclass(frozen=True)
@@ -333,42 +322,15 @@ def _matte(
     return alpha, near
 
 
-def _blur_fusion(
-    image: np.ndarray, f: np.ndarray, bg: np.ndarray, alpha: np.ndarray, r: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """One step of Forte and Pitié's estimator: the local means of the foreground and the
-    background (all float32; colours h×w×3, alpha h×w)."""
-    a = alpha[..., None]
-    blurred_a = _box(alpha, r)[..., None]
-    f_mean = _box(f * a, r) / (blurred_a + 1e-5)
-    b_mean = _box(bg * (1 - a), r) / ((1 - blurred_a) + 1e-5)
-    return f_mean, b_mean
-
-
-def _residual(image: np.ndarray, alpha: np.ndarray, f: np.ndarray, bg: np.ndarray) -> np.ndarray:
-    """The foreground: its local mean plus the part of the photo its model does not explain."""
-    a = alpha[..., None]
-    return np.clip(f + a * (image - a * f - (1 - a) * bg), 0, 1)
-
-
-def foreground(
-    rgb: np.ndarray,
-    alpha: np.ndarray,
-    *,
-    max_pixels: int = WORK_PIXELS,
-    unmix: str = UNMIX,
-) -> np.ndarray:
+def foreground(rgb: np.ndarray, alpha: np.ndarray, *, max_pixels: int = WORK_PIXELS) -> np.ndarray:
     """The photo ``rgb`` (H×W×3 uint8) with the foreground's own colour, estimated, where
-    0 < ``alpha`` < 255 (``alpha``: H×W uint8); a new array, the same elsewhere. ``unmix``: see
-    ``UNMIX``."""
-    if unmix not in ("alpha", "colour", "both"):
-        raise ValueError(f"unmix must be 'alpha', 'colour' or 'both', not {unmix!r}")
+    0 < ``alpha`` < 255 (``alpha``: H×W uint8); a new array, the same elsewhere."""
     h, w = alpha.shape
     if h * w < _LEAST_PIXELS:
         return rgb.copy()
     grid = _Grid.of(h, w, max_pixels)
     rgb, alpha = np.ascontiguousarray(rgb), np.ascontiguousarray(alpha)
-    return _foreground(rgb, grid.down(rgb), alpha, grid.down(alpha), grid, unmix)
+    return _foreground(rgb, grid.down(rgb), alpha, grid.down(alpha), grid)
 
 
 def _foreground(
@@ -377,44 +339,24 @@ def _foreground(
     alpha: np.ndarray,
     alpha_w: np.ndarray,
     grid: _Grid,
-    unmix: str,
     near: _Near | None = None,
 ) -> np.ndarray:
-    """:func:`foreground`, given the photo and its alpha at the working resolution too, and
-    perhaps ``near``, the working pixels in whose blocks are all those where alpha is partial."""
+    """:func:`foreground`, given the photo and its alpha (8-bit) at the working resolution too,
+    and perhaps ``near``, the working pixels in whose blocks are all those where alpha is
+    partial."""
     # A copy, contiguous as the callers made the photo, in a buffer kept from an earlier
     # request (model/scratch.py): at 12 MP a fresh one is 36 MB of pages to fault in.
     out = scratch.array(rgb.shape, np.uint8)
     np.copyto(out, rgb)
-    alpha_w = _unit(alpha_w)
-    partial_w = cv2.inRange(alpha_w, 1 / 512, 1 - 1 / 512)
+    partial_w = cv2.inRange(alpha_w, 1, 254)
     # Nothing partial at the working resolution: nothing to do (scaled down, a pixel or two of
     # a level or two may be partial in the photo, where its colour does not show).
     if not cv2.countNonZero(partial_w):
         return out
-    image_w = rgb_w.astype(np.float32) * np.float32(1 / 255)
-    # The wide step on the whole photo at a coarse resolution (its radius is wide anyway), the
-    # narrow one in the band's tiles at the working resolution.
-    coarse = _Grid.of(*grid.work, _COARSE_PIXELS)
-    image_c, alpha_c = coarse.down(image_w), coarse.down(alpha_w)
-    r1 = _radius(_FG_RADII[0], min(coarse.work), 1)
-    f1, b1 = _blur_fusion(image_c, image_c, image_c, alpha_c, r1)
-    f1 = _residual(image_c, alpha_c, f1, b1)
-    r2 = _radius(_FG_RADII[1], min(grid.work), 1)
-    b = band(partial_w.astype(np.float32) * (0.5 / 255), width=0)
-    # Where no tile reaches (a pixel whose working neighbours are all settled, at the ramp's
-    # faint tail), both means are the photo's own colour there, which gives back the photo.
-    f_means, b_means = image_w.copy(), image_w.copy()
-    for (y, x), win, inner in _windows(grid.work, b, r2 + 1):
-        rect = (slice(win[0].start, win[0].stop), slice(win[1].start, win[1].stop))
-        f, bg = (coarse.sample(p, rect) if coarse.scaled else p[rect] for p in (f1, b1))
-        fm, bm = _blur_fusion(image_w[win], f, bg, alpha_w[win], r2)
-        tile = (slice(y, y + fm[inner].shape[0]), slice(x, x + fm[inner].shape[1]))
-        f_means[tile], b_means[tile] = fm[inner], bm[inner]
+    models = colour.models(rgb_w.astype(np.float32) * np.float32(1 / 255), alpha_w)
     if near is None:  # the working pixels where alpha is partial, and those beside them
         near = _Near.of(grid, cv2.dilate(partial_w, np.ones((3, 3), np.uint8)))
-    how = {"alpha": rim.ALPHA, "colour": rim.COLOUR, "both": rim.BOTH}[unmix]
-    rim.unmix(rgb, alpha, out, f_means, b_means, near.wys, near.wxs, near.rows, near.cols, how)
+    colour.paint(rgb, alpha, out, models, near.wys, near.wxs, near.rows, near.cols)
     return out
 
 
@@ -428,7 +370,6 @@ def cutout(
     *,
     threshold: float = 0.5,
     max_pixels: int = WORK_PIXELS,
-    unmix: str = UNMIX,
     **knobs: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A cut-out's alpha and colour (H×W uint8, H×W×3 uint8) from the photo ``rgb`` and its
@@ -446,7 +387,7 @@ def cutout(
         a, near = _matte(rgb, rgb_w, levels, grid, _Knobs(**knobs, threshold=threshold))
     else:
         a, near = levels, None
-    return a, _foreground(rgb, rgb_w, a, grid.down(a), grid, unmix, near)
+    return a, _foreground(rgb, rgb_w, a, grid.down(a), grid, near)
 
 
 def warm() -> None:
