@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from model.cascade import SCORES, Look
 from model.engines.openvino_engine import engine_files
-from model.postprocess import from_levels, levels_on_cpu
+from model.postprocess import from_levels, to_levels
 from model.segmenter import Segmenter
 from model.weights import default_weights_path
 
@@ -89,12 +88,12 @@ def _int8_with_sides(model: str, threads: int) -> Callable[[np.ndarray], tuple[A
 
 def _distance(a: np.ndarray, b: np.ndarray, size: tuple[int, int]) -> tuple[float, float]:
     """MAE and IoU@0.5 of two 8-bit network maps at the photo's size."""
-    pa = from_levels(torch.from_numpy(a), size)
-    pb = from_levels(torch.from_numpy(b), size)
+    pa = from_levels(a, size).copy()
+    pb = from_levels(b, size)
     ma, mb = pa >= 0.5, pb >= 0.5
     union = int((ma | mb).sum())
     iou = int((ma & mb).sum()) / union if union else 1.0
-    return float((pa - pb).abs().mean()), iou
+    return float(np.abs(pa - pb).mean()), iou
 
 
 def measure(model: str, folder: Path, threads: int) -> list[Photo]:
@@ -108,7 +107,7 @@ def measure(model: str, folder: Path, threads: int) -> list[Photo]:
             rgb = np.array(im.convert("RGB"))
         x = fast.prepare(rgb)[None]
         fused, logits = int8(x)
-        levels = levels_on_cpu(fused)[0]
+        levels = to_levels(fused)[0]
         if i == 0:  # the bench's own compiled model gives the engine's maps
             assert np.array_equal(levels, fast.levels_of([x[0]])[0]), "int8 maps differ"
         reference = exact.levels_of([x[0]])[0]

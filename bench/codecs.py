@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.refine import photo_12mp
-from model.postprocess import minmax, resize_maps, to_mask, to_probability
 from model.preprocess import preprocess
 from model.segmenter import Segmenter
+from model.torch_stages import minmax, resize_maps, to_mask, to_probability
 from model.weights import default_weights_path
 from service.core.budget import give_back_memory, map_large_buffers
 from service.images.codecs import decoder
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     assert image is not None
     seg = Segmenter(args.model, default_weights_path(args.model), device="cpu")
     with torch.inference_mode():
-        raw = seg.forward(preprocess([torch.from_numpy(image.model_rgb)], seg.spec, seg.device))
+        raw = torch.from_numpy(seg.forward(preprocess([image.model_rgb], seg.spec)))
     hw = image.rgb.shape[:2]
     (prob,) = resize_maps(raw, [hw])
     levels = {"mask": to_mask(prob, 0.5).numpy(), "probability": to_probability(prob).numpy()}

@@ -17,11 +17,9 @@ import io
 import time
 
 import numpy as np
-import torch
 from PIL import Image
 
 from bench.refine import photo_12mp
-from model.postprocess import to_mask
 from model.segmenter import Segmenter
 from model.weights import default_weights_path
 from service.images.codecs import ENCODERS
@@ -51,8 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     image = decode(photo_12mp(), max_pixels=100_000_000)
     seg = Segmenter(args.model, default_weights_path(args.model), device="cpu")
-    (prob,) = seg.predict([torch.from_numpy(image.model_rgb)])
-    levels = to_mask(prob, 0.5).numpy()
+    (prob,) = seg.predict([image.model_rgb])
+    levels = np.where(prob >= 0.5, np.uint8(255), np.uint8(0))
     w, h = image.size
     share = np.count_nonzero(levels) / levels.size
     print(f"{w}×{h} ({w * h / 1e6:.1f} MP), foreground {share:.0%}")

@@ -27,9 +27,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from model.device import CPU, Device
 from model.engines import ENGINES
 from model.segmenter import Segmenter, resolve_device
 from model.weights import default_weights_dir, default_weights_path
@@ -41,7 +43,7 @@ GPU_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 @dataclass
 class Config:
     engine: str
-    device: torch.device
+    device: Device
     dtype: str
     batch: int
     run: Callable[[], object]
@@ -51,15 +53,15 @@ class Config:
 def flop_per_image(model: str) -> float:
     """Counted on PyTorch's graph (multiply and add counted separately): the same network."""
     seg = Segmenter(model, default_weights_path(model), device="cpu", engine="torch")
-    x = torch.zeros(1, 3, seg.spec.input_size, seg.spec.input_size)
+    x = np.zeros((1, 3, seg.spec.input_size, seg.spec.input_size), np.float32)
     with FlopCounterMode(display=False) as counter:
         seg.forward(x)
     return float(counter.get_total_flops())
 
 
-def _sync(device: torch.device) -> None:
+def _sync(device: Device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize(str(device))
 
 
 def _timed(c: Config, seconds: float, *, keep: bool = True) -> None:
@@ -76,8 +78,8 @@ def _timed(c: Config, seconds: float, *, keep: bool = True) -> None:
 
 def segmenter_config(seg: Segmenter, batch: int, label: str | None = None) -> Config:
     size = seg.spec.input_size
-    x = torch.randn(batch, 3, size, size).to(seg.device)
-    dtype = label or str(seg.dtype).removeprefix("torch.")
+    x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+    dtype = label or seg.dtype
     return Config(seg.engine.name, seg.device, dtype, batch, lambda: seg.forward(x))
 
 
@@ -92,7 +94,7 @@ def onnxruntime_config(name: str, threads: int) -> Config:
         str(default_weights_dir() / f"{name}.onnx"), opts, providers=["CPUExecutionProvider"]
     )
     feed = {session.get_inputs()[0].name: np.random.rand(1, 3, 320, 320).astype(np.float32)}
-    return Config("onnxruntime", torch.device("cpu"), "float32", 1, lambda: session.run(None, feed))
+    return Config("onnxruntime", CPU, "float32", 1, lambda: session.run(None, feed))
 
 
 def show(c: Config, flop: float, reference: float | None) -> None:

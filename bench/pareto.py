@@ -77,9 +77,9 @@ def agreement(maps: list[torch.Tensor], reference: list[torch.Tensor]) -> dict[s
 def _maps(run: Callable[[np.ndarray], np.ndarray], images: list[torch.Tensor], model: str) -> list:
     out = []
     for image in images:
-        x = preprocess([image], SPECS[model]).numpy()
-        levels = to_levels(torch.from_numpy(run(x)))
-        out.append(from_levels(levels[0], (image.shape[0], image.shape[1])))
+        x = preprocess([np.asarray(image)], SPECS[model])
+        levels = to_levels(run(x))
+        out.append(torch.from_numpy(from_levels(levels[0], (image.shape[0], image.shape[1]))))
     return out
 
 
@@ -216,7 +216,7 @@ def agree(dataset: Path, model: str, precisions: list[str]) -> None:
     print(f"# {model}: {len(images)} photos of {dataset.name}, against {reference.arithmetic}")
     for precision in precisions:
         seg = Segmenter(model, weights, device="cpu", precision=precision)
-        maps = [m for image in images for m in seg.predict([image])]
+        maps = [torch.from_numpy(m) for image in images for m in seg.predict([image])]
         print(precision, seg.engine.name, seg.arithmetic, json.dumps(agreement(maps, expected)))
 
 

@@ -30,8 +30,8 @@ from PIL import Image
 from bench import REFERENCE
 from bench.emulate import emulated
 from model.engines import DEFAULT_PRECISION, ENGINES, PRECISIONS
-from model.engines.torch_engine import TorchEngine
-from model.segmenter import DTYPES, Segmenter
+from model.engines.torch_engine import TorchEngine, torch_dtype
+from model.segmenter import Segmenter
 from model.weights import default_weights_path
 
 
@@ -96,7 +96,7 @@ def measure(
     if emulate is not None:
         seg = Segmenter(name, weights, device="cpu", dtype="float32", engine="torch")
         assert isinstance(seg.engine, TorchEngine)
-        with emulated(seg.engine.net, DTYPES[emulate]):
+        with emulated(seg.engine.net, torch_dtype(emulate)):
             report = _compare(seg, reference)
         report.dtype = f"{emulate} (emulated)"
         return report
@@ -107,13 +107,12 @@ def measure(
 def _compare(seg: Segmenter, reference: Path) -> Parity:
     def predict(photo: Path) -> torch.Tensor:
         with Image.open(photo) as im:
-            rgb = torch.from_numpy(np.array(im.convert("RGB")))
+            rgb = np.array(im.convert("RGB"))
         (ours,) = seg.predict([rgb])
-        return ours.cpu()
+        return torch.from_numpy(ours)
 
-    dtype = str(seg.dtype).removeprefix("torch.")
     report = Parity(
-        seg.name, seg.engine.name, str(seg.device), dtype, seg.precision, seg.arithmetic
+        seg.name, seg.engine.name, str(seg.device), seg.dtype, seg.precision, seg.arithmetic
     )
     return _score(report, reference, predict)
 

@@ -1,7 +1,7 @@
 """Edge refinement (``refine=true``): quality against ground truth, and its cost at 12 MP.
 
     python -m bench.refine DATASET               # DATASET/images/*.jpg, DATASET/masks/*.png
-    python -m bench.refine DATASET --model u2netp --radius 4 --eps 1e-3
+    python -m bench.refine DATASET --model u2netp --radius 1.5 --eps 1e-3
 
 For every photo with a ground-truth mask of the same stem: the map with and without refinement,
 scored as in the U²-Net paper (mean absolute error of the soft map, and the maximum over 256
@@ -9,13 +9,16 @@ thresholds of the F-measure with β² = 0.3 from the precision and recall averag
 plus the IoU of the masks at 0.5. Then the time of ``refine`` on a 12 MP photo (a reference photo
 upscaled), in ms per megapixel, against the time of the rest of such a request's work measured
 the same way (decode, model, mask, PNG encode), in this process with the service's allocator
-setting. Last, what a client sees: a real server answering that photo's mask with and without
-``refine=true``, alternating, and the median time of each.
+setting. The refinement is the alpha stage's (:func:`service.images.matte.refine`, on the
+probability answer's 8-bit map, as the service runs it). Last, what a client sees: a real server
+answering that photo's mask with and without ``refine=true``, alternating, and the median time of
+each.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import statistics
 import time
@@ -24,17 +27,16 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import torch
 from PIL import Image
 
 from bench import REFERENCE
 from bench.http import running, u2serve_server
 from model.engines import DEFAULT_PRECISION, PRECISIONS
-from model.postprocess import to_mask
-from model.refine import EPS, RADIUS, refine
+from model.postprocess import finish_on_cpu
 from model.segmenter import Segmenter
 from model.weights import default_weights_path
 from service.core.budget import map_large_buffers
+from service.images.matte import REFINE, refine
 
 _BETA2 = 0.3
 
@@ -77,13 +79,19 @@ class Scores:
         return statistics.fmean(self.ious)
 
 
-def _rgb(path: Path) -> torch.Tensor:
+def _rgb(path: Path) -> np.ndarray:
     with Image.open(path) as im:
-        return torch.from_numpy(np.array(im.convert("RGB")))
+        return np.array(im.convert("RGB"))
+
+
+def _soft(seg: Segmenter, rgb: np.ndarray) -> np.ndarray:
+    """The probability answer's 8-bit map of a photo, as the service makes it."""
+    (levels,) = seg.levels([rgb])
+    return finish_on_cpu(levels, rgb.shape[:2], probability=True, threshold=0.5).copy()
 
 
 def quality(
-    seg: Segmenter, dataset: Path, *, radius: int, eps: float
+    seg: Segmenter, dataset: Path, *, radius: float, eps: float
 ) -> tuple[Scores, Scores, int]:
     """Scores without and with refinement over ``dataset``, and the number of photos."""
     plain, refined = Scores(), Scores()
@@ -95,10 +103,10 @@ def quality(
         with Image.open(truth_path) as im:
             truth = np.array(im.convert("L")) >= 128
         rgb = _rgb(photo)
-        (prob,) = seg.predict([rgb])
-        better = refine(prob, rgb, radius=radius, eps=eps)
-        plain.add(prob.cpu().numpy(), truth)
-        refined.add(better.cpu().numpy(), truth)
+        soft = _soft(seg, rgb)
+        knobs = dataclasses.replace(REFINE, radius=radius, eps=eps)
+        plain.add(soft / np.float32(255), truth)
+        refined.add(refine(rgb, soft, knobs=knobs) / np.float32(255), truth)
         n += 1
     return plain, refined, n
 
@@ -122,36 +130,31 @@ def _best_ms(fn: object, repeat: int) -> float:
     return min(times) * 1000
 
 
-def cost(seg: Segmenter, *, radius: int, eps: float, repeat: int) -> dict[str, float]:
+def cost(seg: Segmenter, *, radius: float, eps: float, repeat: int) -> dict[str, float]:
     """Milliseconds (best of ``repeat``) of each stage of a 12 MP mask request, and of refine
-    as the service runs it: in place, with its allocator setting."""
+    as the service runs it, with its allocator setting."""
     if not seg.engine.allocates_per_call:
         map_large_buffers()
     data = photo_12mp()
 
-    def decode() -> torch.Tensor:
+    def decode() -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
-            return torch.from_numpy(np.array(im.convert("RGB")))
+            return np.array(im.convert("RGB"))
 
     rgb = decode()
-    (prob,) = seg.predict([rgb])
-    mask = to_mask(prob, 0.5).numpy()
+    soft = _soft(seg, rgb)
+    mask = np.where(soft >= 128, np.uint8(255), np.uint8(0))
+    knobs = dataclasses.replace(REFINE, radius=radius, eps=eps)
 
     def encode() -> None:
         Image.fromarray(mask, "L").save(io.BytesIO(), "PNG", compress_level=1)
 
-    refine_ms = []
-    for _ in range(repeat):
-        work = prob.clone()
-        t = time.perf_counter()
-        refine(work, rgb, radius=radius, eps=eps, out=work)
-        refine_ms.append((time.perf_counter() - t) * 1000)
     return {
         "megapixels": rgb.shape[0] * rgb.shape[1] / 1e6,
         "decode": _best_ms(decode, repeat),
-        "model": _best_ms(lambda: seg.predict([rgb]), repeat),
+        "model": _best_ms(lambda: _soft(seg, rgb), repeat),
         "encode": _best_ms(encode, repeat),
-        "refine": min(refine_ms),
+        "refine": _best_ms(lambda: refine(rgb, soft, knobs=knobs), repeat),
     }
 
 
@@ -192,8 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--precision", default=DEFAULT_PRECISION, choices=PRECISIONS, help="U2SERVE_PRECISION"
     )
-    p.add_argument("--radius", type=int, default=RADIUS)
-    p.add_argument("--eps", type=float, default=EPS)
+    p.add_argument("--radius", type=float, default=REFINE.radius)
+    p.add_argument("--eps", type=float, default=REFINE.eps)
     p.add_argument("--repeat", type=int, default=3, help="timing runs; the best is kept")
     p.add_argument("--requests", type=int, default=10, help="HTTP requests of each kind")
     p.add_argument("--no-timing", action="store_true")

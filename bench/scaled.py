@@ -27,11 +27,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image
 
 from bench import REFERENCE
 from bench.refine import Scores
+from model.postprocess import from_levels
 from model.segmenter import Segmenter
 from model.weights import default_weights_path
 from service.images.decode import Reduction, decode, read_header
@@ -54,8 +54,7 @@ def _photo_bytes(path: Path, mp: float | None) -> bytes:
 def _map(seg: Segmenter, rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The H×W probability map the service's answer is made from (``size``: H, W)."""
     levels = seg.levels_of([seg.prepare(rgb)])[0]
-    with torch.inference_mode():
-        return seg.expand(torch.from_numpy(np.array(levels)), size).numpy()
+    return from_levels(levels, size).copy()
 
 
 def main(argv: list[str] | None = None) -> None:

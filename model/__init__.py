@@ -1,16 +1,5 @@
-"""The U²-Net networks, their weights and the inference pipeline on tensors."""
+"""The U²-Net networks, their weights, the engines that run them and the pipeline around them.
 
-from model.u2net import U2Net, fuse_batchnorm, u2net, u2netp
-from model.weights import SPECS, WeightsError, WeightsSpec, default_weights_path, load_state_dict
-
-__all__ = [
-    "SPECS",
-    "U2Net",
-    "WeightsError",
-    "WeightsSpec",
-    "default_weights_path",
-    "fuse_batchnorm",
-    "load_state_dict",
-    "u2net",
-    "u2netp",
-]
+Importing it loads nothing heavy: PyTorch only where the torch engine or the network's module
+(:mod:`model.u2net`) is asked for.
+"""

@@ -15,8 +15,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from model.engines import (
     Engine,
@@ -27,7 +25,7 @@ from model.engines import (
     load_engine,
 )
 from model.engines.cascade_rule import RULES, Rule, read_rule, rule_file, write_rule
-from model.postprocess import levels_on_cpu
+from model.postprocess import to_levels
 
 __all__ = [
     "RULES",
@@ -165,20 +163,20 @@ class Cascade:
         # Maps are cached under it: another rule answers other photos with float32's map.
         self.artifact_digest: str | None = hashlib.sha256("|".join(parts).encode()).hexdigest()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: np.ndarray) -> np.ndarray:
         return self.forward_looks(x)[0]
 
-    def forward_looks(self, x: Tensor) -> tuple[Tensor, list[bool]]:
+    def forward_looks(self, x: np.ndarray) -> tuple[np.ndarray, list[bool]]:
         """The fused maps ``N×1×S×S`` and, per photo, whether float32 made its map."""
-        fused = self.first.forward(x).to("cpu", torch.float32)
-        maps = fused.numpy()
-        levels = levels_on_cpu(maps)
+        fused = self.first.forward(x)
+        levels = to_levels(fused)
         looks = [
-            self._score(Look(levels[i], maps[i, 0])) >= self.threshold for i in range(len(maps))
+            self._score(Look(levels[i], fused[i, 0])) >= self.threshold
+            for i in range(len(fused))
         ]
         again = [i for i, look in enumerate(looks) if look]
         if again:
-            fused[again] = self.second.forward(x[again]).to("cpu", torch.float32)
+            fused[again] = self.second.forward(x[again])
         return fused, looks
 
 

@@ -1,6 +1,6 @@
 """``S⁻¹ v`` for a symmetric 3×3 ``S``, pixel by pixel: the colour guided filter's linear solve
-(He, Sun and Tang), shared by the map's refinement (:mod:`model.refine`, on PyTorch tensors) and
-the cut-out's matte (``service/images/matte.py``, on numpy arrays)."""
+(He, Sun and Tang), which the alpha stage's filter (``service/images/matte.py``: the cut-out's
+matte, and the map's refinement) runs on numpy arrays."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def solve_symmetric3(
     s00: Any, s01: Any, s02: Any, s11: Any, s12: Any, s22: Any, v0: Any, v1: Any, v2: Any
 ) -> tuple[Any, Any, Any]:
     """``S⁻¹ v`` where ``S`` has the entries ``sij`` and ``v`` the ``vi``, each an array of any
-    shape (numpy's or PyTorch's: only + - * / between them): by cofactors, the determinant once."""
+    shape (only + - * / between them): by cofactors, the determinant once."""
     c00 = s11 * s22 - s12 * s12
     c01 = s02 * s12 - s01 * s22
     c02 = s01 * s12 - s02 * s11

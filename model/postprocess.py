@@ -1,13 +1,12 @@
-"""The network's ``N×1×S×S`` maps back to per-image maps at each image's own size."""
+"""The network's ``N×1×S×S`` maps back to per-image maps at each image's own size, in numpy and
+OpenCV: the CPU's half of the pipeline, which never imports PyTorch. (On a GPU the same steps
+run on the device: :mod:`model.torch_stages`, held to these by tests/test_postprocess.py.)"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from model import scratch
 
@@ -15,85 +14,20 @@ __all__ = [
     "finish_on_cpu",
     "from_levels",
     "level_cut",
-    "levels_on_cpu",
-    "minmax",
-    "resize_map",
-    "resize_maps",
+    "resize_levels",
     "to_levels",
-    "to_mask",
-    "to_probability",
 ]
 
 
-def minmax(maps: Tensor) -> Tensor:
-    """Per-image min–max normalisation to [0, 1], as the authors do (a flat map becomes 0)."""
-    flat = maps.flatten(1).float()
-    lo = flat.amin(dim=1).view(-1, 1, 1, 1)
-    hi = flat.amax(dim=1).view(-1, 1, 1, 1)
-    return (maps.float() - lo) / (hi - lo).clamp(min=1e-12)
+def to_levels(maps: np.ndarray) -> np.ndarray:
+    """Network maps ``N×1×S×S`` float32 → ``N×S×S`` uint8: the authors' 8-bit step.
 
-
-# Reductions stronger than this (320 → fewer than 20 pixels) are done on the CPU on CUDA hosts.
-_CUDA_MIN_SCALE = 1 / 16
-
-
-def resize_map(m: Tensor, size: tuple[int, int]) -> Tensor:
-    """One ``1×S×S`` map → ``H×W``. Bilinear with anti-aliasing when shrinking, like the authors'
-    PIL ``resize(BILINEAR)``; a plain bilinear upscale otherwise."""
-    if m.device.type == "cpu" and size[0] >= m.shape[-2] and size[1] >= m.shape[-1]:
-        return _upscale_on_cpu(m[0], size)
-    if (
-        m.device.type == "cuda"
-        and min(size[0] / m.shape[-2], size[1] / m.shape[-1]) < _CUDA_MIN_SCALE
-    ):
-        # CUDA's anti-aliased kernel holds a filter as wide as the reduction in shared memory
-        # and refuses a 320 → 1 reduction (84 kB against 48 kB, on an H200); such a map is at
-        # most a few rows or columns, cheap on the CPU.
-        return resize_map(m.cpu(), size).to(m.device)
-    out = F.interpolate(m[None], size=size, mode="bilinear", align_corners=False, antialias=True)
-    return out[0, 0]
-
-
-def _upscale_on_cpu(m: Tensor, size: tuple[int, int]) -> Tensor:
-    """OpenCV's bilinear upscale, the same half-pixel grid as ``F.interpolate`` with
-    ``align_corners=False``: 12 MP in 18 ms against torch's 74-94 ms (one thread,
-    bench/README.md). Its float arithmetic rounds differently: on four reference photos' U2NETP
-    maps at 2, 6 and 12 MP it differed by at most 2.1e-5 (2.9e-5 with OpenCV's SIMD off), which
-    flipped 0-7 mask pixels of 12 M and moved 0.002-0.015% of the 8-bit soft map by one level
-    (tests/test_postprocess.py bounds both with headroom)."""
-    import cv2
-
-    h, w = size
-    return torch.from_numpy(
-        cv2.resize(m.contiguous().numpy(), (w, h), interpolation=cv2.INTER_LINEAR)
-    )
-
-
-def to_probability(p: Tensor) -> Tensor:
-    """A [0, 1] map as 8-bit levels, rounded to nearest (as PIL rounds its resize)."""
-    return p.mul(255).round_().clamp_(0, 255).to(torch.uint8)
-
-
-def to_mask(p: Tensor, threshold: float) -> Tensor:
-    """255 where the probability is at least ``threshold``, else 0."""
-    # A bool is one byte of 0 or 1: viewed as uint8 instead of copied into a new tensor.
-    return torch.ge(p, threshold).view(torch.uint8).mul_(255)
-
-
-def to_levels(maps: Tensor) -> Tensor:
-    """Network maps ``N×1×S×S`` → ``N×S×S`` uint8, on their device: the authors' 8-bit step.
-
-    The authors' script turns the S×S map into 8 bits (PIL's float-to-L conversion truncates)
-    before resizing it; doing the same is what brings the maps within ~1e-4 of theirs. Everything
-    an answer needs from the network is in these levels, which is what makes them worth caching.
-    """
-    return minmax(maps).mul_(255).floor_().to(torch.uint8)[:, 0]
-
-
-def levels_on_cpu(maps: np.ndarray) -> np.ndarray:
-    """:func:`to_levels` in numpy, for maps on the CPU: each step rounded in float32 as
-    PyTorch rounds it, so the same levels (tests/test_postprocess.py), without PyTorch's OpenMP
-    team, whose threads spin between parallel regions on cores the codec threads need."""
+    The authors' script min–max normalises each map (a flat map becomes 0) and turns it into 8
+    bits (PIL's float-to-L conversion truncates) before resizing it; doing the same is what
+    brings the maps within ~1e-4 of theirs. Everything an answer needs from the network is in
+    these levels, which is what makes them worth caching. Each step is rounded in float32 as
+    PyTorch rounds it, so these are the levels the device-side step gives
+    (tests/test_postprocess.py)."""
     n = maps.shape[0]
     flat = maps.reshape(n, -1)
     lo = flat.min(axis=1).reshape(n, 1, 1, 1)
@@ -105,45 +39,88 @@ def levels_on_cpu(maps: np.ndarray) -> np.ndarray:
     return x.astype(np.uint8)[:, 0]
 
 
-def from_levels(levels: Tensor, size: tuple[int, int]) -> Tensor:
-    """One ``S×S`` uint8 map → ``H×W`` float in [0, 1], on its device.
+@lru_cache(maxsize=256)
+def _taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch's anti-aliased bilinear weights for one axis (``F.interpolate(mode="bilinear",
+    antialias=True)``, a triangle as wide as the reduction, normalised): for each output pixel
+    the source indices (``dst×k``, clamped into the axis where the weight is 0) and weights
+    (``dst×k`` float32), in float32 as PyTorch computes them."""
+    scale = np.float32(src / dst)
+    support = scale if scale >= 1 else np.float32(1)
+    inverse = np.float32(1) / scale if scale >= 1 else np.float32(1)
+    centre = scale * (np.arange(dst, dtype=np.float32) + np.float32(0.5))
+    first = np.maximum((centre - support + np.float32(0.5)).astype(np.int64), 0)
+    count = np.minimum((centre + support + np.float32(0.5)).astype(np.int64), src) - first
+    k = int(count.max())
+    j = np.arange(k, dtype=np.int64)
+    x = ((first[:, None] + j).astype(np.float32) - centre[:, None] + np.float32(0.5)) * inverse
+    x = np.abs(x)
+    w = np.where(x < 1, np.float32(1) - x, np.float32(0)).astype(np.float32)
+    w[j[None, :] >= count[:, None]] = 0
+    # Summed one tap after another, as PyTorch sums them, then each divided by the sum.
+    total = np.zeros(dst, np.float32)
+    for t in range(k):
+        total += w[:, t]
+    w = np.where(total[:, None] != 0, w / np.where(total == 0, 1, total)[:, None], w)
+    return np.minimum(first[:, None] + j, src - 1), w.astype(np.float32)
+
+
+def _reduce_axis(x: np.ndarray, dst: int, axis: int) -> np.ndarray:
+    index, weight = _taps(x.shape[axis], dst)
+    x = np.moveaxis(x, axis, -1)
+    out = x[..., index[:, 0]] * weight[:, 0]
+    for t in range(1, index.shape[1]):
+        out += x[..., index[:, t]] * weight[:, t]
+    return np.ascontiguousarray(np.moveaxis(out, -1, axis))
+
+
+def resize_levels(levels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One ``S×S`` uint8 map → the ``H×W`` float32 map in levels (0-255, not rounded).
+
+    An enlargement (no side smaller than S) is OpenCV's bilinear upscale, the same half-pixel
+    grid as ``F.interpolate`` with ``align_corners=False``: 12 MP in 18 ms against torch's
+    74-94 ms (one thread, bench/README.md); its float arithmetic rounds differently from
+    PyTorch's by at most 2.1e-5 of the range. Where any side shrinks, it is the anti-aliased
+    bilinear filter the authors' PIL resize stands for, as PyTorch's ``antialias=True`` computes
+    it, the width then the height (within 5e-5 levels of it, tests/test_postprocess.py)."""
+    import cv2
+
+    h, w = size
+    m = levels.astype(np.float32)
+    if h >= levels.shape[0] and w >= levels.shape[1]:
+        # The full-size float map lives for its caller's call only: written into a kept buffer
+        # rather than fresh pages (model/scratch.py; 12 MP: 7.3 against 11.5 ms).
+        out: np.ndarray = cv2.resize(
+            m, (w, h), scratch.array((h, w), np.float32), interpolation=cv2.INTER_LINEAR
+        )
+        return out
+    return _reduce_axis(_reduce_axis(m, w, 1), h, 0)
+
+
+def from_levels(levels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One ``S×S`` uint8 map → ``H×W`` float32 in [0, 1].
 
     The levels are whole numbers, exact in float32, so this gives the same values whether they
     come straight from the network or from a cache."""
-    return resize_map(levels[None].float(), size).div_(255)
-
-
-def resize_maps(maps: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
-    """Network maps ``N×1×S×S`` → one ``H×W`` float map in [0, 1] per image, on their device."""
-    levels = to_levels(maps)
-    return [from_levels(levels[i], hw) for i, hw in enumerate(sizes)]
+    m = resize_levels(levels, size)
+    m /= np.float32(255)
+    return m
 
 
 def finish_on_cpu(
     levels: np.ndarray, size: tuple[int, int], *, probability: bool, threshold: float
-) -> np.ndarray | None:
-    """One ``S×S`` uint8 map → the ``H×W`` uint8 answer map (``to_probability`` or ``to_mask`` of
-    ``from_levels``), in OpenCV and numpy, for an enlargement (every side at least S) on the CPU;
-    None for a reduction, which :func:`from_levels` makes (anti-aliased, in PyTorch).
+) -> np.ndarray:
+    """One ``S×S`` uint8 map → the ``H×W`` uint8 answer map: the probability's 8-bit levels (the
+    map over 255, times 255, rounded to nearest as PIL rounds its resize), or the mask (255
+    where the probability is at least ``threshold``, else 0), in OpenCV and numpy.
 
-    The same operations as the PyTorch path, each rounded in float32 as it rounds (the upscale
-    is the same OpenCV call), so the same bytes (tests/test_postprocess.py), without PyTorch:
-    the service runs this in its codec threads, where PyTorch's CPU operations would each start
-    an OpenMP team of their own beside the network's."""
+    The same operations as the device-side path (:mod:`model.torch_stages`), each rounded in
+    float32 as it rounds, so the same bytes (tests/test_postprocess.py). The answer's map is
+    written into a kept buffer (model/scratch.py)."""
     import cv2
 
     h, w = size
-    if h < levels.shape[0] or w < levels.shape[1]:
-        return None
-    # The full-size float map lives for this call only, the answer's map for its request: both
-    # written into kept buffers rather than fresh pages (model/scratch.py; 12 MP: 7.3 against
-    # 11.5 ms for the float map).
-    m: np.ndarray = cv2.resize(
-        levels.astype(np.float32),
-        (w, h),
-        scratch.array((h, w), np.float32),
-        interpolation=cv2.INTER_LINEAR,
-    )
+    m = resize_levels(levels, size)
     if probability:
         # A band of rows at a time, so that the four passes stay in the CPU's cache (12 MP:
         # 16 against 22 ms); each pixel's arithmetic is the same.

@@ -19,23 +19,23 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from model.weights import WeightsSpec
 
 __all__ = ["normalise", "prepare", "preprocess", "resize_weights"]
 
 
-def resize_weights(src: int, dst: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Source indices ``i0``, ``i1`` and weights of ``i1`` for a bilinear resize of one axis,
-    the same arithmetic as ``F.interpolate(mode="bilinear", align_corners=False)``."""
+def resize_weights(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices ``i0``, ``i1`` (int64) and weights of ``i1`` (float32) for a bilinear
+    resize of one axis, the same arithmetic as ``F.interpolate(mode="bilinear",
+    align_corners=False)``."""
     # float32 throughout, like PyTorch's kernel, so the weights agree to the last bit.
-    scale = torch.tensor(src / dst, dtype=torch.float32)
-    pos = ((torch.arange(dst, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
-    i0 = pos.long().clamp_(max=src - 1)
-    i1 = (i0 + 1).clamp_(max=src - 1)
-    return i0, i1, pos - i0
+    scale = np.float32(src / dst)
+    pos = (np.arange(dst, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    np.maximum(pos, np.float32(0), out=pos)
+    i0 = np.minimum(pos.astype(np.int64), src - 1)
+    i1 = np.minimum(i0 + 1, src - 1)
+    return i0, i1, pos - i0.astype(np.float32)
 
 
 @lru_cache(maxsize=512)
@@ -44,8 +44,8 @@ def _axis(src: int, dst: int, channels: int) -> tuple[np.ndarray, np.ndarray, np
     (``1 - w``, ``w``), each repeated ``channels`` times; photos come in a few sizes, so they
     are kept."""
     i0, i1, w = resize_weights(src, dst)
-    wn = w.numpy().repeat(channels)
-    return torch.cat((i0, i1)).numpy(), np.float32(1) - wn, wn
+    wn = w.repeat(channels)
+    return np.concatenate((i0, i1)), np.float32(1) - wn, wn
 
 
 @lru_cache(maxsize=8)
@@ -106,18 +106,15 @@ def prepare(image: np.ndarray, spec: WeightsSpec) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(s, s, 3).transpose(2, 0, 1))
 
 
-def normalise(x: Tensor, spec: WeightsSpec) -> Tensor:
+def normalise(x: np.ndarray, spec: WeightsSpec) -> np.ndarray:
     """Divide each image by its own maximum, then the ImageNet mean and std (``N×3×S×S``)."""
-    peak = x.amax(dim=(1, 2, 3), keepdim=True).clamp_(min=1e-6)
-    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
-    return (x / peak - mean) / std
+    peak = np.maximum(x.max(axis=(1, 2, 3), keepdims=True), np.float32(1e-6))
+    mean = np.asarray(spec.mean, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(spec.std, np.float32).reshape(1, 3, 1, 1)
+    return ((x / peak - mean) / std).astype(np.float32)
 
 
-def preprocess(
-    images: Sequence[Tensor | np.ndarray], spec: WeightsSpec, device: torch.device | str = "cpu"
-) -> Tensor:
-    """Resize and normalise a batch of uint8 ``H×W×3`` images of any sizes → ``N×3×S×S`` float32
-    on ``device``."""
-    planes = [prepare(np.asarray(im), spec) for im in images]
-    return torch.from_numpy(np.stack(planes)).to(device)
+def preprocess(images: Sequence[np.ndarray], spec: WeightsSpec) -> np.ndarray:
+    """Resize and normalise a batch of uint8 ``H×W×3`` images of any sizes → ``N×3×S×S``
+    float32."""
+    return np.stack([prepare(np.asarray(im), spec) for im in images])

@@ -1,17 +1,20 @@
-"""The network on a device, between preprocessing and postprocessing: images in, maps out."""
+"""The network on a device, between preprocessing and postprocessing: images in, maps out.
+
+numpy arrays cross every boundary here; on a CPU host nothing imports PyTorch (its engines are
+MNN and OpenVINO), and on a GPU the torch engine and :mod:`model.torch_stages` do the moving.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from model.cascade import Cascade, load_cascade
+from model.device import DTYPES, Device, resolve_device
 from model.engines import (
     DEFAULT_PRECISION,
     PRECISIONS,
@@ -21,30 +24,18 @@ from model.engines import (
     load_engine,
     resolve_engine,
 )
-from model.postprocess import from_levels, levels_on_cpu, to_levels
-from model.preprocess import prepare, preprocess
+from model.postprocess import finish_on_cpu, from_levels, to_levels
+from model.preprocess import prepare
 from model.weights import SPECS, WeightsSpec, recorded_digest
 
 __all__ = ["DTYPES", "Segmenter", "resolve_device", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` is the first CUDA device when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but no CUDA device is available")
-    return resolved
-
 
 def resolve_dtype(
-    dtype: str, device: torch.device, spec: WeightsSpec, precision: str = DEFAULT_PRECISION
-) -> torch.dtype:
+    dtype: str, device: Device, spec: WeightsSpec, precision: str = DEFAULT_PRECISION
+) -> str:
     """``auto`` is the model's CUDA dtype on CUDA (float16 for U2NET, float32 for U2NETP, see
     :class:`model.weights.WeightsSpec`) and float32 on the CPU: the paths the parity tests hold.
     With the ``fast`` precision it is float16 on CUDA for both models (for U2NETP at a measured
@@ -52,13 +43,13 @@ def resolve_dtype(
     :func:`model.engines.resolve_engine`. With ``float32`` it is float32 everywhere."""
     if dtype == "auto":
         if device.type != "cuda" or precision == "float32":
-            return torch.float32
-        return torch.float16 if precision == "fast" else DTYPES[spec.cuda_dtype]
+            return "float32"
+        return "float16" if precision == "fast" else spec.cuda_dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {dtype!r}")
-    if DTYPES[dtype] is torch.float16 and device.type == "cpu":
+    if dtype == "float16" and device.type == "cpu":
         raise ValueError("float16 is for CUDA; on the CPU use float32 or bfloat16")
-    return DTYPES[dtype]
+    return dtype
 
 
 class Segmenter:
@@ -105,15 +96,16 @@ class Segmenter:
                 options,
             )
         self.weights_digest = recorded_digest(weights, name)
-        self._pinned: Tensor | None = None
+        self._staging: Any = None  # model.torch_stages.Staging, on a GPU
         self._asked: Precision = options.precision
 
     @property
-    def device(self) -> torch.device:
+    def device(self) -> Device:
         return self.engine.device
 
     @property
-    def dtype(self) -> torch.dtype:
+    def dtype(self) -> str:
+        """The arithmetic of the network's body: float32, float16, bfloat16 or int8."""
         return self.engine.dtype
 
     @property
@@ -128,10 +120,10 @@ class Segmenter:
         ``faithful``), ``fast`` otherwise (int8, bfloat16, float16 where it misses them)."""
         if isinstance(self.engine, Cascade):
             return "auto"
-        faithful = {torch.float32}
+        faithful = {"float32"}
         if self.device.type == "cuda":
-            faithful.add(DTYPES[self.spec.cuda_dtype])
-        if self.dtype == torch.int8 and self._asked == "faithful":
+            faithful.add(self.spec.cuda_dtype)
+        if self.dtype == "int8" and self._asked == "faithful":
             return "faithful"
         return "faithful" if self.dtype in faithful else "fast"
 
@@ -141,7 +133,7 @@ class Segmenter:
         an int8 model ``int8+float32 (N layers)``, N convolutions kept in float32."""
         return self.engine.arithmetic
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: np.ndarray) -> np.ndarray:
         """Normalised ``N×3×S×S`` input → the fused map, ``N×1×S×S`` float32."""
         return self.engine.forward(x)
 
@@ -158,80 +150,76 @@ class Segmenter:
         engine = self.engine.name + (
             f"@{self.engine.artifact_digest}" if self.engine.artifact_digest else ""
         )
-        dtype = str(self.dtype).removeprefix("torch.")
-        return f"{self.name}/{self.weights_digest}/{engine}/{self.device.type}/{dtype}"
+        return f"{self.name}/{self.weights_digest}/{engine}/{self.device.type}/{self.dtype}"
 
-    @torch.inference_mode()
-    def levels(self, images: Sequence[Tensor]) -> Tensor:
-        """The network's maps after the authors' 8-bit step, ``N×S×S`` uint8 on the device."""
-        x = preprocess(images, self.spec, self.device)
-        return to_levels(self.forward(x))
+    def levels(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """The network's maps after the authors' 8-bit step, ``N×S×S`` uint8."""
+        return self.levels_of([self.prepare(np.asarray(im)) for im in images])
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """One uint8 ``H×W×3`` image → its normalised ``3×S×S`` input, on the CPU: the part of
         the network's input that is per image, for a thread beside the device's worker."""
         return prepare(image, self.spec)
 
-    @torch.inference_mode()
     def maps_of(self, inputs: Sequence[np.ndarray]) -> tuple[np.ndarray, list[str]]:
         """:meth:`levels_of`, and for each input the arithmetic that made its map: ``int8`` or
         ``float32`` under the cascade (``auto``), else :attr:`arithmetic`."""
         if isinstance(self.engine, Cascade):
-            fused, looks = self.engine.forward_looks(torch.from_numpy(np.stack(inputs)))
+            fused, looks = self.engine.forward_looks(np.stack(inputs))
             made = [self.engine.second.arithmetic if look else "int8" for look in looks]
-            return levels_on_cpu(fused.numpy()), made
+            return to_levels(fused), made
         return self.levels_of(inputs), [self.arithmetic] * len(inputs)
 
-    @torch.inference_mode()
     def levels_of(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
         """Prepared inputs (:meth:`prepare`) → their 8-bit maps, ``N×S×S`` uint8 on the CPU: the
-        batch's one trip to the device and back, the same levels as :meth:`levels`. On CUDA the
-        batch is stacked into page-locked memory kept for the next batch, so the copy is one
-        asynchronous transfer."""
+        batch's one trip to the device and back. On CUDA the batch is stacked into page-locked
+        memory kept for the next batch, so the copy is one asynchronous transfer, and only the
+        8-bit maps come back."""
         if self.device.type != "cuda":
-            # The 8-bit step in numpy: PyTorch's OpenMP threads would spin beside the codecs.
-            return levels_on_cpu(self.forward(torch.from_numpy(np.stack(inputs))).numpy())
-        staging = self._staging(len(inputs), (len(inputs), *inputs[0].shape))
-        np.stack(inputs, out=staging.numpy())
-        x = staging.to(self.device, non_blocking=True)
-        return to_levels(self.forward(x)).cpu().numpy()
+            return to_levels(self.engine.forward(np.stack(inputs)))
+        from model import torch_stages
 
-    def _staging(self, n: int, shape: tuple[int, ...]) -> Tensor:
-        """Page-locked memory for ``n`` inputs, grown to the largest batch seen and reused.
+        if self._staging is None:
+            self._staging = torch_stages.Staging()
+        engine = self.engine
+        x = self._staging.batch(inputs, engine.torch_device)  # type: ignore[attr-defined]
+        return torch_stages.levels_of(engine.run, x)  # type: ignore[attr-defined]
 
-        Reused only once the last transfer from it is done: the device's stream runs in order,
-        and the maps of the batch that used it were copied back before this one was asked for."""
-        have = self._pinned
-        if have is None or have.shape[0] < n:
-            have = torch.empty(shape, dtype=torch.float32).pin_memory()
-            self._pinned = have
-        return have[:n]
+    def finish(
+        self, levels: np.ndarray, size: tuple[int, int], *, probability: bool, threshold: float
+    ) -> np.ndarray:
+        """One ``S×S`` uint8 map → the ``H×W`` uint8 answer map, the probability's levels or
+        the mask at ``threshold`` (:func:`model.postprocess.finish_on_cpu`), on the host; on a
+        GPU resized on the device, so that only the answer's map crosses."""
+        if self.device.type != "cuda":
+            return finish_on_cpu(levels, size, probability=probability, threshold=threshold)
+        from model import torch_stages
 
-    @torch.inference_mode()
-    def expand(self, levels: Tensor, size: tuple[int, int]) -> Tensor:
-        """One ``S×S`` uint8 map (on any device) → the ``H×W`` probability map on the device."""
-        return from_levels(levels.to(self.device), size)
+        device = self.engine.torch_device  # type: ignore[attr-defined]
+        return torch_stages.finish(
+            levels, size, device, probability=probability, threshold=threshold
+        )
 
-    def predict(self, images: Sequence[Tensor]) -> list[Tensor]:
-        """Probability maps in [0, 1], ``H×W`` float32, on the model's device."""
+    def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Probability maps in [0, 1], ``H×W`` float32, on the CPU."""
         if not images:
             return []
         levels = self.levels(images)
-        sizes = [(im.shape[0], im.shape[1]) for im in images]
-        return [self.expand(lv, hw) for lv, hw in zip(levels, sizes, strict=True)]
+        return [
+            from_levels(lv, (im.shape[0], im.shape[1])).copy()
+            for lv, im in zip(levels, images, strict=True)
+        ]
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run each batch size once, so first requests do not pay for allocation or tuning."""
         size = self.spec.input_size
         for n in batch_sizes:
-            self.predict([torch.zeros(size, size, 3, dtype=torch.uint8)] * n)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            self.levels([np.zeros((size, size, 3), np.uint8)] * n)
         log.info(
             "warmed up %s with %s on %s (%s), batch sizes %s",
             self.name,
             self.engine.name,
             self.device,
-            str(self.dtype).removeprefix("torch."),
+            self.dtype,
             list(batch_sizes),
         )

@@ -22,8 +22,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from model.engines import cpu_features, float32_cpu_engine
-from model.postprocess import to_mask, to_probability
 from model.segmenter import Segmenter
+from model.torch_stages import to_mask, to_probability
 from service.http.app import App, Runtime, create_app
 from service.settings import Settings
 
@@ -174,9 +174,10 @@ async def test_each_output_and_format(client: httpx.AsyncClient, output: str, fm
 
 async def test_maps_are_the_pipelines_maps(client: httpx.AsyncClient, u2netp_weights: Path) -> None:
     """What comes over HTTP is exactly the tensor pipeline's output, encoded losslessly."""
-    (p,) = Segmenter("u2netp", u2netp_weights, device="cpu").predict(
+    (m,) = Segmenter("u2netp", u2netp_weights, device="cpu").predict(
         [load_rgb(reference_dir() / "images" / HORSE)]
     )
+    p = torch.from_numpy(m)
     prob = await post_image(client, photo(), output="probability")
     mask = await post_image(client, photo(), threshold=0.3)
     cut = await post_image(client, photo(), output="cutout", alpha="mask", threshold=0.3)

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from torch import Tensor
 
 from model import cascade
 from model.cascade import SCORES, Cascade, Look, near
+from model.device import CPU
 from model.engines.openvino_engine import record_of
-from model.postprocess import levels_on_cpu
+from model.postprocess import to_levels
 from model.segmenter import Segmenter
 from service.core.infer import run_batch
 
@@ -41,23 +40,23 @@ class StandIn:
     """An engine that answers by the input's brightness, recording the batches it ran."""
 
     name = "openvino"
-    device = torch.device("cpu")
+    device = CPU
     allocates_per_call = False
     artifact_digest = None
 
-    def __init__(self, maps: dict[bool, np.ndarray], dtype: torch.dtype, arithmetic: str):
+    def __init__(self, maps: dict[bool, np.ndarray], dtype: str, arithmetic: str):
         self.maps, self.dtype, self.arithmetic = maps, dtype, arithmetic
         self.batches: list[int] = []
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: np.ndarray) -> np.ndarray:
         self.batches.append(len(x))
         out = [self.maps[bool(xi.mean() > 0)][None] for xi in x]
-        return torch.from_numpy(np.stack(out))
+        return np.stack(out)
 
 
 def stand_ins(threshold: float) -> tuple[Cascade, StandIn, StandIn]:
-    int8 = StandIn({True: UNCERTAIN_INT8, False: CERTAIN_INT8}, torch.int8, "int8+float32")
-    f32 = StandIn(FLOAT32, torch.float32, "float32")
+    int8 = StandIn({True: UNCERTAIN_INT8, False: CERTAIN_INT8}, "int8", "int8+float32")
+    f32 = StandIn(FLOAT32, "float32", "float32")
     return Cascade(int8, f32, "near", threshold), int8, f32  # type: ignore[arg-type]
 
 
@@ -66,7 +65,7 @@ def inputs(*bright: bool) -> list[np.ndarray]:
 
 
 def levels(m: np.ndarray) -> np.ndarray:
-    return levels_on_cpu(m[None, None])[0]
+    return to_levels(m[None, None])[0]
 
 
 def test_the_stand_ins_are_what_they_claim() -> None:
@@ -80,11 +79,11 @@ def test_uncertain_gets_float32_and_certain_int8() -> None:
     """A batch of three: the two uncertain photos are run again in float32 as one batch; each
     map is the bytes of the arithmetic that made it."""
     engine, int8, f32 = stand_ins(0.5)
-    fused, looks = engine.forward_looks(torch.from_numpy(np.stack(inputs(True, False, True))))
+    fused, looks = engine.forward_looks(np.stack(inputs(True, False, True)))
     assert looks == [True, False, True]
     assert int8.batches == [3]
     assert f32.batches == [2]
-    got = levels_on_cpu(fused.numpy())
+    got = to_levels(fused)
     assert np.array_equal(got[0], levels(FLOAT32[True]))
     assert np.array_equal(got[1], levels(CERTAIN_INT8))
     assert np.array_equal(got[2], levels(FLOAT32[True]))
@@ -93,7 +92,7 @@ def test_uncertain_gets_float32_and_certain_int8() -> None:
 @pytest.mark.parametrize(("threshold", "again"), [(0.0, [True, True]), (1.0, [False, False])])
 def test_forced_thresholds(threshold: float, again: list[bool]) -> None:
     engine, _, f32 = stand_ins(threshold)
-    _, looks = engine.forward_looks(torch.from_numpy(np.stack(inputs(True, False))))
+    _, looks = engine.forward_looks(np.stack(inputs(True, False)))
     assert looks == again
     assert f32.batches == ([2] if again[0] else [])
 

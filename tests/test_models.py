@@ -12,11 +12,12 @@ import httpx
 import numpy as np
 import pytest
 import pytest_asyncio
+import torch
 from fastapi import FastAPI
 from PIL import Image
 
-from model.postprocess import to_probability
 from model.segmenter import Segmenter
+from model.torch_stages import to_probability
 from model.weights import default_weights_dir
 from service.settings import Settings
 
@@ -61,7 +62,7 @@ async def test_each_model_answers_with_its_own_maps(
     (p,) = Segmenter(name, weights_file(name), device="cpu").predict(
         [load_rgb(reference_dir() / "images" / HORSE)]
     )
-    expected = to_probability(p).numpy()
+    expected = to_probability(torch.from_numpy(p)).numpy()
     r = await post_image(client, photo(), output="probability", model=name)
     assert r.status_code == 200, r.text
     np.testing.assert_array_equal(np.asarray(opened(r)), expected)

@@ -16,9 +16,9 @@ import pytest
 import pytest_asyncio
 from PIL import Image
 
-from model.postprocess import to_mask, to_probability
-from model.refine import refine
+from model.postprocess import finish_on_cpu
 from model.segmenter import Segmenter
+from service.images import matte
 
 from .conftest import load_rgb, reference_dir
 from .test_api import assert_error, opened, photo, post_image, running, settings
@@ -267,17 +267,21 @@ async def test_max_side_scales_down_after_crop(client: httpx.AsyncClient) -> Non
 async def test_refine_is_the_refined_pipeline_map(
     client: httpx.AsyncClient, u2netp_weights: Path
 ) -> None:
-    rgb = load_rgb(reference_dir() / "images" / HORSE)
-    (p,) = Segmenter("u2netp", u2netp_weights, device="cpu").predict([rgb])
-    refined = refine(p, rgb)
+    """``refine=true`` is the alpha stage's filter of the pipeline's probability map, with the
+    photo as guide: its levels for a probability answer, thresholded for a mask."""
+    rgb = load_rgb(reference_dir() / "images" / HORSE).numpy()
+    seg = Segmenter("u2netp", u2netp_weights, device="cpu")
+    levels = seg.levels([rgb])[0]
+    soft = finish_on_cpu(levels, rgb.shape[:2], probability=True, threshold=0.5).copy()
+    refined = matte.refine(rgb, soft)
     prob = await post_image(client, photo(), output="probability", refine="true")
-    np.testing.assert_array_equal(np.asarray(opened(prob)), to_probability(refined).numpy())
-    mask_r = await post_image(client, photo(), refine="true")
+    np.testing.assert_array_equal(np.asarray(opened(prob)), refined)
+    mask_r = await post_image(client, photo(), refine="true", threshold=0.3)
     mask = np.asarray(opened(mask_r))
-    np.testing.assert_array_equal(mask, to_mask(refined, 0.5).numpy())
+    np.testing.assert_array_equal(mask, np.where(refined >= 0.3 * 255, 255, 0))
     assert header_box(mask_r) == numpy_box(mask == 255)
     # Edges move, the subject does not.
-    plain = to_mask(p, 0.5).numpy() == 255
+    plain = finish_on_cpu(levels, rgb.shape[:2], probability=False, threshold=0.3) == 255
     assert ((mask == 255) & plain).sum() / ((mask == 255) | plain).sum() > 0.95
     assert ((mask == 255) != plain).any()
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from model.device import CPU, Device
 from model.segmenter import resolve_device, resolve_dtype
 from model.weights import SPECS
 from service.settings import Settings
@@ -59,24 +60,28 @@ def test_invalid_values_are_refused(kw: dict[str, object]) -> None:
 
 
 def test_dtype_and_device_resolution() -> None:
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cpu, cuda = CPU, Device("cuda")
     u2net, u2netp = SPECS["u2net"], SPECS["u2netp"]
-    assert resolve_dtype("auto", cpu, u2net) is torch.float32
+    assert resolve_dtype("auto", cpu, u2net) == "float32"
     # On CUDA each model's own default, chosen by the emulated parity (tests/test_parity.py).
-    assert resolve_dtype("auto", cuda, u2net) is torch.float16
-    assert resolve_dtype("auto", cuda, u2netp) is torch.float32
-    assert resolve_dtype("bfloat16", cpu, u2net) is torch.bfloat16
+    assert resolve_dtype("auto", cuda, u2net) == "float16"
+    assert resolve_dtype("auto", cuda, u2netp) == "float32"
+    assert resolve_dtype("bfloat16", cpu, u2net) == "bfloat16"
     # `fast`: float16 on CUDA for both models; on the CPU the engine makes it int8.
-    assert resolve_dtype("auto", cuda, u2netp, "fast") is torch.float16
-    assert resolve_dtype("auto", cuda, u2net, "fast") is torch.float16
-    assert resolve_dtype("auto", cpu, u2netp, "fast") is torch.float32
+    assert resolve_dtype("auto", cuda, u2netp, "fast") == "float16"
+    assert resolve_dtype("auto", cuda, u2net, "fast") == "float16"
+    assert resolve_dtype("auto", cpu, u2netp, "fast") == "float32"
     # `float32`: float32 everywhere, U2NET's CUDA default included.
-    assert resolve_dtype("auto", cuda, u2net, "float32") is torch.float32
-    assert resolve_dtype("auto", cpu, u2net, "float32") is torch.float32
+    assert resolve_dtype("auto", cuda, u2net, "float32") == "float32"
+    assert resolve_dtype("auto", cpu, u2net, "float32") == "float32"
     with pytest.raises(ValueError, match="float16 is for CUDA"):
         resolve_dtype("float16", cpu, u2net)
     with pytest.raises(ValueError, match="dtype must be"):
         resolve_dtype("int8", cpu, u2net)
+    assert Device.parse("cuda:1") == Device("cuda", 1)
+    assert str(Device.parse("cuda:1")) == "cuda:1"
+    with pytest.raises(ValueError, match="device must be"):
+        Device.parse("tpu")
     if not torch.cuda.is_available():
         assert resolve_device("auto") == cpu
         with pytest.raises(RuntimeError, match="no CUDA device"):

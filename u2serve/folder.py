@@ -39,7 +39,7 @@ from tqdm import tqdm
 from model.segmenter import Segmenter
 from service.core.cache import digest, map_key
 from service.core.cache.memory import MemoryMapCache
-from service.core.infer import finish, finishes_on_worker, run_batch
+from service.core.infer import finish, run_batch
 from service.errors import ServiceError
 from service.images.decode import DecodedImage, decode
 from service.images.encode import MEDIA_TYPES, Rendered, render
@@ -296,10 +296,7 @@ def _read(path: Path, max_pixels: int, segmenter: Segmenter) -> _Read:
 def _finish_and_write(
     task: Task, segmenter: Segmenter, levels: np.ndarray, image: DecodedImage, params: SegmentParams
 ) -> Path:
-    return _write(task, finish(segmenter, levels, image.model_rgb, params), image, params)
-
-
-def _write(task: Task, levels: np.ndarray, image: DecodedImage, params: SegmentParams) -> Path:
+    levels = finish(segmenter, levels, image.model_rgb, params)
     return store(task, render(levels, image, params))
 
 
@@ -350,18 +347,9 @@ class InProcess:
                         report.written(task)
 
         def write(task: Task, levels: np.ndarray, image: DecodedImage) -> None:
-            """The map's second half and the encode in the pool, as the service runs them; where
-            the map needs PyTorch on the CPU, its first half here, on the network's thread."""
-            if not finishes_on_worker(segmenter, image.model_rgb.shape[:2], params):
-                fut = pool.submit(_finish_and_write, task, segmenter, levels, image, params)
-                writing[fut] = task
-                return
-            try:
-                m = finish(segmenter, levels, image.model_rgb, params)
-            except Exception as exc:
-                report.failed(task, exc)
-                return
-            writing[pool.submit(_write, task, m, image, params)] = task
+            """The map's second half and the encode in the pool, as the service runs them."""
+            fut = pool.submit(_finish_and_write, task, segmenter, levels, image, params)
+            writing[fut] = task
 
         try:
             fill()

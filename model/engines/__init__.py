@@ -1,10 +1,11 @@
 """Ways to run the network: one small interface, one module per engine, ``auto`` resolved once.
 
-An engine takes the normalised ``N×3×S×S`` float32 batch that :mod:`model.preprocess` makes and
-returns the fused map, ``N×1×S×S`` float32 in [0, 1]. Everything before and after (resizing,
-normalisation, the authors' 8-bit step, thresholds) stays in :class:`model.segmenter.Segmenter`,
-so every engine is held to the same pipeline and the same parity tests. Engine libraries are
-imported only when their engine is used.
+An engine takes the normalised ``N×3×S×S`` float32 batch that :mod:`model.preprocess` makes (a
+numpy array) and returns the fused map, ``N×1×S×S`` float32 in [0, 1] (a numpy array).
+Everything before and after (resizing, normalisation, the authors' 8-bit step, thresholds) stays
+in :class:`model.segmenter.Segmenter`, so every engine is held to the same pipeline and the same
+parity tests. Engine libraries are imported only when their engine is used: a CPU host never
+imports PyTorch.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from functools import cache
 from pathlib import Path
 from typing import Literal, Protocol, cast
 
-import torch
-from torch import Tensor
+import numpy as np
+
+from model.device import Device
 
 __all__ = [
     "DEFAULT_PRECISION",
+    "DERIVED",
     "ENGINES",
     "MIXED_MODELS",
     "PRECISIONS",
@@ -74,8 +77,8 @@ class EngineOptions:
     own default), and the precision asked for (an engine that has an int8 model runs it for
     ``fast``, and its mixed model for ``faithful`` where :func:`cpu_arithmetic` says so)."""
 
-    device: torch.device
-    dtype: torch.dtype = torch.float32
+    device: Device
+    dtype: str = "float32"
     channels_last: bool = True
     threads: int | None = None
     precision: Precision = DEFAULT_PRECISION
@@ -85,8 +88,8 @@ class Engine(Protocol):
     """A loaded network."""
 
     name: EngineName
-    device: torch.device  # where inputs go and results come back
-    dtype: torch.dtype  # the arithmetic of the network's body
+    device: Device  # where the network runs
+    dtype: str  # the arithmetic of the network's body: float32, float16, bfloat16, int8
     # Whether forward takes its working memory from the process's C heap on every call (PyTorch
     # on the CPU), rather than once at load (MNN's pools) or on a GPU: the service tunes the
     # allocator for its image buffers only where the engine does not.
@@ -97,8 +100,8 @@ class Engine(Protocol):
     # quantised); None when it runs the verified weights themselves. Maps are cached under it.
     artifact_digest: str | None
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Normalised ``N×3×S×S`` float32 → fused map ``N×1×S×S`` float32 on ``device``."""
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Normalised ``N×3×S×S`` float32 → fused map ``N×1×S×S`` float32, both on the CPU."""
         ...
 
 
@@ -123,8 +126,8 @@ def engine_module(name: str) -> EngineModule:
 
 def resolve_engine(
     name: str,
-    device: torch.device,
-    dtype: torch.dtype,
+    device: Device,
+    dtype: str,
     precision: str = DEFAULT_PRECISION,
     model: str | None = None,
 ) -> EngineName:
@@ -140,7 +143,7 @@ def resolve_engine(
     if name != "auto":
         engine_module(name)  # validates the name
         return cast(EngineName, name)
-    if device.type == "cpu" and dtype == torch.float32:
+    if device.type == "cpu" and dtype == "float32":
         vendor, flags = cpu_features()
         if cpu_arithmetic(model, cast(Precision, precision), flags) != "float32":
             return "openvino"
@@ -202,9 +205,14 @@ def load_engine(name: EngineName, weights: Path, model: str, options: EngineOpti
     return engine_module(name).load(weights, model, options)
 
 
+# The engines that run a model file of their own, derived from the weights (the torch engine reads
+# the weights file itself, and PyTorch is not installed on a CPU host).
+DERIVED: tuple[EngineName, ...] = ("mnn", "openvino")
+
+
 def prepare_engines(weights: Path, model: str) -> list[Path]:
     """Make every engine's derived model file for a verified weights file (idempotent)."""
-    return [path for name in ENGINES for path in engine_module(name).prepare(weights, model)]
+    return [path for name in DERIVED for path in engine_module(name).prepare(weights, model)]
 
 
 def file_sha256(path: Path) -> str:

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
+from model.device import CPU
 from model.engines import EngineName, EngineOptions, file_sha256, prepare_hint
 from model.engines.onnx_graph import INPUT, OUTPUT, write_onnx
 from model.weights import WeightsError, recorded_digest, verified_digest
@@ -135,8 +134,8 @@ class MNNEngine:
 
     def __init__(self, path: Path, threads: int, digest: str) -> None:
         self.artifact_digest: str | None = digest
-        self.device = torch.device("cpu")
-        self.dtype = torch.float32
+        self.device = CPU
+        self.dtype = "float32"
         self.arithmetic = "float32"
         self.threads = threads
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="u2serve-mnn")
@@ -161,15 +160,15 @@ class MNNEngine:
             x.shape[0], 1, *x.shape[2:]
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        return torch.from_numpy(self._thread.submit(self._run, arr).result())
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        arr = np.ascontiguousarray(x, dtype=np.float32)
+        return self._thread.submit(self._run, arr).result()
 
 
 def load(weights: Path, model: str, options: EngineOptions) -> MNNEngine:
     if options.device.type != "cpu":
         raise ValueError(f"the mnn engine runs on the CPU, not {options.device}; use torch")
-    if options.dtype != torch.float32:
+    if options.dtype != "float32":
         raise ValueError(f"the mnn engine computes in float32, not {options.dtype}; use torch")
     # The tensors were verified when the MNN file was made from them; what runs is that file,
     # checked by its own digest, so the weights file is only read for the digest it names.

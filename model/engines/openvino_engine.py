@@ -39,10 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
-from torch import Tensor
 
+from model.device import CPU
 from model.engines import (
     Arithmetic,
     EngineName,
@@ -494,7 +493,7 @@ class OpenVINOEngine:
     allocates_per_call = False  # the CPU plugin plans its buffers when a shape is compiled
 
     def __init__(
-        self, path: Path, threads: int, digest: str, dtype: torch.dtype, arithmetic: str
+        self, path: Path, threads: int, digest: str, dtype: str, arithmetic: str
     ) -> None:
         import openvino as ov
         import openvino.properties as props
@@ -502,7 +501,7 @@ class OpenVINOEngine:
 
         # Both files decide the maps: the graph (which layers stay float) and the int8 tensors.
         self.artifact_digest: str | None = digest
-        self.device = torch.device("cpu")
+        self.device = CPU
         self.dtype = dtype  # int8 (the body of the int8 and mixed models), or float32
         self.arithmetic = arithmetic
         self.threads = threads
@@ -530,13 +529,12 @@ class OpenVINOEngine:
             self._compiled[batch] = compiled.create_infer_request()
         return self._compiled[batch]
 
-    def forward(self, x: Tensor) -> Tensor:
-        arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        arr = np.ascontiguousarray(x, dtype=np.float32)
         with self._lock:
             request = self._request(arr.shape[0])
             request.infer({0: arr})
-            out = np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
-        return torch.from_numpy(out)
+            return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
 
 
 def load(weights: Path, model: str, options: EngineOptions) -> OpenVINOEngine:
@@ -551,6 +549,6 @@ def load(weights: Path, model: str, options: EngineOptions) -> OpenVINOEngine:
     record = _read_record(weights, kind)
     digest = hashlib.sha256(f"{record['xml_sha256']}:{record['bin_sha256']}".encode()).hexdigest()
     if kind == "float32":
-        return OpenVINOEngine(path, threads, digest, torch.float32, "float32")
+        return OpenVINOEngine(path, threads, digest, "float32", "float32")
     layers = sum(name.endswith("/Conv/WithoutBiases") for name in record["keep_float"])
-    return OpenVINOEngine(path, threads, digest, torch.int8, f"int8+float32 ({layers} layers)")
+    return OpenVINOEngine(path, threads, digest, "int8", f"int8+float32 ({layers} layers)")

@@ -7,9 +7,9 @@
   → the H×W map the answer is rendered from.
 
 A miss and a cache hit run the same ``finish`` on the same levels, so their answers are the same
-bytes. ``finish`` runs in the codec pool, except where it needs PyTorch's CPU kernels (a
-reduction, or ``refine``, on a CPU host: :func:`finishes_on_worker`): those run on the worker's
-thread, where every CPU PyTorch operation of the service runs.
+bytes. ``finish`` runs in the codec pool: the map back to the photo's size (numpy and OpenCV on a
+CPU host, the device on a GPU), then the alpha stage (:mod:`service.images.alpha`), which refines
+the map with the photo where ``refine=true`` asks.
 """
 
 from __future__ import annotations
@@ -17,16 +17,14 @@ from __future__ import annotations
 from typing import Protocol
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from model.postprocess import finish_on_cpu, to_mask, to_probability
-from model.refine import refine
+from model.device import Device
 from model.segmenter import Segmenter
 from model.weights import WeightsSpec
+from service.images import alpha
 from service.params import SegmentParams
 
-__all__ = ["Levels", "Model", "finish", "finishes_on_worker", "run_batch"]
+__all__ = ["Levels", "Model", "finish", "run_batch"]
 
 
 class Levels(np.ndarray):
@@ -53,7 +51,7 @@ class Model(Protocol):
     def identity(self) -> str: ...
 
     @property
-    def device(self) -> torch.device: ...
+    def device(self) -> Device: ...
 
     @property
     def precision(self) -> str:
@@ -62,7 +60,12 @@ class Model(Protocol):
 
     def prepare(self, image: np.ndarray) -> np.ndarray: ...
 
-    def expand(self, levels: Tensor, size: tuple[int, int]) -> Tensor: ...
+    def finish(
+        self, levels: np.ndarray, size: tuple[int, int], *, probability: bool, threshold: float
+    ) -> np.ndarray:
+        """An ``S×S`` uint8 map → the ``H×W`` uint8 map of the answer: the probability's 8-bit
+        levels, or the mask at ``threshold`` (:meth:`model.segmenter.Segmenter.finish`)."""
+        ...
 
 
 def run_batch(
@@ -84,16 +87,6 @@ def run_batch(
     return out
 
 
-def finishes_on_worker(segmenter: Model, size: tuple[int, int], params: SegmentParams) -> bool:
-    """Whether ``finish`` needs PyTorch on the CPU for an image of ``size`` (H, W): a map
-    reduced to a smaller image (anti-aliased), or refined. libgomp gives every thread that
-    starts parallel work a team of its own, and once a process has more such threads than CPUs
-    it stops spinning between parallel regions: the worker's operations then took twice as long
-    (a 12 MP refine: 110 against 68 ms), so they stay on the worker's one thread."""
-    side = segmenter.spec.input_size
-    return segmenter.device.type == "cpu" and (params.refine or min(size) < side)
-
-
 def finish(
     segmenter: Model,
     levels: np.ndarray,
@@ -105,18 +98,10 @@ def finish(
     """An ``S×S`` uint8 network map → the ``H×W`` uint8 map of the answer, on the CPU: the soft
     map for ``probability`` and for a cut-out whose alpha is soft or a matte, else the mask;
     resized back to ``size`` (H, W; by default that of ``image``, the H×W×3 the network saw),
-    refined first if asked (``image`` then at full size), on the model's device."""
+    and refined with ``image`` (then at full size) if asked."""
     h, w = size or image.shape[:2]
-    probability = params.soft_map
-    if segmenter.device.type == "cpu" and not params.refine:
-        done = finish_on_cpu(levels, (h, w), probability=probability, threshold=params.threshold)
-        if done is not None:
-            return done
-    with torch.inference_mode():
-        # Levels from a cache are read-only bytes; PyTorch's tensors are writable views.
-        m = segmenter.expand(torch.from_numpy(np.array(levels)), (h, w))
-        if params.refine:
-            # ``refine`` works in place: the unrefined map is not needed afterwards.
-            m = refine(m, torch.from_numpy(image), out=m)
-        out = to_probability(m) if probability else to_mask(m, params.threshold)
-        return out.cpu().numpy()
+    refine = params.refine
+    m = segmenter.finish(
+        levels, (h, w), probability=params.soft_map or refine, threshold=params.threshold
+    )
+    return alpha.refined(image, m, params) if refine else m

@@ -5,7 +5,7 @@
     → its 8-bit network map (from the map cache, or through the model's batch)
     → the answer (one trip to the codec pool: the map resized back, thresholded, encoded)
 
-``routes.py`` speaks HTTP: it reads the request into a :class:`~service.http.upload.Submission`,
+``routes.py`` speaks HTTP: it reads the request into a :class:`~service.core.request.Submission`,
 calls :meth:`Pipeline.answer` and writes what it returns. What one request carries through the
 stages is one :class:`RequestContext`; what exists once the service is loaded is one
 :class:`Ready`, built whole in the lifespan.
@@ -27,7 +27,7 @@ from service.core.admission import Admission, PoolStage
 from service.core.batcher import Completed
 from service.core.budget import Charge, MemoryBudget, request_cost, upload_cost
 from service.core.cache import Caches, digest, map_key, new_image_id
-from service.core.infer import Model, finish, finishes_on_worker
+from service.core.infer import Model, finish
 from service.core.request import Submission
 from service.core.scale import decode_tag, reduction
 from service.errors import ImageNotFound, ImageTooLarge, NotReady, ServiceError
@@ -91,8 +91,7 @@ class Ready:
 
     models: dict[str, Served]  # the default one first
     codec_pool: ThreadPoolExecutor
-    # The thread every CPU PyTorch operation runs on (service/http/app.py's lifespan): batches, and
-    # the finishing of maps that PyTorch makes on the CPU (service/core/infer.py).
+    # The thread the network runs on (service/core/service.py): loading, warm-up and batches.
     infer_pool: ThreadPoolExecutor
     caches: Caches
     budget: MemoryBudget
@@ -133,7 +132,7 @@ class _Decoded:
 
 
 class Pipeline:
-    """Runs a :class:`~service.http.upload.Submission` through the stages to its answer."""
+    """Runs a :class:`~service.core.request.Submission` through the stages to its answer."""
 
     def __init__(self, runtime: Owner, ready: Ready) -> None:
         self.runtime = runtime
@@ -145,11 +144,9 @@ class Pipeline:
             name: runtime.metrics.stage_duration.labels(stage=name)
             for name in ("fetch", "decode", "encode")
         }
-        # The trips to a pool, each under the request's deadline: the decode, and the answer
-        # (its first half on the worker's thread where the map needs PyTorch on the CPU).
+        # The trips to a pool, each under the request's deadline: the decode, and the answer.
         self._decoding = PoolStage(ready.codec_pool, "decode", runtime.metrics)
         self._encoding = PoolStage(ready.codec_pool, "encode", runtime.metrics)
-        self._finishing = PoolStage(ready.infer_pool, "encode", runtime.metrics)
         # Each model's cache counters, looked up once rather than per request.
         self._cache_hits = {m: runtime.metrics.map_cache_hits.labels(model=m) for m in ready.models}
         self._cache_misses = {
@@ -373,20 +370,11 @@ class Pipeline:
         max_pixels: int | None,
         ctx: RequestContext,
     ) -> Rendered:
-        """The map resized back and thresholded, then encoded: one trip to the codec pool, or
-        two where the map needs PyTorch on the CPU (its first half then on the worker's
-        thread); withdrawn, as the decode is, if its deadline passes while it waits."""
-        deadline, gone = self.deadline(ctx), ctx.disconnected
-        rgb, size = image.model_rgb, (image.size[1], image.size[0])
-        if finishes_on_worker(segmenter, size, params):
-            m = await self._finishing.run(
-                deadline, gone, partial(finish, size=size), segmenter, levels, rgb, params
-            )
-            encode = partial(render, max_pixels=max_pixels)
-            return await self._encoding.run(deadline, gone, encode, m, image, params)
+        """The map resized back, through the alpha stage and encoded: one trip to the codec
+        pool, withdrawn, as the decode is, if its deadline passes while it waits."""
         return await self._encoding.run(
-            deadline,
-            gone,
+            self.deadline(ctx),
+            ctx.disconnected,
             _finish_and_render,
             segmenter,
             levels,

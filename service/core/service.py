@@ -196,7 +196,7 @@ def describe(segmenter: Segmenter, max_batch_size: int) -> dict[str, object]:
         "model": segmenter.name,
         "engine": segmenter.engine.name,
         "device": str(segmenter.device),
-        "dtype": str(segmenter.dtype).removeprefix("torch."),
+        "dtype": segmenter.dtype,
         "max_batch_size": max_batch_size,
         "precision": segmenter.precision,
         "arithmetic": segmenter.arithmetic,
@@ -242,12 +242,11 @@ async def start_service(
     host, ``u2serve.Remover``) keeps for itself.
     """
     s = settings
-    # Every CPU PyTorch operation of the service runs on this one thread: loading, warm-up,
-    # batches, and the maps PyTorch finishes on the CPU (service/core/infer.py). libgomp gives
-    # each thread that starts parallel work a team of its own, and once a process has more such
-    # threads than CPUs it stops spinning between parallel regions, so the batch thread's
-    # operations took twice as long when the model had been loaded on another thread (a 12 MP
-    # refine: 110 ms against 68 ms).
+    # The network runs on this one thread: loading, warm-up and batches (MNN's runtime, and
+    # on a GPU PyTorch's: libgomp gives each thread that starts parallel work a team of its own,
+    # and once a process has more such threads than CPUs it stops spinning between parallel
+    # regions, so the batch thread's operations took twice as long when the model had been
+    # loaded on another thread).
     infer = ThreadPoolExecutor(1, thread_name_prefix="u2serve-infer")
     loop = asyncio.get_running_loop()
     segmenters: dict[str, Segmenter] = {}
@@ -284,9 +283,8 @@ async def start_service(
         batcher.start()
         batchers[name] = batcher
         models[name] = Served(segmenter, batcher, describe(segmenter, max_batch))
-        dtype = str(segmenter.dtype).removeprefix("torch.")
         engine = segmenter.engine.name
-        metrics.model_info.labels(name, engine, str(segmenter.device), dtype).set(1)
+        metrics.model_info.labels(name, engine, str(segmenter.device), segmenter.dtype).set(1)
         # Each model's series exist from the start, so a hit ratio's rate() has both.
         metrics.map_cache_hits.labels(model=name)
         metrics.map_cache_misses.labels(model=name)
@@ -295,7 +293,7 @@ async def start_service(
             name,
             engine,
             segmenter.device,
-            dtype,
+            segmenter.dtype,
             max_batch,
         )
     caches = open_caches(s, metrics)

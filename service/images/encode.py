@@ -1,7 +1,7 @@
 """8-bit maps → the answer: a one-channel mask, the photo with an alpha (the mask, the soft map or
-a matte solved from the photo, :mod:`service.images.matte`; on a colour if asked), or the
-subject's box as JSON; cropped and scaled down as asked, with headers that give the subject's box
-in the answer's grid."""
+a matte solved from the photo: the alpha stage, :mod:`service.images.alpha`; on a colour if
+asked), or the subject's box as JSON; cropped and scaled down as asked, with headers that give
+the subject's box in the answer's grid."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 from service.images.box import Box, Subject, crop_region, fit_size, side_within, subject
 from service.images.codecs import Picture, encoder
 from service.images.decode import DecodedImage
-from service.images.matte import cutout
+from service.images import alpha
 from service.params import SegmentParams
 
 __all__ = ["BOX_HEADERS", "MEDIA_TYPES", "Rendered", "render"]
@@ -87,10 +87,9 @@ def render(
     out_size = fit_size((region.width, region.height), max_side)
     answer_box = found.box.within(region, out_size) if found.box else None
     is_cutout = params.output == "cutout"
-    colour = image.rgb if is_cutout else None
-    if params.cutout_alpha == "soft" or params.cutout_alpha == "matte":
-        # Where alpha is partial, the subject's own colour: no rim of the old background.
-        levels, colour = cutout(image.rgb, levels, params.cutout_alpha, threshold=params.threshold)
+    colour = None
+    if is_cutout:
+        levels, colour = alpha.cutout(image.rgb, levels, params)
     picture = Picture(
         levels=levels,
         rgb=colour,

@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 import service.errors
-from model.postprocess import from_levels
+from model.device import CPU, Device
+from model.postprocess import finish_on_cpu
 from model.preprocess import prepare
 from model.weights import SPECS, WeightsSpec
 from service.core.admission import Admission, Counts, in_flight_limit
@@ -145,14 +144,16 @@ class RemoteModel:
         return self._precision
 
     @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
+    def device(self) -> Device:
+        return CPU
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         return prepare(image, self.spec)
 
-    def expand(self, levels: Tensor, size: tuple[int, int]) -> Tensor:
-        return from_levels(levels, size)
+    def finish(
+        self, levels: np.ndarray, size: tuple[int, int], *, probability: bool, threshold: float
+    ) -> np.ndarray:
+        return finish_on_cpu(levels, size, probability=probability, threshold=threshold)
 
 
 class WorkerGone(ServiceError):

@@ -99,14 +99,9 @@ def _worker(settings: Settings, shared: Shared) -> int:
 
 
 def _front(settings: Settings, shared: Shared, sock: socket.socket) -> int:
-    import torch
-
     from service.http.app import create_app
     from service.http.server import serve_app
 
-    # A front runs no network: PyTorch's CPU operations (the rare maps it finishes with
-    # PyTorch) run on one thread each, rather than a team per process on every core.
-    torch.set_num_threads(1)
     app = create_app(settings, owns_process=True, shared=shared)
     return serve_app(app, settings, sockets=[sock])
 

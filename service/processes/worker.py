@@ -84,7 +84,7 @@ async def serve(settings: Settings, shared: Shared) -> None:
         )
         batchers[name].start()
         descriptions[name] = _description(name, seg, max_batch)
-        dtype = str(seg.dtype).removeprefix("torch.")
+        dtype = seg.dtype
         metrics.model_info.labels(name, seg.engine.name, str(seg.device), dtype).set(1)
         metrics.map_cache_hits.labels(model=name)
         metrics.map_cache_misses.labels(model=name)

@@ -128,7 +128,7 @@ class PillowDecoder:
             # In place and without same-mode conversions: each copy would be a full-size image.
             ImageOps.exif_transpose(im, in_place=True)
             im = _normalise_mode(im)
-        arr = np.array(im)  # a writable copy: torch.from_numpy refuses read-only buffers
+        arr = np.array(im)  # a writable copy, as every decoder gives
         del im  # PIL's own buffer (4 bytes a pixel) goes before the next full-size array
         return finish(arr)
 
