@@ -12,15 +12,28 @@ SYSTEM_PACKAGES := nginx-light docker.io docker-compose debootstrap prometheus c
 SYSTEM_TOOLS := nginx dockerd docker-compose debootstrap promtool chromium openssl redis-server \
 	redis-cli
 
-.PHONY: install weights serve test lint bench system-deps docs
-install: $(VENV)/.installed
+# A host installs what it runs: the CPU set (the service and the weights' converters, no
+# PyTorch), and the gpu extra's PyTorch only where an NVIDIA GPU is present (its driver's files),
+# so that a laptop's `make serve` downloads no CUDA.
+GPU := $(shell test -e /proc/driver/nvidia/version -o -e /dev/nvidiactl && echo gpu)
+RUNTIME := -r requirements.txt -r requirements-convert.txt $(if $(GPU),-r requirements-gpu.txt)
+
+.PHONY: runtime install weights serve test lint bench system-deps docs
+runtime: $(VENV)/.runtime
 # The project itself is installed editable, for the `u2serve` command; its dependencies are the
 # pinned ones installed just before.
-$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+$(VENV)/.runtime: requirements.txt requirements-convert.txt requirements-gpu.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet $(RUNTIME)
 	$(PY) -m pip install --quiet --no-deps --editable .
+	touch $@
+
+# The suite's tools on top, and PyTorch for the torch engine's tests and the references the
+# CPU's numpy stages are held to.
+install: $(VENV)/.installed
+$(VENV)/.installed: $(VENV)/.runtime requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
 weights: install
@@ -36,7 +49,7 @@ system-deps:
 	        $(SYSTEM_PACKAGES) >/dev/null; \
 	else echo "missing:$$missing (tests that need them are skipped)"; fi
 
-serve: install
+serve: runtime
 	$(PY) -m weights fetch u2net
 	$(PY) -m service
 

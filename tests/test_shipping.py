@@ -128,18 +128,20 @@ def test_every_dashboard_and_alert_query_names_an_exported_metric() -> None:
     assert not missing, f"not on the dashboard or in an alert: {sorted(missing)}"
 
 
-def test_the_wheel_holds_the_public_package_and_the_command(tmp_path: Path) -> None:
-    """``pip install .`` gives ``import u2serve`` (typed) beside the packages it is the face of,
-    and the ``u2serve`` command. Built from a copy of the sources, so nothing is left behind in
-    the working tree."""
-    src = tmp_path / "src"
-    for name in ("pyproject.toml", "README.md", "requirements.txt"):
+PACKAGES = ("u2serve", "service", "model", "weights")
+REQUIREMENTS = ("requirements.txt", "requirements-convert.txt", "requirements-gpu.txt")
+
+
+def wheel_of(folder: Path) -> Path:
+    """The project's wheel, built into ``folder`` from a copy of its sources (so that nothing is
+    written into the working tree)."""
+    src = folder / "src"
+    for name in ("pyproject.toml", "README.md", *REQUIREMENTS):
         (src / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, src / name)
-    packages = ("u2serve", "service", "model", "weights")
-    for package in packages:
+    for package in PACKAGES:
         shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
-    built = tmp_path / "dist"
+    built = folder / "dist"
     r = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(built), str(src)],
         capture_output=True,
@@ -148,11 +150,29 @@ def test_the_wheel_holds_the_public_package_and_the_command(tmp_path: Path) -> N
     )
     assert r.returncode == 0, r.stdout + r.stderr
     (wheel,) = built.glob("u2serve-*.whl")
+    return wheel
+
+
+def test_the_wheel_holds_the_public_package_and_the_command(tmp_path: Path) -> None:
+    """``pip install .`` gives ``import u2serve`` (typed) beside the packages it is the face of,
+    and the ``u2serve`` command. Built from a copy of the sources, so nothing is left behind in
+    the working tree."""
+    wheel = wheel_of(tmp_path / "dist")
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         scripts = zf.read(entry_points).decode()
-    for package in packages:
+        (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        requires = [
+            line.removeprefix("Requires-Dist: ")
+            for line in zf.read(metadata).decode().splitlines()
+            if line.startswith("Requires-Dist: ")
+        ]
+    # The default dependencies are a CPU host's; PyTorch comes with the gpu extra alone.
+    torch = [r for r in requires if r.startswith("torch")]
+    assert torch == ['torch==2.13.0; extra == "gpu"'], requires
+    assert any(r.startswith("mnn") or r.startswith("MNN") for r in requires)
+    for package in PACKAGES:
         sources = {
             p.relative_to(REPO).as_posix()
             for p in (REPO / package).rglob("*.py")
