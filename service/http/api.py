@@ -2,7 +2,7 @@
 service's own), and the APIs other tools already speak (:mod:`service.http.compat`).
 
 An API reads a request into a :class:`Call` (its own field names and rules, translated into the
-service's :class:`~service.http.upload.Submission`), the call is answered through the one
+service's :class:`~service.core.request.Submission`), the call is answered through the one
 :class:`~service.core.pipeline.Pipeline`, and an error is written in the API's own shape. The route
 (``service/http/routes.py``'s ``serve``) does the rest for every API alike: the API key, admission,
 the memory charged for the body, the access log and the metrics, labelled by :attr:`Api.name`.

@@ -5,7 +5,7 @@ pipeline, so that moving to it is a change of base URL:
   (what its clients, and CarveKit's server, speak);
 - :mod:`service.http.compat.rembg`: ``rembg s``'s ``GET``/``POST /api/remove``.
 
-Each translates its API's request into a :class:`~service.http.upload.Submission` (the parameters
+Each translates its API's request into a :class:`~service.core.request.Submission` (the parameters
 into
 :class:`~service.params.SegmentParams`), has :meth:`~service.core.pipeline.Pipeline.answer` answer
 it, and translates the :class:`~service.images.encode.Rendered` answer back, errors included. No

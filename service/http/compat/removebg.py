@@ -1,7 +1,7 @@
 """remove.bg's API, as remove.bg documents it: ``POST /v1.0/removebg`` and ``GET /v1.0/account``.
 
 A request (multipart, form-encoded or JSON; ``X-Api-Key``) is translated into a
-:class:`~service.http.upload.Submission`:
+:class:`~service.core.request.Submission`:
 
 - the image: ``image_file``, ``image_file_b64`` or ``image_url`` (through the service's own
   URL fetcher), exactly one;
