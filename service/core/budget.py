@@ -115,7 +115,7 @@ _M_ARENA_MAX = -8
 # Left alone, glibc starts at 128 KiB and raises the threshold to the size of each mapped block
 # that is freed (up to 32 MiB), after which requests' image buffers come from the heap and stay
 # there, fragmented, after they are freed. 2 MiB: the buffers that matter are megabytes, while
-# working temporaries below it (model/refine.py keeps its own there) are reused from the heap
+# working temporaries below it (the matte's tiles, for one) are reused from the heap
 # rather than faulted in afresh. bench.http (U2NETP, 1 and 12 MP, mask and cut-out, 1 and 4
 # clients, 3 alternating rounds) measured it within noise of a threshold of 32 MiB, where glibc's
 # moving one ends up (1% fewer images/s, geometric mean of the eight cases, each within ±9%); an

@@ -58,7 +58,7 @@ UNSURE = 0.02
 # over 320): the window must span the map's ramp, which is as wide as a few of them.
 RADIUS = 4.0
 # A contrast stretch around 0.5 after the filter (clamped); 1 is none. Measured by bench.matting
-# on matting-dev: 2 (model/refine.py's) lowers whole SAD to 93.85 but raises MSE to 308 and the
+# on matting-dev: 2 (REFINE's, below) lowers whole SAD to 93.85 but raises MSE to 308 and the
 # edge band's SAD to 33.03; 1 keeps MSE at 295.6 and gives the band's best SAD (32.87).
 STRETCH = 1.0
 # Then what is within SNAP of 0 or 1 is settled there (the rest stretched to fill the range):
