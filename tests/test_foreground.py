@@ -91,8 +91,9 @@ def reference(photo: np.ndarray, alpha: np.ndarray, m: fgmod.Models) -> np.ndarr
     """The same estimate written plainly over every pixel, in float64: the models sampled
     bilinearly (OpenCV's, centres aligned), the alpha the colour reads (the point on the ray from
     the background's mean through the pixel nearest the foreground's mean, in the metric of its
-    covariance), and Bayesian matting's system for F and B given that alpha (Chuang et al.: the
-    foreground's and background's Gaussians, the photo's noise)."""
+    covariance, counted as far as the two means are apart in it), and Bayesian matting's system
+    for F and B given that alpha (Chuang et al.: the foreground's and background's Gaussians,
+    the photo's noise)."""
     h, w = alpha.shape
 
     def sampled(planes: np.ndarray) -> np.ndarray:
@@ -115,6 +116,8 @@ def reference(photo: np.ndarray, alpha: np.ndarray, m: fgmod.Models) -> np.ndarr
     near, towards = (pr * r).sum(1), (pr * (mu_f - mu_b)).sum(1)
     reading = np.where(towards > near, near / np.maximum(towards, 1e-300), 1.0)
     a = np.maximum(np.minimum(given, reading), fgmod.FLOOR * given)
+    apart = np.einsum("ni,nij,nj->n", mu_f - mu_b, prec_f, mu_f - mu_b)  # D², in spreads²
+    a = given + (a - given) * apart / (apart + fgmod.APART)
     lam, eye = 1 / fgmod.NOISE**2, np.eye(3)
     system = np.zeros((h * w, 6, 6))
     system[:, :3, :3] = prec_f + (lam * a**2)[:, None, None] * eye

@@ -16,17 +16,19 @@ Curless, Salesin and Szeliski, 2001), with local colour models made once for the
   from its own colour and the models there (bilinearly): first the alpha its colour reads, the
   point on the ray from the background's mean through the pixel that the foreground's model
   finds likeliest; where that is below the given alpha (an alpha too high at the rim, which
-  leaves the old background in) the lesser is used, down to ``FLOOR`` of the given one. Then the
-  likeliest foreground and background for that alpha, the pixel (noise ``NOISE``) and both
-  models: ``F = μF + ΣF (ΣF + t)⁻¹ (F' − μF)``, the colour ``F'`` that unmixes the pixel against
-  the background's mean, drawn towards the foreground's mean as far as ``t``, the noise its
-  division by α amplifies, ``(NOISE² + (1 − α)² σB²) / α²``, outweighs the foreground's own
-  spread. Where α is near 1 that is the photo's pixel; where it is small, the foreground's mean.
+  leaves the old background in) the lesser is used, down to ``FLOOR`` of the given one, and as
+  far as the two models are apart (``APART``: where the subject looks like the background the
+  reading is noise, and the given alpha stands). Then the likeliest foreground and background
+  for that alpha, the pixel (noise ``NOISE``) and both models: ``F = μF + ΣF (ΣF + t)⁻¹ (F' −
+  μF)``, the colour ``F'`` that unmixes the pixel against the background's mean, drawn towards
+  the foreground's mean as far as ``t``, the noise its division by α amplifies, ``(NOISE² +
+  (1 − α)² σB²) / α²``, outweighs the foreground's own spread. Where α is near 1 that is the
+  photo's pixel; where it is small, the foreground's mean.
 
 Pixels where α is 0 or 1 keep the photo's colour. The work at the photo's size is a pass over
 its partial pixels; what it reads is the models, 13 float32 planes on a grid of at most 10 000
-pixels, so the stage holds no full-size buffer but the answer's colour, 3 bytes a pixel (the
-models' sums at the working resolution, 40 bytes a working pixel, go before it starts).
+pixels. So the stage holds no full-size buffer but the answer's colour, 3 bytes a pixel; the
+rest is at the working resolution (the photo in float32, 12 bytes a working pixel: 1.8 MB).
 The constants were chosen by ``python -m bench.matting`` (bench/README.md has the figures).
 """
 
@@ -40,7 +42,7 @@ import numpy as np
 from service.images import rim
 from service.images.compiled import compiled
 
-__all__ = ["FLOOR", "LEVEL", "NOISE", "SPREAD", "Models", "models", "paint"]
+__all__ = ["APART", "FLOOR", "LEVEL", "NOISE", "SPREAD", "Models", "models", "paint"]
 
 # The photo's noise, as a share of the range: how far a pixel may be from its mix of the two
 # models by chance. Measured by bench.matting's fringe (synthetic composites: with the true alpha
@@ -56,6 +58,14 @@ SPREAD = 0.01
 # the same figures; it keeps a pixel whose colour reads as background (a background unlike its
 # model) from being unmixed by a near-zero alpha into a colour of neither.
 FLOOR = 0.25
+# How far apart (in squared spreads of the foreground's model, D²) the two models' means must be
+# for the colour's reading of alpha to count half: it counts D² / (D² + APART). Where the subject
+# looks like the background (a face's edge against a pale sky, Composition-1k's JPEG blocks in
+# it), the reading follows the noise and showed the working grid's blocks in the colour; 9 (three
+# spreads) takes them out and keeps the haze out of a hairline against a grey-mauve wall, which
+# 100 lets back in. The synthetic composites are far apart: 4.48 with the matte's alpha with and
+# without it (4.50 with 100).
+APART = 9.0
 # The models' grid: the working grid halved this many times, each of its pixels the mean and
 # spread of the sure pixels in its block (at the working resolution's most, 150 000 pixels, a
 # block of 4×4 is 10×10 photo pixels at 1 MP, 36×36 at 12 MP). Measured by bench.matting's
@@ -210,5 +220,5 @@ def paint(
     uint8), from the models ``m`` (:func:`service.images.rim.unmix`; ``rows``/``cols``:
     :func:`service.images.rim.blocks`)."""
     rim.unmix(
-        rgb, alpha, out, m.foreground, m.background, wys, wxs, rows, cols, NOISE * NOISE, FLOOR
+        rgb, alpha, out, m.foreground, m.background, wys, wxs, rows, cols, NOISE**2, FLOOR, APART
     )

@@ -146,7 +146,9 @@ _CHUNK = 256  # pixels gathered before the math runs over them: their planes sta
 
 
 @compiled(error_model="numpy")
-def _colours(v: np.ndarray, n: int, noise2: np.float32, floor: np.float32, f: np.ndarray) -> None:
+def _colours(
+    v: np.ndarray, n: int, noise2: np.float32, floor: np.float32, apart: np.float32, f: np.ndarray
+) -> None:
     """The foreground's colour (``f``: 3×n float32) of ``n`` pixels held as planes (``v``: 17×n
     float32): the foreground's model (mean, then covariance RR RG RB GG GB BB), the background's
     (mean, then a channel's variance), the pixel's colour and its given alpha, all in [0, 1]."""
@@ -161,16 +163,27 @@ def _colours(v: np.ndarray, n: int, noise2: np.float32, floor: np.float32, f: np
         a01, a02, a12 = s02 * s12 - s01 * s22, s01 * s12 - s02 * s11, s01 * s02 - s00 * s12
         # The alpha the colour reads: along the ray r from the background's mean through the
         # pixel, the point nearest the foreground's mean in its own metric; it counts where it
-        # is below 1 (and it is above 0 then, both forms being positive), down to floor × given.
+        # is below 1 (and it is above 0 then, both forms being positive), down to floor × given,
+        # and as far as the two means are apart in that metric (D², squared spreads): by
+        # D² / (D² + apart), so that where the subject looks like the background (a face against
+        # a pale sky) the given alpha stands.
         r0, r1, r2 = i0 - b0, i1 - b1, i2 - b2
+        m0, m1, m2 = f0 - b0, f1 - b1, f2 - b2
         p0 = a00 * r0 + a01 * r1 + a02 * r2
         p1 = a01 * r0 + a11 * r1 + a12 * r2
         p2 = a02 * r0 + a12 * r1 + a22 * r2
         near = p0 * r0 + p1 * r1 + p2 * r2
-        towards = p0 * (f0 - b0) + p1 * (f1 - b1) + p2 * (f2 - b2)
+        towards = p0 * m0 + p1 * m1 + p2 * m2
         reading = near / max(towards, np.float32(1e-30))
         a = min(given, reading) if towards > near else given
         a = max(a, floor * given)
+        det_s = s00 * a00 + s01 * a01 + s02 * a02
+        d2 = (  # D² × det S
+            m0 * (a00 * m0 + a01 * m1 + a02 * m2)
+            + m1 * (a01 * m0 + a11 * m1 + a12 * m2)
+            + m2 * (a02 * m0 + a12 * m1 + a22 * m2)
+        )
+        a = given + (a - given) * d2 / (d2 + apart * det_s)
         # The colour d + μF that unmixes the pixel against the background's mean, less its
         # excess over the foreground's mean as far as the noise t outweighs the spread S:
         # F = μF + S (S + t)⁻¹ d, with (S + t)⁻¹ from S's adjugate (Cayley-Hamilton: adj(S + t)
@@ -187,7 +200,7 @@ def _colours(v: np.ndarray, n: int, noise2: np.float32, floor: np.float32, f: np
             a22 + t * (tr - s22) + tt,
         )
         m01, m02, m12 = a01 - t * s01, a02 - t * s02, a12 - t * s12
-        det = s00 * a00 + s01 * a01 + s02 * a02 + t * (a00 + a11 + a22) + tt * tr + tt * t
+        det = det_s + t * (a00 + a11 + a22) + tt * tr + tt * t
         q = one / det
         z0 = (m00 * d0 + m01 * d1 + m02 * d2) * q
         z1 = (m01 * d0 + m11 * d1 + m12 * d2) * q
@@ -203,6 +216,7 @@ def _flush(
     n: int,
     noise2: np.float32,
     floor: np.float32,
+    apart: np.float32,
     f: np.ndarray,
     xs: np.ndarray,
     y: int,
@@ -210,7 +224,7 @@ def _flush(
 ) -> None:
     """:func:`_colours` of the ``n`` pixels gathered, written to ``out`` at row ``y``, columns
     ``xs``."""
-    _colours(v, n, noise2, floor, f)
+    _colours(v, n, noise2, floor, apart, f)
     for i in range(n):
         x = xs[i]
         out[y, x, 0] = _level(f[0, i])
@@ -231,19 +245,22 @@ def unmix(
     cols: np.ndarray,
     noise2: float,
     floor: float,
+    apart: float,
 ) -> None:
     """In the blocks of the working pixels (``wys``, ``wxs``), where 0 < ``alpha`` < 255: ``out``
     (H×W×3 uint8) = the foreground's colour estimated from the photo ``rgb`` and the local colour
     models (:mod:`service.images.foreground`), bilinearly between the pixels of the models' grid
     (coarser than the working one): ``fg`` (h×w×9 float32: mean, then covariance RR RG RB GG GB
     BB) and ``bg`` (h×w×4: mean, then a channel's variance). The alpha used is the given one or,
-    where less, the one the pixel's colour reads (at least ``floor`` of the given one);
-    ``noise2``: the photo's noise variance. Pixels are gathered a chunk at a time (the models
+    where less, the one the pixel's colour reads (at least ``floor`` of the given one, and by
+    how far apart the models are, ``apart``: see :func:`_colours`); ``noise2``: the photo's
+    noise variance. Pixels are gathered a chunk at a time (the models
     interpolated, the photo's colour and alpha) and the math run over the chunk."""
     y0s, y1s, tys = _corners(alpha.shape[0], fg.shape[0])
     x0s, x1s, txs = _corners(alpha.shape[1], fg.shape[1])
     k255 = np.float32(1 / 255)
-    n2, least = np.float32(noise2), np.float32(floor)  # float32 throughout: no widening
+    # float32 throughout: no widening
+    n2, least, far = np.float32(noise2), np.float32(floor), np.float32(apart)
     line = np.empty((fg.shape[1], 13), np.float32)  # both models between two rows, at a photo row
     v = np.empty((17, _CHUNK), np.float32)
     f = np.empty((3, _CHUNK), np.float32)
@@ -277,7 +294,7 @@ def unmix(
                 xs[n] = x
                 n += 1
                 if n == _CHUNK:
-                    _flush(v, n, n2, least, f, xs, y, out)
+                    _flush(v, n, n2, least, far, f, xs, y, out)
                     n = 0
-            _flush(v, n, n2, least, f, xs, y, out)
+            _flush(v, n, n2, least, far, f, xs, y, out)
         k = end
