@@ -127,9 +127,10 @@ def create_app(
     (tests, another ASGI host) keeps for itself. ``shared``: the app is a front process of
     several (:mod:`service.processes.supervisor`), whose models run in the inference worker.
     """
-    from service.http.compat import TAGS, document_compat
+    from service.http.compat import TAGS
     from service.http.pages import install_pages
-    from service.http.routes import DIRECT, document_segment, router
+    from service.http.routes import DIRECT, operations, router
+    from service.http.schema import Offer, document
 
     settings = settings or Settings()
     app = App(
@@ -171,12 +172,12 @@ def create_app(
     generated = app.openapi
 
     def openapi() -> dict[str, Any]:
-        """FastAPI's document, with what these settings serve: the models, and URL input."""
+        """FastAPI's document, and the image routes' as these settings serve them (the loaded
+        models, URL input)."""
         if app.openapi_schema is None:
-            schema, models = generated(), settings.served_models
-            document_segment(schema, models=models, url_input=settings.url_input)
-            document_compat(schema, models=models, url_input=settings.url_input)
-        return app.openapi_schema or generated()
+            offer = Offer(settings.served_models, settings.url_input)
+            app.openapi_schema = document(generated(), router.routes, operations(offer))
+        return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app

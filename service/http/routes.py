@@ -4,19 +4,19 @@ by :mod:`service.http.compat`), and the operational endpoints."""
 from __future__ import annotations
 
 import asyncio
-import copy
 import hmac
 import logging
 import re
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, NotRequired
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import Field
+from typing_extensions import TypedDict  # pydantic describes typing's only from Python 3.12
 
 from service.core.access import AccessRecord
 from service.core.budget import upload_cost
@@ -25,16 +25,32 @@ from service.core.pipeline import Pipeline, RequestContext
 from service.core.request import Submission
 from service.errors import ClientGone, ServiceError, Unauthorized
 from service.http.api import Api, Call, Reading
+from service.http.compat import operations as compat_operations
 from service.http.compat import rembg, removebg
 from service.http.errors import error_response, response_of
 from service.http.runtime import Runtime, RuntimeDep
+from service.http.schema import (
+    Answer,
+    Body,
+    Errors,
+    Fields,
+    Media,
+    Offer,
+    Operation,
+    Url,
+    choice,
+    param,
+    params,
+    responses,
+    schema_of,
+)
 from service.http.upload import IMAGE_ID, MULTIPART_OVERHEAD, read_upload
 from service.images.decode import FORMATS
 from service.params import SegmentParams
 from service.settings import Settings
-from service.url.fetch import MAX_REDIRECTS, MAX_URL_LENGTH
+from service.url.fetch import MAX_REDIRECTS
 
-__all__ = ["SEGMENT", "document_segment", "router", "serve"]
+__all__ = ["DIRECT", "SEGMENT", "operations", "router", "serve"]
 
 log = logging.getLogger("u2serve")
 router = APIRouter()
@@ -42,125 +58,62 @@ router = APIRouter()
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-_ERROR_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["code", "message"],
-            "properties": {
-                "code": {"type": "string", "description": "stable, for programs"},
-                "message": {"type": "string", "description": "what was wrong, for people"},
-            },
-        }
-    },
+# -- POST /segment's document (service/http/schema.py writes it) --------------------------------
+
+
+class _Problem(TypedDict):
+    code: Annotated[str, Field(description="stable, for programs")]
+    message: Annotated[str, Field(description="what was wrong, for people")]
+
+
+# The service's error answer, as service.http.errors.error_response writes it.
+class _ErrorBody(TypedDict):
+    error: _Problem
+
+
+_ERRORS = Errors(
+    schema_of(_ErrorBody), example={"error": {"code": "...", "message": "what was wrong"}}
+)
+
+
+class _Rect(TypedDict):
+    left: int
+    top: int
+    width: int
+    height: int
+
+
+class _Size(TypedDict):
+    width: int
+    height: int
+
+
+# What service.images.encode.render writes for output=box.
+class _BoxAnswer(TypedDict):
+    image: _Size
+    box: _Rect | None
+    foreground_ratio: Annotated[float, Field(ge=0, le=1)]
+    crop: NotRequired[_Rect]
+
+
+_BOX = Annotated[
+    _BoxAnswer,
+    Field(
+        description="output=box: the subject's box in the image's pixels (null when there is no "
+        "foreground), its share of the pixels, the image's size, and with crop=true the crop "
+        "rectangle (the whole image when there is no foreground)"
+    ),
+]
+
+_BOX_EXAMPLE = {
+    "image": {"width": 770, "height": 595},
+    "box": {"left": 92, "top": 126, "width": 632, "height": 393},
+    "foreground_ratio": 0.197606,
+    "crop": {"left": 60, "top": 106, "width": 696, "height": 433},
 }
-
-
-def _error_doc(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {
-            "application/json": {
-                "schema": _ERROR_SCHEMA,
-                "example": {"error": {"code": "...", "message": "what was wrong"}},
-            }
-        },
-    }
-
-
-_PARAMS_SCHEMA = SegmentParams.model_json_schema()
-_IMAGE_SCHEMA: dict[str, Any] = {"type": "string", "format": "binary", "minLength": 1}
-_IMAGE_ID_SCHEMA: dict[str, Any] = {
-    "type": "string",
-    "pattern": r"^[A-Za-z0-9_-]{22}$",
-    "description": "instead of the image: the X-Image-Id of an earlier answer, to ask for "
-    "another answer for the same photo without uploading it again (the body empty, or "
-    "form-encoded fields); 404 image_not_found when the service no longer has it",
-}
-_SEGMENT_DOC: dict[str, Any] = {
-    "parameters": [
-        *(
-            {
-                "name": name,
-                "in": "query",
-                "required": False,
-                "description": prop.get("description", ""),
-                "schema": {k: v for k, v in prop.items() if k != "description"},
-            }
-            for name, prop in _PARAMS_SCHEMA["properties"].items()
-        ),
-        {
-            "name": IMAGE_ID,
-            "in": "query",
-            "required": False,
-            "description": _IMAGE_ID_SCHEMA["description"],
-            "schema": {k: v for k, v in _IMAGE_ID_SCHEMA.items() if k != "description"},
-        },
-    ],
-    "requestBody": {
-        "required": True,
-        "description": "The image: a multipart field named `image` (parameters may then also "
-        "be form fields, which take precedence over the query; each at most once in each "
-        "place), or the raw body with an `image/*` or "
-        "`application/octet-stream` content type. The bytes must be an image file in one of "
-        "these formats, else 415: " + ", ".join(FORMATS) + ". Or no image: `image_id` (a "
-        "query parameter with an empty body, or a field of a multipart or "
-        "`application/x-www-form-urlencoded` body) names one sent before; the image and "
-        "`image_id` together are a 422",
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "image": _IMAGE_SCHEMA,
-                        IMAGE_ID: _IMAGE_ID_SCHEMA,
-                        **_PARAMS_SCHEMA["properties"],
-                    },
-                }
-            },
-            "application/x-www-form-urlencoded": {
-                "schema": {
-                    "type": "object",
-                    "required": [IMAGE_ID],
-                    "additionalProperties": False,
-                    "properties": {IMAGE_ID: _IMAGE_ID_SCHEMA, **_PARAMS_SCHEMA["properties"]},
-                }
-            },
-            "image/*": {"schema": _IMAGE_SCHEMA},
-            "application/octet-stream": {"schema": _IMAGE_SCHEMA},
-        },
-    },
-}
-
-
-_RECT = {
-    "type": "object",
-    "properties": {k: {"type": "integer"} for k in ("left", "top", "width", "height")},
-    "required": ["left", "top", "width", "height"],
-}
-_BOX_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "description": "output=box: the subject's box in the image's pixels (null when there is no "
-    "foreground), its share of the pixels, the image's size, and with crop=true the crop "
-    "rectangle (the whole image when there is no foreground)",
-    "properties": {
-        "image": {
-            "type": "object",
-            "properties": {"width": {"type": "integer"}, "height": {"type": "integer"}},
-        },
-        "box": {"anyOf": [_RECT, {"type": "null"}]},
-        "foreground_ratio": {"type": "number", "minimum": 0, "maximum": 1},
-        "crop": _RECT,
-    },
-    "required": ["image", "box", "foreground_ratio"],
-}
-_BOX_HEADER_DOCS = [
+_ANSWER_HEADERS = [
     *(
-        (f"X-Foreground-{side}", f"the subject's box: {what}, in the answer's pixels", "integer")
+        param(f"X-Foreground-{side}", int, f"the subject's box: {what}, in the answer's pixels")
         for side, what in (
             ("Left", "first column"),
             ("Top", "first row"),
@@ -168,72 +121,148 @@ _BOX_HEADER_DOCS = [
             ("Height", "rows (0: no foreground)"),
         )
     ),
-    ("X-Foreground-Ratio", "foreground pixels / all pixels of the image, 0 to 1", "number"),
+    param("X-Foreground-Ratio", float, "foreground pixels / all pixels of the image, 0 to 1"),
+    param(
+        "X-Image-Id",
+        str,
+        "the photo's id, for image_id (absent when the upload could not be kept)",
+    ),
 ]
+_IMAGE = param("image", Annotated[bytes, Field(min_length=1)])
+_IMAGE_ID = param(
+    IMAGE_ID,
+    Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{22}$")],  # as service.core.cache checks it
+    "instead of the image: the X-Image-Id of an earlier answer, to ask for another answer for "
+    "the same photo without uploading it again (the body empty, or form-encoded fields); 404 "
+    "image_not_found when the service no longer has it",
+)
+_MODEL = param(
+    "model",
+    str,
+    "the network: one of the models this service has loaded (U2NET: full, most faithful; "
+    "U2NETP: small and fast)",
+)
+_URL = param(
+    "url",
+    Url,
+    "fetch the image from this http(s) URL instead of sending it (the body is then empty, or "
+    "form fields); private, loopback and link-local addresses are refused (403), at most "
+    f"{MAX_REDIRECTS} redirects are followed",
+)
+_BODY = (
+    "The image: a multipart field named `image` (parameters may then also be form fields, "
+    "which take precedence over the query; each at most once in each place), or the raw body "
+    "with an `image/*` or `application/octet-stream` content type. The bytes must be an image "
+    "file in one of these formats, else 415: " + ", ".join(FORMATS) + ". Or no image: "
+    "`image_id` (a query parameter with an empty body, or a field of a multipart or "
+    "`application/x-www-form-urlencoded` body) names one sent before; the image and `image_id` "
+    "together are a 422"
+)
+_BODY_BY_URL = (
+    ". Or no image at all but its `url`, as a query parameter (the body then empty) or a field "
+    "of a multipart or `application/x-www-form-urlencoded` body. Exactly one of the image, "
+    "`url` and `image_id`: two of them are a 422"
+)
 
 
-def document_segment(schema: dict[str, Any], *, models: Sequence[str], url_input: bool) -> None:
-    """Add to ``POST /segment``'s document, in place, what depends on the settings: ``model``
-    (an enum of the loaded models) and, where URL input is on, ``url`` and its errors (the
-    form-encoded body then holds ``url`` or ``image_id``)."""
-    path = schema["paths"]["/segment"]
-    # FastAPI shares _SEGMENT_DOC's objects between apps: this app's changes go to a copy.
-    path["post"] = op = copy.deepcopy(path["post"])
-    model: dict[str, Any] = {
-        "type": "string",
-        "enum": list(models),
-        "default": models[0],
-        "description": "the network: one of the models this service has loaded (U2NET: "
-        "full, most faithful; U2NETP: small and fast)",
-    }
-    url: dict[str, Any] = {
-        "type": "string",
-        "format": "uri",
-        "maxLength": MAX_URL_LENGTH,
-        "description": "fetch the image from this http(s) URL instead of sending it (the body "
-        "is then empty, or form fields); private, loopback and link-local addresses are "
-        f"refused (403), at most {MAX_REDIRECTS} redirects are followed",
-    }
-    extra: dict[str, dict[str, Any]] = {"model": model, **({"url": url} if url_input else {})}
-    for name, prop in extra.items():
-        op["parameters"].append(
+def _segment_operation(offer: Offer) -> Operation:
+    """``POST /segment`` as ``offer`` serves it: ``model`` one of the loaded models, and with
+    URL input ``url`` and its errors (a form-encoded body then holds ``url`` or ``image_id``)."""
+    by_url = offer.url_input
+    sources = [_IMAGE_ID, choice(_MODEL, offer.models), *([_URL] if by_url else [])]
+    fields = params(SegmentParams)
+    image = Media(_IMAGE.schema)
+    answers = {
+        200: Answer(
+            "A PNG, WebP or JPEG of the image's own size (or of the crop, scaled down to "
+            "`max_side`): a one-channel mask or soft map, or a cut-out; with `output=box`, JSON. "
+            "Headers on every answer: X-Request-ID, Server-Timing, and the subject's box in the "
+            "answer's pixels (X-Foreground-Left, -Top, -Width, -Height; 0, 0, 0, 0 when there is "
+            "no foreground) with X-Foreground-Ratio, the share of the image's pixels that are "
+            "foreground (0 to 1); X-Image-Id, to ask for another answer for the same photo "
+            "without uploading it again.",
             {
-                "name": name,
-                "in": "query",
-                "required": False,
-                "description": prop["description"],
-                "schema": {k: v for k, v in prop.items() if k != "description"},
-            }
+                "image/png": Media(),
+                "image/webp": Media(),
+                "image/jpeg": Media(),
+                "application/json": Media(schema_of(_BOX), _BOX_EXAMPLE),
+            },
+            _ANSWER_HEADERS,
+        ),
+        400: _ERRORS(
+            "Empty image, no `image` field (nor `url` or `image_id`), or a malformed multipart "
+            "or form body"
+            + (", or a `url` that is not an http(s) URL (invalid_url)" if by_url else "")
+        ),
+        401: _ERRORS("An API key is configured and the request has no valid one"),
+        404: _ERRORS(
+            "image_not_found: the image_id is unknown, expired, evicted or another API key's; "
+            "upload the image again"
+        ),
+        408: _ERRORS("The request's headers or body did not arrive in time"),
+        413: _ERRORS(
+            "Too many bytes, too many pixels (decompression bombs included), or an image that "
+            "alone needs more than the memory budget"
+        ),
+        415: _ERRORS("Not a decodable image, or an unsupported content type"),
+        422: _ERRORS(
+            "A parameter is out of range, unknown, misspelt or given twice, or parameters that "
+            "do not go together (e.g. format=jpeg without an opaque bg_color, or two of the "
+            "image, url and image_id); the message names them"
+        ),
+        503: _ERRORS(
+            "The queue or the memory budget is full, too many connections, the model is "
+            "warming up, or the service is draining; see Retry-After"
+        ),
+        504: _ERRORS(
+            "The request waited in the queue past its deadline"
+            + (
+                ", or fetch_timeout: the URL's server did not connect, answer or finish in time"
+                if by_url
+                else ""
+            )
+        ),
+    }
+    if by_url:
+        answers[403] = _ERRORS(
+            "url_forbidden: the URL, or a redirect, leads to an address the service does not "
+            "fetch from (loopback, private, link-local, …) unless U2SERVE_URL_ALLOW lists it"
         )
-    body = op["requestBody"]
-    multipart = body["content"]["multipart/form-data"]["schema"]
-    form = body["content"]["application/x-www-form-urlencoded"]["schema"]
-    multipart["properties"].update(extra)
-    form["properties"].update(extra)
-    if not url_input:
-        return
-    body["required"] = False
-    body["description"] += (
-        ". Or no image at all but its `url`, as a query parameter (the body then empty) or a "
-        "field of a multipart or `application/x-www-form-urlencoded` body. Exactly one of the "
-        "image, `url` and `image_id`: two of them are a 422"
+        answers[502] = _ERRORS(
+            "fetch_failed: the URL's server could not be reached or resolved, answered an error "
+            "(its status is in the message), or redirected too often"
+        )
+    return Operation(
+        "post",
+        "/segment",
+        # FastAPI's id for the route, kept: clients generated from the document are named by it.
+        "segment_segment_post",
+        "Segment the salient object of an image",
+        answers,
+        query=[*fields, *sources],
+        body=Body(
+            {
+                "multipart/form-data": Fields(
+                    [_IMAGE, _IMAGE_ID, *fields, *sources[1:]],
+                    required=() if by_url else ("image",),
+                ),
+                "application/x-www-form-urlencoded": Fields(
+                    [_IMAGE_ID, *fields, *sources[1:]],
+                    one_of=("url", IMAGE_ID) if by_url else (IMAGE_ID,),
+                ),
+                "image/*": image,
+                "application/octet-stream": image,
+            },
+            _BODY + (_BODY_BY_URL if by_url else ""),
+            required=not by_url,
+        ),
     )
-    del multipart["required"]
-    del form["required"]
-    form["oneOf"] = [{"required": ["url"]}, {"required": [IMAGE_ID]}]
-    responses = op["responses"]
-    responses["400"]["description"] += ", or a `url` that is not an http(s) URL (invalid_url)"
-    responses["403"] = _error_doc(
-        "url_forbidden: the URL, or a redirect, leads to an address the service does not fetch "
-        "from (loopback, private, link-local, …) unless U2SERVE_URL_ALLOW lists it"
-    )
-    responses["502"] = _error_doc(
-        "fetch_failed: the URL's server could not be reached or resolved, answered an error "
-        "(its status is in the message), or redirected too often"
-    )
-    responses["504"]["description"] += (
-        ", or fetch_timeout: the URL's server did not connect, answer or finish in time"
-    )
+
+
+def operations(offer: Offer) -> list[Operation]:
+    """The document of the routes below that FastAPI leaves out (``include_in_schema=False``):
+    what they take follows the settings."""
+    return [_segment_operation(offer), *compat_operations(offer)]
 
 
 def _request_id(request: Request) -> str:
@@ -255,73 +284,7 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-@router.post(
-    "/segment",
-    summary="Segment the salient object of an image",
-    response_class=Response,
-    responses={
-        200: {
-            "description": "A PNG, WebP or JPEG of the image's own size (or of the crop, scaled "
-            "down to `max_side`): a one-channel mask or soft map, or a cut-out; with "
-            "`output=box`, JSON. Headers on every answer: X-Request-ID, Server-Timing, and the "
-            "subject's box in the answer's pixels (X-Foreground-Left, -Top, -Width, -Height; "
-            "0, 0, 0, 0 when there is no foreground) with X-Foreground-Ratio, the share of the "
-            "image's pixels that are foreground (0 to 1); X-Image-Id, to ask for another "
-            "answer for the same photo without uploading it again.",
-            "headers": {
-                name: {"description": desc, "schema": {"type": kind}}
-                for name, desc, kind in _BOX_HEADER_DOCS
-            }
-            | {
-                "X-Image-Id": {
-                    "description": "the photo's id, for image_id (absent when the upload could "
-                    "not be kept)",
-                    "schema": {"type": "string"},
-                }
-            },
-            "content": {
-                "image/png": {},
-                "image/webp": {},
-                "image/jpeg": {},
-                "application/json": {
-                    "schema": _BOX_SCHEMA,
-                    "example": {
-                        "image": {"width": 770, "height": 595},
-                        "box": {"left": 92, "top": 126, "width": 632, "height": 393},
-                        "foreground_ratio": 0.197606,
-                        "crop": {"left": 60, "top": 106, "width": 696, "height": 433},
-                    },
-                },
-            },
-        },
-        400: _error_doc(
-            "Empty image, no `image` field (nor `url` or `image_id`), or a malformed multipart "
-            "or form body"
-        ),
-        401: _error_doc("An API key is configured and the request has no valid one"),
-        408: _error_doc("The request's headers or body did not arrive in time"),
-        404: _error_doc(
-            "image_not_found: the image_id is unknown, expired, evicted or another API key's; "
-            "upload the image again"
-        ),
-        413: _error_doc(
-            "Too many bytes, too many pixels (decompression bombs included), or an image that "
-            "alone needs more than the memory budget"
-        ),
-        415: _error_doc("Not a decodable image, or an unsupported content type"),
-        422: _error_doc(
-            "A parameter is out of range, unknown, misspelt or given twice, or parameters that "
-            "do not go together (e.g. format=jpeg without an opaque bg_color, or two of the "
-            "image, url and image_id); the message names them"
-        ),
-        503: _error_doc(
-            "The queue or the memory budget is full, too many connections, the model is "
-            "warming up, or the service is draining; see Retry-After"
-        ),
-        504: _error_doc("The request waited in the queue past its deadline"),
-    },
-    openapi_extra=_SEGMENT_DOC,
-)
+@router.post("/segment", include_in_schema=False)  # documented by operations()
 async def segment(request: Request, rt: RuntimeDep) -> Response:
     return await serve(request, rt, SEGMENT)
 
@@ -464,26 +427,13 @@ async def _admitted(
 # -- the APIs other tools speak (service/http/compat/) --------------------------------------------
 
 
-@router.post(
-    "/v1.0/removebg",
-    tags=[removebg.TAG],
-    summary="remove.bg: remove the background of an image",
-    response_class=Response,
-    responses=removebg.RESPONSES,
-    openapi_extra=removebg.DOC,
-)
+# Their document is written by removebg.operations() and rembg.operations() (see operations()).
+@router.post("/v1.0/removebg", include_in_schema=False)
 async def removebg_remove(request: Request, rt: RuntimeDep) -> Response:
     return await serve(request, rt, removebg.API)
 
 
-@router.get(
-    "/v1.0/account",
-    tags=[removebg.TAG],
-    summary="remove.bg: the account's credits (none: self-hosted)",
-    response_class=Response,
-    responses=removebg.ACCOUNT_RESPONSES,
-    openapi_extra={"parameters": removebg.DOC["parameters"]},
-)
+@router.get("/v1.0/account", include_in_schema=False)
 async def removebg_account(request: Request, rt: RuntimeDep) -> Response:
     if rt.settings.api_key is not None:
         try:
@@ -493,8 +443,8 @@ async def removebg_account(request: Request, rt: RuntimeDep) -> Response:
     return removebg.account()
 
 
-# One route for both methods, so that a 405 lists both in Allow. FastAPI would give its two
-# operations one id; rembg.document() writes each into the document instead.
+# One route for both methods, so that a 405 lists both in Allow (FastAPI would give its two
+# operations one id; its document has one for each).
 @router.api_route("/api/remove", methods=["GET", "POST"], include_in_schema=False)
 async def rembg_remove(request: Request, rt: RuntimeDep) -> Response:
     return await serve(
@@ -515,7 +465,7 @@ async def livez() -> dict[str, str]:
     "/readyz",
     summary="Readiness: 200 once every model's weights are loaded and warmed up, 503 before "
     "and while draining",
-    responses={503: _error_doc("Not ready yet, or draining")},
+    responses=responses({503: _ERRORS("Not ready yet, or draining")}),
 )
 async def readyz(rt: RuntimeDep) -> Response:
     if rt.draining:

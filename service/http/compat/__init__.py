@@ -18,12 +18,10 @@ parameter that cannot be honoured is refused with 400, never ignored.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 from service.http.compat import rembg, removebg
+from service.http.schema import Offer, Operation
 
-__all__ = ["TAGS", "document_compat"]
+__all__ = ["TAGS", "operations"]
 
 TAGS = [
     # Swagger UI's group for untagged operations (/segment and the probes, which keep their
@@ -43,8 +41,6 @@ TAGS = [
 ]
 
 
-def document_compat(schema: dict[str, Any], *, models: Sequence[str], url_input: bool) -> None:
-    """Add to the OpenAPI document, in place, what depends on the settings: the loaded models
-    for rembg's ``model``; without URL input, no ``image_url`` and no ``GET /api/remove``."""
-    removebg.document(schema, url_input=url_input)
-    rembg.document(schema, models=models, url_input=url_input)
+def operations(offer: Offer) -> list[Operation]:
+    """The operations of both APIs, as ``offer`` serves them."""
+    return [*removebg.operations(offer), *rembg.operations(offer)]

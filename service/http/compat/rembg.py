@@ -30,19 +30,32 @@ be honoured is 400. Anything rembg has no answer for keeps the service's status 
 
 from __future__ import annotations
 
-import copy
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from typing_extensions import TypedDict  # pydantic describes typing's only from Python 3.12
 
 from service.core.request import Submission
 from service.errors import ImageTooLarge, InvalidParameter, ServiceError, UnsupportedParameter
 from service.http.api import Call, Reading
+from service.http.schema import (
+    Answer,
+    Body,
+    Errors,
+    Fields,
+    Media,
+    Offer,
+    Operation,
+    Url,
+    choice,
+    param,
+    params,
+    schema_of,
+)
 from service.http.upload import MULTIPART_OVERHEAD, Form, read_form
 from service.params import SegmentParams, describe_errors, parse_params
 
@@ -50,7 +63,7 @@ if TYPE_CHECKING:
     from service.core.pipeline import Pipeline, RequestContext
     from service.settings import Settings
 
-__all__ = ["FROM_UPLOAD", "FROM_URL", "TAG", "document", "error"]
+__all__ = ["FROM_UPLOAD", "FROM_URL", "TAG", "error", "operations"]
 
 TAG = "rembg"
 # rembg's alpha matting defaults: its trimap's thresholds and erosion.
@@ -58,21 +71,43 @@ MATTING_DEFAULTS = {"af": 240, "ab": 10, "ae": 10}
 
 
 class RembgParams(BaseModel):
-    """rembg 2.0.86's ``/api/remove`` parameters (the image aside)."""
+    """rembg 2.0.86's ``/api/remove`` parameters (the image aside); the descriptions are its
+    OpenAPI document's."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str | None = None
-    a: bool = False
-    af: int = Field(240, ge=0, le=255)
-    ab: int = Field(10, ge=0, le=255)
-    ae: int = Field(10, ge=0)
-    om: bool = False
-    ppm: bool = False
-    dc: bool = False
-    vm: bool = False
-    bgc: str | None = Field(None, pattern=r"^\s*\d{1,3}\s*(,\s*\d{1,3}\s*){2,3}$")
-    extras: str | None = None
+    model: str | None = Field(None, description="one of the loaded models; default: the first")
+    a: bool = Field(
+        False,
+        description="alpha matting: on the cut-out this service's matte (alpha=matte), with om "
+        "its edge refinement (refine=true)",
+    )
+    af: int = Field(
+        240,
+        ge=0,
+        le=255,
+        description="alpha matting's foreground threshold: only 240 (rembg's default)",
+    )
+    ab: int = Field(
+        10,
+        ge=0,
+        le=255,
+        description="alpha matting's background threshold: only 10 (rembg's default)",
+    )
+    ae: int = Field(10, ge=0, description="alpha matting's erosion: only 10 (rembg's default)")
+    om: bool = Field(
+        False,
+        description="only the mask: the soft map (output=probability); with ppm, the binary mask",
+    )
+    ppm: bool = Field(False, description="post-process the mask: binary (0/255)")
+    dc: bool = Field(False, description="only false")
+    vm: bool = Field(False, description="only false")
+    bgc: str | None = Field(
+        None,
+        pattern=r"^\s*\d{1,3}\s*(,\s*\d{1,3}\s*){2,3}$",
+        description="a background colour for the cut-out: r,g,b or r,g,b,a, each 0 to 255",
+    )
+    extras: str | None = Field(None, description="only empty (or {})")
 
 
 _PATTERNS = {"bgc": "a colour is r,g,b or r,g,b,a, each 0 to 255 (255,255,255,255)"}
@@ -153,11 +188,17 @@ class _RembgCall:
 _AS_400 = {"invalid_url", "url_forbidden"}
 
 
+class _ErrorBody(TypedDict):
+    detail: Annotated[str, Field(description="what was wrong")]
+    code: Annotated[str, Field(description="the service's error code")]
+
+
 def error(exc: ServiceError) -> Response:
     """An error as rembg's FastAPI app writes them (``detail``), with the service's ``code``;
     a refused URL is rembg's 400."""
     status = 400 if exc.code in _AS_400 else exc.status
-    return JSONResponse({"detail": exc.message, "code": exc.code}, status, headers=exc.headers)
+    body: _ErrorBody = {"detail": exc.message, "code": exc.code}
+    return JSONResponse(body, status, headers=exc.headers)
 
 
 class _FromUpload:
@@ -217,165 +258,70 @@ FROM_UPLOAD = _FromUpload()
 FROM_URL = _FromUrl()
 
 
-# -- the document --------------------------------------------------------------------------------
+# -- the document (service/http/schema.py writes it) ----------------------------------------------
 
-_PARAMS: dict[str, dict[str, Any]] = {
-    "model": {"type": "string", "description": "one of the loaded models; default: the first"},
-    "a": {
-        "type": "boolean",
-        "default": False,
-        "description": "alpha matting: on the cut-out this service's matte (alpha=matte), "
-        "with om its edge refinement (refine=true)",
-    },
-    "af": {
-        "type": "integer",
-        "default": 240,
-        "minimum": 0,
-        "maximum": 255,
-        "description": "alpha matting's foreground threshold: only 240 (rembg's default)",
-    },
-    "ab": {
-        "type": "integer",
-        "default": 10,
-        "minimum": 0,
-        "maximum": 255,
-        "description": "alpha matting's background threshold: only 10 (rembg's default)",
-    },
-    "ae": {
-        "type": "integer",
-        "default": 10,
-        "minimum": 0,
-        "description": "alpha matting's erosion: only 10 (rembg's default)",
-    },
-    "om": {
-        "type": "boolean",
-        "default": False,
-        "description": "only the mask: the soft map (output=probability); with ppm, the binary "
-        "mask",
-    },
-    "ppm": {
-        "type": "boolean",
-        "default": False,
-        "description": "post-process the mask: binary (0/255)",
-    },
-    "dc": {"type": "boolean", "default": False, "description": "only false"},
-    "vm": {"type": "boolean", "default": False, "description": "only false"},
-    "bgc": {
-        "type": "string",
-        "description": "a background colour for the cut-out: r,g,b or r,g,b,a, each 0 to 255",
-    },
-    "extras": {"type": "string", "description": "only empty (or {})"},
-}
-
-
-def _query(name: str, prop: dict[str, Any], *, required: bool = False) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "query",
-        "required": required,
-        "description": prop["description"],
-        "schema": {k: v for k, v in prop.items() if k != "description"},
-    }
-
-
-_DETAIL: dict[str, Any] = {
-    "type": "object",
-    "required": ["detail"],
-    "properties": {
-        "detail": {"type": "string", "description": "what was wrong"},
-        "code": {"type": "string", "description": "the service's error code"},
-    },
-}
-
-
-def _error_doc(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": _DETAIL}}}
-
-
-RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "A PNG: the cut-out (RGBA; RGB on an opaque bgc), or with om=true the mask",
-        "content": {"image/png": {}},
-    },
-    400: _error_doc(
+_ERRORS = Errors(schema_of(_ErrorBody))
+_ANSWERS = {
+    200: Answer(
+        "A PNG: the cut-out (RGBA; RGB on an opaque bgc), or with om=true the mask",
+        {"image/png": Media()},
+    ),
+    400: _ERRORS(
         "A parameter this service cannot honour (af, ab or ae off rembg's defaults, dc, vm, "
         "extras), an empty or malformed body, or a URL that is not an http(s) URL or leads to "
         "an address the service does not fetch from"
     ),
-    401: _error_doc("U2SERVE_API_KEY is set and the request has no valid key"),
-    408: _error_doc("The request did not arrive in time"),
-    413: _error_doc("Too many bytes or pixels"),
-    415: _error_doc("Not a decodable image"),
-    422: _error_doc(
+    401: _ERRORS("U2SERVE_API_KEY is set and the request has no valid key"),
+    408: _ERRORS("The request did not arrive in time"),
+    413: _ERRORS("Too many bytes or pixels"),
+    415: _ERRORS("Not a decodable image"),
+    422: _ERRORS(
         "A value that is not valid, an unknown parameter, one given twice, a model that is not "
         "loaded, no file (POST) or no url (GET)"
     ),
-    503: _error_doc("Overloaded, not ready or draining; see Retry-After"),
-    504: _error_doc("The request waited in the queue past its deadline"),
+    503: _ERRORS("Overloaded, not ready or draining; see Retry-After"),
+    504: _ERRORS("The request waited in the queue past its deadline"),
 }
+# rembg reads these from the query, the rest from the form; this service takes each from either
+# (once).
+_IN_QUERY = ("bgc", "extras")
 
-GET_DOC: dict[str, Any] = {
-    "parameters": [
-        _query(
-            "url",
-            {"type": "string", "format": "uri", "description": "the image's http(s) URL"},
-            required=True,
-        ),
-        *(_query(name, prop) for name, prop in _PARAMS.items()),
-    ]
-}
 
-POST_DOC: dict[str, Any] = {
-    # rembg reads bgc and extras from the query, the rest from the form; this service takes each
-    # from either (once).
-    "parameters": [_query(name, _PARAMS[name]) for name in ("bgc", "extras")],
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "file": {"type": "string", "format": "binary", "minLength": 1},
-                        **{k: v for k, v in _PARAMS.items() if k not in ("bgc", "extras")},
-                    },
-                }
+def operations(offer: Offer) -> list[Operation]:
+    """``GET`` and ``POST /api/remove`` (one route serves both), with the loaded models as
+    ``model``'s values; without URL input, ``GET`` says that it answers 422."""
+    fields = [choice(p, offer.models) if p.name == "model" else p for p in params(RembgParams)]
+    from_url = Operation(
+        "get",
+        "/api/remove",
+        "rembg_remove_from_url",
+        "rembg: remove the background of an image fetched from a URL",
+        _ANSWERS,
+        tags=[TAG],
+        description=""
+        if offer.url_input
+        else "This service does not fetch images by URL (U2SERVE_URL_INPUT=false): every "
+        "request is answered 422.",
+        query=[param("url", Url, "the image's http(s) URL", required=True), *fields],
+    )
+    from_upload = Operation(
+        "post",
+        "/api/remove",
+        "rembg_remove_from_upload",
+        "rembg: remove the background of an uploaded image",
+        _ANSWERS,
+        tags=[TAG],
+        query=[p for p in fields if p.name in _IN_QUERY],
+        body=Body(
+            {
+                "multipart/form-data": Fields(
+                    [
+                        param("file", Annotated[bytes, Field(min_length=1)]),
+                        *(p for p in fields if p.name not in _IN_QUERY),
+                    ],
+                    required=("file",),
+                )
             }
-        },
-    },
-}
-
-
-def document(schema: dict[str, Any], *, models: Sequence[str], url_input: bool) -> None:
-    """``GET`` and ``POST /api/remove`` (one route serves both, out of FastAPI's document), with
-    the loaded models as ``model``'s values; without URL input, ``GET`` says that it answers
-    422."""
-    model = {"type": "string", "enum": list(models), "default": models[0]}
-    responses = {str(status): doc for status, doc in RESPONSES.items()}
-    get: dict[str, Any] = {
-        "tags": [TAG],
-        "summary": "rembg: remove the background of an image fetched from a URL",
-        "operationId": "rembg_remove_from_url",
-        "responses": copy.deepcopy(responses),
-        **copy.deepcopy(GET_DOC),
-    }
-    for param in get["parameters"]:
-        if param["name"] == "model":
-            param["schema"] = dict(model)
-    if not url_input:
-        get["description"] = (
-            "This service does not fetch images by URL (U2SERVE_URL_INPUT=false): every "
-            "request is answered 422."
-        )
-    post: dict[str, Any] = {
-        "tags": [TAG],
-        "summary": "rembg: remove the background of an uploaded image",
-        "operationId": "rembg_remove_from_upload",
-        "responses": copy.deepcopy(responses),
-        **copy.deepcopy(POST_DOC),
-    }
-    props = post["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
-    props["model"] = {**props["model"], **model}
-    schema["paths"]["/api/remove"] = {"get": get, "post": post}
+        ),
+    )
+    return [from_url, from_upload]

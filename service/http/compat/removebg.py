@@ -38,19 +38,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import copy
 import io
 import json
 import re
 import time
 import zipfile
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from PIL import ImageColor
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from typing_extensions import TypedDict  # pydantic describes typing's only from Python 3.12
 
 from service.core.access import AccessRecord
 from service.core.pipeline import RequestContext
@@ -63,6 +63,18 @@ from service.errors import (
     UnsupportedParameter,
 )
 from service.http.api import Call, Reading
+from service.http.schema import (
+    Answer,
+    Body,
+    Errors,
+    Fields,
+    Media,
+    Offer,
+    Operation,
+    param,
+    params,
+    schema_of,
+)
 from service.http.upload import MULTIPART_OVERHEAD, Form, read_form
 from service.images.encode import Rendered
 from service.params import SegmentParams, describe_errors, parse_params
@@ -71,7 +83,7 @@ if TYPE_CHECKING:
     from service.core.pipeline import Pipeline
     from service.settings import Settings
 
-__all__ = ["API", "RESPONSES", "TAG", "UnknownForeground", "account", "document", "error"]
+__all__ = ["API", "TAG", "UnknownForeground", "account", "error", "operations"]
 
 TAG = "remove.bg"
 
@@ -102,25 +114,57 @@ _NO_SPACE = str.maketrans("", "", " \t\r\n")
 
 
 class RemoveBgParams(BaseModel):
-    """remove.bg's parameters of ``POST /v1.0/removebg`` (the image source aside)."""
+    """remove.bg's parameters of ``POST /v1.0/removebg`` (the uploaded file, ``image_file``,
+    aside); the descriptions are its OpenAPI document's."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    image_url: str | None = None
-    image_file_b64: str | None = None
-    size: Size = "preview"
-    type: ForegroundType = "auto"
-    type_level: Literal["none", "1", "2", "latest"] = "1"
-    format: Format = "auto"
-    roi: str = "0% 0% 100% 100%"
-    crop: bool = False
-    crop_margin: str = "0"
-    scale: str = "original"
-    position: str = "original"
-    channels: Literal["rgba", "alpha"] = "rgba"
-    add_shadow: bool = False
-    semitransparency: bool = False
-    bg_color: str | None = None
+    image_url: str | None = Field(
+        None,
+        description="the image's URL, fetched by the service (private, loopback and link-local "
+        "addresses are refused); one image source only",
+    )
+    image_file_b64: str | None = Field(
+        None, description="the image file, base64-encoded; one image source only"
+    )
+    size: Size = Field(
+        "preview",
+        description="the answer's largest size: preview, small, regular: 0.25 MP; medium: "
+        "1.5 MP; hd: 4 MP; full, 4k, 50MP, auto: the photo's own size",
+    )
+    type: ForegroundType = Field(
+        "auto",
+        description="accepted; one model serves every type. X-Type echoes it (other for auto)",
+    )
+    type_level: Literal["none", "1", "2", "latest"] = Field(
+        "1", description="none: no X-Type header"
+    )
+    format: Format = Field(
+        "auto",
+        description="auto: jpg on an opaque bg_color, else png; jpg: on bg_color, white if "
+        "none; zip: color.jpg (the cut-out on white) and alpha.png (the mask)",
+    )
+    roi: str = Field(
+        "0% 0% 100% 100%", description="only the whole photo (the default): another region is a 400"
+    )
+    crop: bool = Field(False, description="crop to the subject")
+    crop_margin: str = Field(
+        "0",
+        description="with crop=true: a margin in px or % of the subject's size, the same for "
+        "every side",
+    )
+    scale: str = Field("original", description="only original: another is a 400")
+    position: str = Field("original", description="only original: another is a 400")
+    channels: Literal["rgba", "alpha"] = Field(
+        "rgba", description="rgba: the cut-out; alpha: its alpha matte (the binary mask)"
+    )
+    add_shadow: bool = Field(False, description="only false")
+    semitransparency: bool = Field(False, description="only false")
+    bg_color: str | None = Field(
+        None,
+        description="a background colour: hex (81d4fa, fff, 81d4fa77; the # optional) or a "
+        "colour name",
+    )
 
 
 class UnknownForeground(ServiceError):
@@ -130,6 +174,16 @@ class UnknownForeground(ServiceError):
 
 
 # -- errors --------------------------------------------------------------------------------------
+
+
+class _Problem(TypedDict):
+    title: Annotated[str, Field(description="what was wrong")]
+    code: str
+
+
+class _ErrorBody(TypedDict):
+    errors: list[_Problem]
+
 
 # Everything wrong with a request's parameters or its image is 400 at remove.bg ("invalid
 # parameters or input file unprocessable"); remove.bg's own codes where it has one.
@@ -155,17 +209,45 @@ def error(exc: ServiceError) -> Response:
         status, code = 400, _AS_400[code]
     elif code == "unauthorized":
         status, code = 403, "auth_failed"
-    body = {"errors": [{"title": exc.message, "code": code}]}
+    body: _ErrorBody = {"errors": [{"title": exc.message, "code": code}]}
     return JSONResponse(body, status, headers=exc.headers)
+
+
+class _Credits(TypedDict):
+    total: int
+    subscription: int
+    payg: int
+    enterprise: int
+
+
+class _Plan(TypedDict):
+    free_calls: int
+    sizes: str
+
+
+class _Attributes(TypedDict):
+    credits: _Credits
+    api: _Plan
+
+
+class _AccountData(TypedDict):
+    attributes: _Attributes
+
+
+class _Account(TypedDict):
+    data: _AccountData
+
+
+def _account() -> _Account:
+    credits: _Credits = {"total": 0, "subscription": 0, "payg": 0, "enterprise": 0}
+    return {"data": {"attributes": {"credits": credits, "api": {"free_calls": 0, "sizes": "all"}}}}
 
 
 def account() -> Response:
     """``GET /v1.0/account`` for a self-hosted service: nothing is sold or charged, so every
     credit count is 0 (and every answer's ``X-Credits-Charged`` is 0), and every size is
     served."""
-    credits = {"total": 0, "subscription": 0, "payg": 0, "enterprise": 0}
-    attributes = {"credits": credits, "api": {"free_calls": 0, "sizes": "all"}}
-    return JSONResponse({"data": {"attributes": attributes}})
+    return JSONResponse(_account())
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -419,10 +501,29 @@ def _box(rendered: Rendered) -> dict[str, int]:
     }
 
 
+class _Result(TypedDict):
+    result_b64: str
+    foreground_top: int
+    foreground_left: int
+    foreground_width: int
+    foreground_height: int
+
+
+class _JsonAnswer(TypedDict):
+    data: _Result
+
+
 def _json_answer(body: bytes, box: dict[str, int]) -> bytes:
-    data: dict[str, object] = {"result_b64": base64.b64encode(body).decode("ascii")}
-    data |= {f"foreground_{side}": value for side, value in box.items()}
-    return json.dumps({"data": data}, separators=(",", ":")).encode()
+    answer: _JsonAnswer = {
+        "data": {
+            "result_b64": base64.b64encode(body).decode("ascii"),
+            "foreground_top": box["top"],
+            "foreground_left": box["left"],
+            "foreground_width": box["width"],
+            "foreground_height": box["height"],
+        }
+    }
+    return json.dumps(answer, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
@@ -489,244 +590,94 @@ class _RemoveBgCall:
         return mask
 
 
-# -- the document --------------------------------------------------------------------------------
+# -- the document (service/http/schema.py writes it) ----------------------------------------------
 
-
-def _enum(kind: Any) -> list[str]:
-    return list(get_args(kind))
-
-
-_ERRORS: dict[str, Any] = {
-    "type": "object",
-    "required": ["errors"],
-    "properties": {
-        "errors": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["title", "code"],
-                "properties": {
-                    "title": {"type": "string", "description": "what was wrong"},
-                    "code": {"type": "string"},
-                },
-            },
-        }
-    },
-}
-
-
-def _error_doc(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {
-            "application/json": {
-                "schema": _ERRORS,
-                "example": {"errors": [{"title": "what was wrong", "code": "invalid_parameters"}]},
-            }
-        },
-    }
-
-
-_FIELDS: dict[str, Any] = {
-    "image_url": {
-        "type": "string",
-        "description": "the image's URL, fetched by the service (private, loopback and "
-        "link-local addresses are refused); one image source only",
-    },
-    "image_file_b64": {
-        "type": "string",
-        "description": "the image file, base64-encoded; one image source only",
-    },
-    "size": {
-        "type": "string",
-        "enum": _enum(Size),
-        "default": "preview",
-        "description": "the answer's largest size: preview, small, regular: 0.25 MP; medium: "
-        "1.5 MP; hd: 4 MP; full, 4k, 50MP, auto: the photo's own size",
-    },
-    "type": {
-        "type": "string",
-        "enum": _enum(ForegroundType),
-        "default": "auto",
-        "description": "accepted; one model serves every type. X-Type echoes it (other for auto)",
-    },
-    "type_level": {
-        "type": "string",
-        "enum": ["none", "1", "2", "latest"],
-        "default": "1",
-        "description": "none: no X-Type header",
-    },
-    "format": {
-        "type": "string",
-        "enum": _enum(Format),
-        "default": "auto",
-        "description": "auto: jpg on an opaque bg_color, else png; jpg: on bg_color, white if "
-        "none; zip: color.jpg (the cut-out on white) and alpha.png (the mask)",
-    },
-    "roi": {
-        "type": "string",
-        "default": "0% 0% 100% 100%",
-        "description": "only the whole photo (the default): another region is a 400",
-    },
-    "crop": {"type": "boolean", "default": False, "description": "crop to the subject"},
-    "crop_margin": {
-        "type": "string",
-        "default": "0",
-        "description": "with crop=true: a margin in px or % of the subject's size, the same for "
-        "every side",
-    },
-    "scale": {
-        "type": "string",
-        "default": "original",
-        "description": "only original: another is a 400",
-    },
-    "position": {
-        "type": "string",
-        "default": "original",
-        "description": "only original: another is a 400",
-    },
-    "channels": {
-        "type": "string",
-        "enum": ["rgba", "alpha"],
-        "default": "rgba",
-        "description": "rgba: the cut-out; alpha: its alpha matte (the binary mask)",
-    },
-    "add_shadow": {"type": "boolean", "default": False, "description": "only false"},
-    "semitransparency": {"type": "boolean", "default": False, "description": "only false"},
-    "bg_color": {
-        "type": "string",
-        "description": "a background colour: hex (81d4fa, fff, 81d4fa77; the # optional) or a "
-        "colour name",
-    },
-}
-_FILE = {"type": "string", "format": "binary"}
-
-RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "The cut-out (or with channels=alpha its alpha matte) as PNG, JPEG, WebP "
-        "or a ZIP of color.jpg and alpha.png; with Accept: application/json, remove.bg's JSON "
-        "with the image as result_b64 and the subject's box",
-        "headers": {
-            name: {"description": desc, "schema": {"type": kind}}
-            for name, desc, kind in (
-                ("X-Width", "the answer's width", "integer"),
-                ("X-Height", "the answer's height", "integer"),
-                (
-                    "X-Type",
-                    "the type asked for, other for auto (absent with type_level=none)",
-                    "string",
-                ),
-                ("X-Credits-Charged", "always 0: self-hosted", "number"),
-                ("X-Foreground-Top", "the subject's box: first row", "integer"),
-                ("X-Foreground-Left", "the subject's box: first column", "integer"),
-                ("X-Foreground-Width", "the subject's box: columns", "integer"),
-                ("X-Foreground-Height", "the subject's box: rows", "integer"),
-            )
-        },
-        "content": {
-            "image/png": {},
-            "image/jpeg": {},
-            "image/webp": {},
-            "application/zip": {},
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["data"],
-                    "properties": {
-                        "data": {
-                            "type": "object",
-                            "required": ["result_b64"],
-                            "properties": {
-                                "result_b64": {"type": "string"},
-                                **{
-                                    f"foreground_{side}": {"type": "integer"}
-                                    for side in ("top", "left", "width", "height")
-                                },
-                            },
-                        }
-                    },
-                }
-            },
-        },
-    },
-    400: _error_doc(
-        "Invalid parameters (invalid_parameters), one that this service cannot honour, no image "
-        "or several, an image that cannot be read (unsupported_image) or is too large "
-        "(file_too_large), an image_url that cannot be fetched, or no subject found "
-        "(unknown_foreground)"
+_ERRORS = Errors(
+    schema_of(_ErrorBody),
+    example={"errors": [{"title": "what was wrong", "code": "invalid_parameters"}]},
+)
+_API_KEY = param("X-Api-Key", str, "the API key, where U2SERVE_API_KEY is set")
+_AUTH_FAILED = "auth_failed: U2SERVE_API_KEY is set and X-Api-Key is not it"
+_ANSWER_HEADERS = [
+    param("X-Width", int, "the answer's width"),
+    param("X-Height", int, "the answer's height"),
+    param("X-Type", str, "the type asked for, other for auto (absent with type_level=none)"),
+    param("X-Credits-Charged", float, "always 0: self-hosted"),
+    *(
+        param(f"X-Foreground-{side.title()}", int, f"the subject's box: {what}")
+        for side, what in (
+            ("top", "first row"),
+            ("left", "first column"),
+            ("width", "columns"),
+            ("height", "rows"),
+        )
     ),
-    403: _error_doc("auth_failed: U2SERVE_API_KEY is set and X-Api-Key is not it"),
-    408: _error_doc("The request did not arrive in time"),
-    503: _error_doc(
-        "The queue or the memory budget is full, or the service is not ready; see Retry-After"
-    ),
-    504: _error_doc("The request waited in the queue past its deadline"),
-}
+]
 
-DOC: dict[str, Any] = {
-    "parameters": [
+
+def operations(offer: Offer) -> list[Operation]:
+    """``POST /v1.0/removebg`` (without URL input, ``image_url`` is none of its fields) and
+    ``GET /v1.0/account``."""
+    fields = params(RemoveBgParams, omit=() if offer.url_input else ("image_url",))
+    remove = Operation(
+        "post",
+        "/v1.0/removebg",
+        "removebg_remove_v1_0_removebg_post",  # FastAPI's id for the route, kept
+        "remove.bg: remove the background of an image",
         {
-            "name": "X-Api-Key",
-            "in": "header",
-            "required": False,
-            "description": "the API key, where U2SERVE_API_KEY is set",
-            "schema": {"type": "string"},
-        }
-    ],
-    "requestBody": {
-        "required": True,
-        "description": "remove.bg's parameters: multipart (the image as the file image_file), "
-        "form-encoded or JSON; exactly one of image_file, image_file_b64 and image_url",
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {"image_file": _FILE, **_FIELDS},
-                }
-            },
-            "application/x-www-form-urlencoded": {
-                "schema": {"type": "object", "additionalProperties": False, "properties": _FIELDS}
-            },
-            "application/json": {
-                "schema": {"type": "object", "additionalProperties": False, "properties": _FIELDS}
-            },
-        },
-    },
-}
-
-ACCOUNT_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "remove.bg's account document, for a self-hosted service: no credits are "
-        "sold or charged, so every count is 0; every size is served",
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["data"],
-                    "properties": {"data": {"type": "object"}},
+            200: Answer(
+                "The cut-out (or with channels=alpha its alpha matte) as PNG, JPEG, WebP or a "
+                "ZIP of color.jpg and alpha.png; with Accept: application/json, remove.bg's JSON "
+                "with the image as result_b64 and the subject's box",
+                {
+                    "image/png": Media(),
+                    "image/jpeg": Media(),
+                    "image/webp": Media(),
+                    "application/zip": Media(),
+                    "application/json": Media(schema_of(_JsonAnswer)),
                 },
-                "example": {
-                    "data": {
-                        "attributes": {
-                            "credits": {"total": 0, "subscription": 0, "payg": 0, "enterprise": 0},
-                            "api": {"free_calls": 0, "sizes": "all"},
-                        }
-                    }
-                },
-            }
+                _ANSWER_HEADERS,
+            ),
+            400: _ERRORS(
+                "Invalid parameters (invalid_parameters), one that this service cannot honour, "
+                "no image or several, an image that cannot be read (unsupported_image) or is "
+                "too large (file_too_large), an image_url that cannot be fetched, or no subject "
+                "found (unknown_foreground)"
+            ),
+            403: _ERRORS(_AUTH_FAILED),
+            408: _ERRORS("The request did not arrive in time"),
+            503: _ERRORS(
+                "The queue or the memory budget is full, or the service is not ready; see "
+                "Retry-After"
+            ),
+            504: _ERRORS("The request waited in the queue past its deadline"),
         },
-    },
-    403: _error_doc("auth_failed: U2SERVE_API_KEY is set and X-Api-Key is not it"),
-}
-
-
-def document(schema: dict[str, Any], *, url_input: bool) -> None:
-    """Without URL input, ``image_url`` is no field of the request."""
-    if url_input:
-        return
-    path = schema["paths"]["/v1.0/removebg"]
-    # FastAPI shares DOC's objects between apps: this app's changes go to a copy.
-    path["post"] = op = copy.deepcopy(path["post"])
-    for media in op["requestBody"]["content"].values():
-        media["schema"]["properties"].pop("image_url", None)
+        tags=[TAG],
+        headers=[_API_KEY],
+        body=Body(
+            {
+                "multipart/form-data": Fields([param("image_file", bytes), *fields]),
+                "application/x-www-form-urlencoded": Fields(fields),
+                "application/json": Fields(fields),
+            },
+            "remove.bg's parameters: multipart (the image as the file image_file), "
+            "form-encoded or JSON; exactly one of image_file, image_file_b64 and image_url",
+        ),
+    )
+    account = Operation(
+        "get",
+        "/v1.0/account",
+        "removebg_account_v1_0_account_get",  # FastAPI's id for the route, kept
+        "remove.bg: the account's credits (none: self-hosted)",
+        {
+            200: Answer(
+                "remove.bg's account document, for a self-hosted service: no credits are sold "
+                "or charged, so every count is 0; every size is served",
+                {"application/json": Media(schema_of(_Account), _account())},
+            ),
+            403: _ERRORS(_AUTH_FAILED),
+        },
+        tags=[TAG],
+        headers=[_API_KEY],
+    )
+    return [remove, account]
