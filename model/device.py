@@ -4,8 +4,9 @@ A CPU host runs MNN or OpenVINO and never imports PyTorch (it may not even have 
 install is the CPU set, and PyTorch comes with the ``gpu`` extra). So a device is a small value
 of its own, spelt as PyTorch spells it (``cpu``, ``cuda``, ``cuda:1``), and a dtype is its name
 (``float32``, ``float16``, ``bfloat16``, ``int8``); only the torch engine and the device-side
-stages (:mod:`model.torch_stages`) turn them into PyTorch's. ``auto`` looks for the NVIDIA driver before
-it imports PyTorch to ask for a CUDA device, so a host without a GPU never loads it.
+stages (:mod:`model.torch_stages`) turn them into PyTorch's. ``auto`` looks for the NVIDIA
+driver before it imports PyTorch to ask for a CUDA device, so a host without a GPU never loads
+it.
 """
 
 from __future__ import annotations

@@ -138,6 +138,8 @@ def finish_on_cpu(
     # the same as the level at least the least float32 whose quotient reaches it, without the
     # division's pass over the full-size map (12 MP: 5 of 15 ms).
     mask = scratch.array((h, w), np.uint8)
+    if h * w < 4:  # OpenCV reads an array of a handful of pixels as a scalar
+        return np.multiply(m >= level_cut(threshold), np.uint8(255), out=mask, dtype=np.uint8)
     return cv2.compare(m, level_cut(threshold), cv2.CMP_GE, mask)  # type: ignore[call-overload]
 
 

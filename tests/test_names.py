@@ -1,5 +1,5 @@
 """Every dotted name of the project that a docstring or the manual mentions
-(``service.core.request.Submission``, ``model.engines.openvino_engine.KEEP_MIXED``) names
+(``service.core.request.Submission``, ``model.engines.openvino_files.KEEP_MIXED``) names
 something that is there, so that what sends a reader somewhere stays true as code moves.
 
 Names are resolved from the sources (nothing is imported): the longest prefix that is a module
@@ -103,7 +103,12 @@ def _docstrings(path: Path) -> Iterator[str]:
 def _mentions() -> list[tuple[str, str]]:
     """(where, name) for every dotted name in the project's docstrings and its manual."""
     found: set[tuple[str, str]] = set()
-    sources = [p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")]
+    sources = [
+        p
+        for pkg in PACKAGES
+        for p in (REPO / pkg).rglob("*.py")
+        if not any(part.startswith(".") for part in p.relative_to(REPO).parts)  # venvs, caches
+    ]
     for path in sources:
         for doc in _docstrings(path):  # tests/ too: its docstrings send readers to the code
             found |= {(str(path.relative_to(REPO)), m) for m in DOTTED.findall(doc)}
@@ -119,7 +124,7 @@ def _mentions() -> list[tuple[str, str]]:
 
 def test_the_resolver_tells_a_true_name_from_a_false_one() -> None:
     assert resolves("service.core.request.Submission")
-    assert resolves("model.engines.openvino_engine.KEEP_MIXED")
+    assert resolves("model.engines.openvino_files.KEEP_MIXED")
     assert resolves("service.images.matte.refine")
     assert not resolves("service.http.upload.Submission")
     assert not resolves("model.refine")

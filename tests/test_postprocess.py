@@ -146,3 +146,14 @@ def test_levels_are_the_device_sides_levels() -> None:
     assert np.array_equal(to_levels(maps.numpy()), torch_to_levels(maps).numpy())
     lo, hi = minmax(maps).amin().item(), minmax(maps).amax().item()
     assert (lo, hi) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (1, 2), (2, 1), (1, 3), (2, 2)])
+def test_a_handful_of_pixels_gets_its_mask(hw: tuple[int, int]) -> None:
+    """OpenCV reads an array of a few pixels as a scalar; the mask of a photo that small is
+    numpy's (found by the OpenAPI fuzzing test: a 1×1 PNG)."""
+    levels = np.full((320, 320), 200, np.uint8)
+    for threshold, want in ((0.5, 255), (0.9, 0)):
+        got = finish_on_cpu(levels, hw, probability=False, threshold=threshold)
+        assert got.shape == hw
+        assert (got == want).all()

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.images import alpha
 from service.images.box import Box, Subject, crop_region, fit_size, side_within, subject
 from service.images.codecs import Picture, encoder
 from service.images.decode import DecodedImage
-from service.images import alpha
 from service.params import SegmentParams
 
 __all__ = ["BOX_HEADERS", "MEDIA_TYPES", "Rendered", "render"]
