@@ -16,8 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-from torch import Tensor
+import numpy as np
 
 import model.segmenter
 from model.engines import Engine, EngineName, EngineOptions
@@ -38,10 +37,10 @@ class InstantEngine:
         # ``fast`` on the CPU is an int8 model: the stand-in says so, so the service runs the
         # request's path of the precision it stands in for (service/core/scale.py).
         fast = options.precision == "fast" and options.device.type == "cpu"
-        self.dtype = torch.int8 if fast else options.dtype
+        self.dtype = "int8" if fast else options.dtype
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x[:, :1].float()
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return x[:, :1].astype(np.float32)
 
 
 def _load(name: EngineName, weights: Path, model_name: str, options: EngineOptions) -> Engine:
@@ -51,7 +50,6 @@ def _load(name: EngineName, weights: Path, model_name: str, options: EngineOptio
 def install() -> None:
     """Make every Segmenter of this process load the stand-in instead of its engine."""
     model.segmenter.load_engine = _load  # type: ignore[assignment]
-    torch.set_grad_enabled(False)
 
 
 if __name__ == "__main__":
