@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from model.cascade import SCORES, Look
-from model.engines.openvino_engine import engine_files
+from model.engines.openvino_files import engine_files
 from model.postprocess import from_levels, to_levels
 from model.segmenter import Segmenter
 from model.weights import default_weights_path

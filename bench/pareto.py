@@ -39,7 +39,7 @@ from PIL import Image
 
 from bench import REFERENCE
 from bench.parity import Parity, _score
-from model.engines.openvino_engine import HEAD, _float_model, quantize_in_memory, with_float
+from model.engines.openvino_files import HEAD, _float_model, quantize_in_memory, with_float
 from model.postprocess import from_levels, to_levels
 from model.preprocess import preprocess
 from model.segmenter import Segmenter

@@ -7,7 +7,7 @@ from the float32 model's, and the curve of keeping the k most harmful in float32
 ``bypass`` (the default) quantizes once as ``weights fetch`` does (NNCF's post-training
 ``quantize`` on the calibration photos, the head kept in float), then for each unit (an int8
 convolution, or a quantizer before an addition) derives a model in memory with every other unit
-in float32 again (:func:`model.engines.openvino_engine.with_float`: float weights and bias from
+in float32 again (:func:`model.engines.openvino_files.with_float`: float weights and bias from
 the float32 graph, inputs from before their FakeQuantize), compiles it and measures it: seconds a
 unit instead of a quantization. Quantized alone is the direction that adds up near float32, where
 the mixed model has to be. The distance is that of the fused maps, each min–max scaled as the
@@ -15,7 +15,7 @@ service scales them, from the float32 model's, on validation inputs: the calibra
 turned a quarter turn, which calibration never sees in that orientation; never the reference
 photos the parity tests measure, nor ECSSD. Then the k most harmful units are kept in float32
 together, the rest int8, for a few k: the curve from which
-``model.engines.openvino_engine.KEEP_MIXED`` takes its layers.
+``model.engines.openvino_files.KEEP_MIXED`` takes its layers.
 
 ``accuracy-control`` runs NNCF's ``quantize_with_accuracy_control`` with agreement with the
 float32 maps (1 − their mean absolute difference) as the metric, and prints the convolutions it
@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from model.engines.onnx_graph import write_onnx
-from model.engines.openvino_engine import (
+from model.engines.openvino_files import (
     HEAD,
     calibration_inputs,
     calibration_photos,

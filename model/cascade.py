@@ -171,8 +171,7 @@ class Cascade:
         fused = self.first.forward(x)
         levels = to_levels(fused)
         looks = [
-            self._score(Look(levels[i], fused[i, 0])) >= self.threshold
-            for i in range(len(fused))
+            self._score(Look(levels[i], fused[i, 0])) >= self.threshold for i in range(len(fused))
         ]
         again = [i for i, look in enumerate(looks) if look]
         if again:
@@ -185,7 +184,7 @@ def load_cascade(
 ) -> Cascade:
     """The int8 model (OpenVINO) and the float32 engine ``float32`` runs on this CPU, each
     loaded once, and the recorded rule (``threshold``, if given, in place of its own)."""
-    from model.engines.openvino_engine import record_of
+    from model.engines.openvino_files import record_of
 
     first = load_engine("openvino", weights, model, replace(options, precision="fast"))
     vendor, flags = cpu_features()

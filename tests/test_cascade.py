@@ -11,7 +11,7 @@ from PIL import Image
 from model import cascade
 from model.cascade import SCORES, Cascade, Look, near
 from model.device import CPU
-from model.engines.openvino_engine import record_of
+from model.engines.openvino_files import record_of
 from model.postprocess import to_levels
 from model.segmenter import Segmenter
 from service.core.infer import run_batch

@@ -21,6 +21,7 @@ from model.engines import (
     float32_cpu_engine,
     int8_pays,
     openvino_engine,
+    openvino_files,
     prepare_engines,
     resolve_engine,
 )
@@ -132,7 +133,7 @@ def test_the_cpu_rule_is_a_function_of_its_features() -> None:
             assert cpu_arithmetic(model, "fast", flags) == "int8"
             assert cpu_arithmetic(model, "float32", flags) == "float32"
     assert cpu_arithmetic(None, "faithful", AMX) == "float32"
-    assert set(MIXED_MODELS) == set(openvino_engine.KEEP_MIXED)
+    assert set(MIXED_MODELS) == set(openvino_files.KEEP_MIXED)
 
 
 def test_precision_picks_the_engine_and_is_reported(u2netp_weights: Path) -> None:
@@ -211,16 +212,16 @@ def test_int8_model_is_deterministic(prepared: Path) -> None:
     """The same weights and calibration photos make the same int8 files, byte for byte: the
     fixture's were made afresh, the weights folder's by `python -m weights fetch`, on this CPU.
     (Across instruction sets the float statistics may round differently: README, Faithfulness.)"""
-    made = json.loads(openvino_engine.record_file(prepared).read_text())
-    fetched = json.loads(openvino_engine.record_file(weights_file("u2netp")).read_text())
+    made = json.loads(openvino_files.record_file(prepared).read_text())
+    fetched = json.loads(openvino_files.record_file(weights_file("u2netp")).read_text())
     if made["made_on"] != fetched["made_on"]:
         pytest.skip(f"the weights folder's file was made on {fetched['made_on']}")
     assert (made["xml_sha256"], made["bin_sha256"]) == (
         fetched["xml_sha256"],
         fetched["bin_sha256"],
     )
-    assert made["calibration_sha256"] == openvino_engine.calibration_sha256()
-    assert made["keep_float"] == list(openvino_engine.KEEP_FLOAT["u2netp"])
+    assert made["calibration_sha256"] == openvino_files.calibration_sha256()
+    assert made["keep_float"] == list(openvino_files.KEEP_FLOAT["u2netp"])
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -234,16 +235,16 @@ def test_every_engine_loads_prepared_weights(engine: str, prepared: Path) -> Non
 def test_prepare_is_idempotent(prepared: Path, caplog: pytest.LogCaptureFixture) -> None:
     before = engine_file(prepared).stat().st_mtime_ns
     caplog.set_level("INFO")
-    int8_before = openvino_engine.engine_files(prepared)[1].stat().st_mtime_ns
-    f32_before = openvino_engine.engine_files(prepared, "float32")[1].stat().st_mtime_ns
+    int8_before = openvino_files.engine_files(prepared)[1].stat().st_mtime_ns
+    f32_before = openvino_files.engine_files(prepared, "float32")[1].stat().st_mtime_ns
     assert prepare_engines(prepared, "u2netp") == [
         engine_file(prepared),
-        openvino_engine.engine_files(prepared, "float32")[0],
-        openvino_engine.engine_files(prepared)[0],
+        openvino_files.engine_files(prepared, "float32")[0],
+        openvino_files.engine_files(prepared)[0],
     ]
     assert engine_file(prepared).stat().st_mtime_ns == before
-    assert openvino_engine.engine_files(prepared)[1].stat().st_mtime_ns == int8_before
-    assert openvino_engine.engine_files(prepared, "float32")[1].stat().st_mtime_ns == f32_before
+    assert openvino_files.engine_files(prepared)[1].stat().st_mtime_ns == int8_before
+    assert openvino_files.engine_files(prepared, "float32")[1].stat().st_mtime_ns == f32_before
     assert "converting" not in caplog.text
     assert "quantizing" not in caplog.text
 
@@ -253,8 +254,8 @@ def _damaged_copy(prepared: Path, folder: Path) -> Path:
         path
         for kind in ("int8", "float32", "mixed")
         for path in (
-            *openvino_engine.engine_files(prepared, kind),
-            openvino_engine.record_file(prepared, kind),
+            *openvino_files.engine_files(prepared, kind),
+            openvino_files.record_file(prepared, kind),
         )
         if path.is_file()
     ]
@@ -307,7 +308,7 @@ def test_damaged_openvino_file_is_refused_and_prepare_repairs_it(
     """A flipped byte in the graph (.xml) or the constants (.bin) is found by its digest."""
     precision = PRECISION_OF[kind]
     weights = _damaged_copy(prepared, tmp_path)
-    path = openvino_engine.engine_files(weights, kind)[part]
+    path = openvino_files.engine_files(weights, kind)[part]
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
@@ -339,7 +340,7 @@ def test_stale_openvino_file_is_refused(
     it was made from; any of them other than now makes the file stale."""
     precision = PRECISION_OF[kind]
     weights = _damaged_copy(prepared, tmp_path)
-    record_path = openvino_engine.record_file(weights, kind)
+    record_path = openvino_files.record_file(weights, kind)
     record = json.loads(record_path.read_text())
     record[key] = value
     record_path.write_text(json.dumps(record))
@@ -353,7 +354,7 @@ def test_missing_openvino_record_is_refused(
 ) -> None:
     precision = PRECISION_OF[kind]
     weights = _damaged_copy(prepared, tmp_path)
-    openvino_engine.record_file(weights, kind).unlink()
+    openvino_files.record_file(weights, kind).unlink()
     with pytest.raises(WeightsError, match="missing or not a u2netp"):
         Segmenter("u2netp", weights, device="cpu", engine="openvino", precision=precision)
 
@@ -376,7 +377,7 @@ TEST_KEEP = (
 def u2netp_mixed(monkeypatch: pytest.MonkeyPatch) -> None:
     """U2NETP has a mixed model keeping :data:`TEST_KEEP`, and the OpenVINO engine sees a CPU
     where the rule chooses it, whatever this one is."""
-    monkeypatch.setattr(openvino_engine, "KEEP_MIXED", {"u2netp": TEST_KEEP})
+    monkeypatch.setattr(openvino_files, "KEEP_MIXED", {"u2netp": TEST_KEEP})
     monkeypatch.setattr(model_engines, "MIXED_MODELS", frozenset({"u2netp"}))
     monkeypatch.setattr(openvino_engine, "cpu_features", lambda: ("GenuineIntel", VNNI))
 
@@ -386,9 +387,9 @@ def mixed_prepared(prepared: Path) -> Path:
     """The prepared U2NETP with its mixed model made by `prepare` (the one quantization of the
     mixed tests: about a minute)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(openvino_engine, "KEEP_MIXED", {"u2netp": TEST_KEEP})
+        mp.setattr(openvino_files, "KEEP_MIXED", {"u2netp": TEST_KEEP})
         assert weights_cli(["prepare", "--model", "u2netp", str(prepared)]) == 0
-    assert openvino_engine.record_file(prepared, "mixed").is_file()
+    assert openvino_files.record_file(prepared, "mixed").is_file()
     return prepared
 
 
@@ -404,9 +405,9 @@ def test_mixed_model_is_its_own_network(mixed_prepared: Path) -> None:
     float32 = Segmenter("u2netp", weights, engine="openvino", precision="float32")
     assert (fast.precision, fast.arithmetic) == ("fast", "int8+float32 (9 layers)")
     assert len({mixed.identity, fast.identity, float32.identity}) == 3
-    record = json.loads(openvino_engine.record_file(weights, "mixed").read_text())
-    assert record["keep_float"] == [*openvino_engine.HEAD, *TEST_KEEP]
-    assert record["calibration_sha256"] == openvino_engine.calibration_sha256()
+    record = json.loads(openvino_files.record_file(weights, "mixed").read_text())
+    assert record["keep_float"] == [*openvino_files.HEAD, *TEST_KEEP]
+    assert record["calibration_sha256"] == openvino_files.calibration_sha256()
     x = preprocess([np.full((64, 64, 3), 100, np.uint8)], mixed.spec)
     assert mixed.forward(x).shape == (1, 1, 320, 320)
 
@@ -415,7 +416,7 @@ def test_mixed_model_is_its_own_network(mixed_prepared: Path) -> None:
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("keep_float", list(openvino_engine.HEAD), "keeps other layers in float32"),
+        ("keep_float", list(openvino_files.HEAD), "keeps other layers in float32"),
         ("calibration_sha256", "0" * 64, "calibrated on other photos"),
         ("weights_sha256", "0" * 64, "made from other weights"),
         ("quantizer", {"openvino": "2020.1", "nncf": "1.0"}, "was made by"),
@@ -428,7 +429,7 @@ def test_stale_mixed_file_is_refused(
     """The mixed file's record names what int8's does and the layers kept in float32: another
     list in this code (a new ranking) makes the file stale too."""
     weights = _damaged_copy(mixed_prepared, tmp_path)
-    record_path = openvino_engine.record_file(weights, "mixed")
+    record_path = openvino_files.record_file(weights, "mixed")
     record = json.loads(record_path.read_text())
     record[key] = value
     record_path.write_text(json.dumps(record))
@@ -440,7 +441,7 @@ def test_stale_mixed_file_is_refused(
 @pytest.mark.parametrize("part", [0, 1])
 def test_damaged_mixed_file_is_refused(mixed_prepared: Path, tmp_path: Path, part: int) -> None:
     weights = _damaged_copy(mixed_prepared, tmp_path)
-    path = openvino_engine.engine_files(weights, "mixed")[part]
+    path = openvino_files.engine_files(weights, "mixed")[part]
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))

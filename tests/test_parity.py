@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from bench.parity import Parity, measure
-from model.engines import DEFAULT_PRECISION, ENGINES, MIXED_MODELS, openvino_engine
+from model.engines import (
+    DEFAULT_PRECISION,
+    ENGINES,
+    MIXED_MODELS,
+    openvino_engine,
+    openvino_files,
+)
 from model.preprocess import preprocess
 from model.segmenter import Segmenter
 from model.u2net import u2net, u2netp
@@ -98,7 +104,7 @@ def test_default_precision_is_chosen_by_parity() -> None:
     assert expected == DEFAULT_PRECISION, [r.summary() for r in reports]
 
 
-@pytest.mark.parametrize("model", sorted(openvino_engine.KEEP_MIXED))
+@pytest.mark.parametrize("model", sorted(openvino_files.KEEP_MIXED))
 def test_mixed_model_is_faithful(model: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A model has a mixed model (what ``faithful`` runs where the CPU has VNNI or AMX) only if
     it meets the faithful bounds; held on every CPU, the rule made to choose it here."""

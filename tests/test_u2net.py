@@ -180,7 +180,7 @@ def test_onnx_graph_computes_the_pytorch_model(tmp_path: Path) -> None:
     import openvino as ov
 
     from model.engines.onnx_graph import INPUT, OUTPUT, write_onnx
-    from model.engines.openvino_engine import KEEP_FLOAT
+    from model.engines.openvino_files import KEEP_FLOAT
 
     net = u2netp(fused=True)
     state = {k: v.numpy() for k, v in net.state_dict().items()}

@@ -65,7 +65,7 @@ DEFAULT_PRECISION: Precision = "faithful"
 Arithmetic = Literal["float32", "int8", "mixed"]
 # The models whose mixed model meets the faithful bounds on the authors' photos and against
 # float32 on unseen ones (tests/test_parity.py holds it there); its layers are
-# ``model.engines.openvino_engine.KEEP_MIXED``'s. None yet: measured (bench/README.md, "Mixed
+# ``model.engines.openvino_files.KEEP_MIXED``'s. None yet: measured (bench/README.md, "Mixed
 # precision"), U2NET's worst photo stayed under IoU 0.99 with 56% of the work back in float32,
 # where int8's speed was gone, and U2NETP was far outside the bounds with 35%.
 MIXED_MODELS: frozenset[str] = frozenset()

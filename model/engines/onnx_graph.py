@@ -5,7 +5,7 @@ The graph is :func:`model.architecture.forward` run with operations that emit ON
 needs neither PyTorch nor its exporter. Nodes are named as PyTorch's exporter names them (the
 Conv of module ``side1`` is ``/side1/Conv``, the ReLU after ``stage1.rebnconvin.conv_s1`` is
 ``/stage1/rebnconvin/relu_s1/Relu``), so the layer names OpenVINO derives from them
-(``model.engines.openvino_engine.HEAD``, ``KEEP_FLOAT``, the rankings in ``bench/sensitivity``)
+(``model.engines.openvino_files.HEAD``, ``KEEP_FLOAT``, the rankings in ``bench/sensitivity``)
 stay valid. The input's height and width are fixed (``SPECS[model].input_size``), so every
 resize's size is known here; the batch dimension is dynamic.
 """
