@@ -26,6 +26,7 @@ __all__ = [
     "default_weights_path",
     "load_state_dict",
     "recorded_digest",
+    "strip_tensors",
     "tensors_sha256",
     "verified_digest",
 ]
@@ -141,9 +142,36 @@ def recorded_digest(path: str | Path, name: str) -> str:
     return _open(path, name, lambda f: None)[2]
 
 
+# The metadata of a weights file that holds its record alone (:func:`strip_tensors`).
+_STRIPPED = ("tensors", "stripped")
+
+
+def strip_tensors(path: str | Path, name: str) -> None:
+    """Rewrite a verified weights file as its record alone: the same metadata (the model, the
+    source, the tensors' digest), no tensors. The CPU engines run their own model files, each
+    checked by its own digest and made from weights with the digest recorded here
+    (:func:`recorded_digest` reads it), so a CPU host needs the record, not the tensors: the CPU
+    image ships it instead of 176 MB (U2NET). The torch engine and a fetch refuse such a file."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    verified_digest(path, name)  # what is recorded is true of the file being stripped
+    with safe_open(str(path), framework="np") as f:
+        meta = dict(f.metadata() or {})
+    part = path.with_suffix(path.suffix + ".part")
+    save_file({}, str(part), metadata=meta | dict([_STRIPPED]))
+    part.replace(path)
+
+
 def _read_verified(path: str | Path, name: str) -> tuple[dict[str, np.ndarray], str]:
-    state, _, expected = _open(path, name, lambda f: {k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (not a dict)
+    state, meta, expected = _open(path, name, lambda f: {k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (not a dict)
     assert state is not None
+    if meta.get(_STRIPPED[0]) == _STRIPPED[1]:
+        raise WeightsError(
+            f"weights file {path} holds the weights' record without their tensors (as a CPU "
+            f"image ships it): the CPU engines run their own files, but this needs the tensors. "
+            f"{_hint(name)}"
+        )
     digest = tensors_sha256(state)
     if digest != expected:
         raise WeightsError(

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -23,18 +24,19 @@ from model.weights import default_weights_dir
 
 from .conftest import REPO, reference_dir
 from .procs import free_port, wait_ready
+from .test_api import running
+from .test_api import settings as api_settings
 from .test_shipping import wheel_of
 
 pytestmark = pytest.mark.integration
 
 PHOTO = reference_dir() / "images" / "horse.jpg"
 MODEL = "u2netp"
-# What each answer is asked with: a mask, a cut-out (the matte and its colour), and a mask at the
-# fast precision (int8), each as the suite's service answers it.
-ASKED = {
-    "mask": ({}, {"output": "mask"}),
-    "cutout": ({}, {"output": "cutout"}),
-    "fast": ({"U2SERVE_PRECISION": "fast"}, {"output": "mask"}),
+# The servers the fresh install runs (their settings) and what each is asked: a mask and a
+# cut-out (the matte and its colour) at the default precision, and a mask at the fast one (int8).
+ASKED: dict[str, tuple[dict[str, str], list[dict[str, str]]]] = {
+    "faithful": ({}, [{"output": "mask"}, {"output": "cutout"}]),
+    "fast": ({"U2SERVE_PRECISION": "fast"}, [{"output": "mask"}]),
 }
 
 
@@ -67,11 +69,11 @@ def _installed(python: Path) -> set[str]:
     return {d["name"].lower() for d in json.loads(listed)}
 
 
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def _env() -> dict[str, str]:
     """The environment of the fresh install's processes: the suite's weights, and not the
     suite's own sources (the installed package is what runs)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    return env | {"U2SERVE_WEIGHTS_DIR": str(default_weights_dir())} | (extra or {})
+    return env | {"U2SERVE_WEIGHTS_DIR": str(default_weights_dir())}
 
 
 def test_no_torch_and_no_nvidia_library_is_installed(cpu_venv: Path) -> None:
@@ -83,67 +85,85 @@ def test_no_torch_and_no_nvidia_library_is_installed(cpu_venv: Path) -> None:
     assert {"mnn", "openvino", "numpy", "opencv-python-headless", "nncf", "onnx"} <= names
 
 
-def _served(python: Path | str, env: dict[str, str], cwd: Path) -> dict[str, bytes]:
-    """The answers of a server run by ``python`` for each of :data:`ASKED` whose environment is
-    ``env``'s, and whether its process imported PyTorch (from its memory map)."""
-    out: dict[str, bytes] = {}
-    for name, (settings, params) in ASKED.items():
+def _post(client: httpx.Client | httpx.AsyncClient, params: dict[str, str]) -> Any:
+    files = {"image": ("horse.jpg", PHOTO.read_bytes(), "image/jpeg")}
+    return client.post("/segment", files=files, data=params)
+
+
+def _fresh_answers(python: Path, cwd: Path) -> tuple[list[bytes], list[bool]]:
+    """The fresh install's server's answers to :data:`ASKED`, and for each server whether its
+    process loaded PyTorch (from its memory map)."""
+    answers, loaded = [], []
+    for settings, asked in ASKED.values():
         port = free_port()
         with subprocess.Popen(
             [str(python), "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
             cwd=cwd,
-            env=env | {"U2SERVE_MODEL": MODEL, "U2SERVE_LOG_LEVEL": "warning"} | settings,
+            env=_env() | {"U2SERVE_MODEL": MODEL, "U2SERVE_LOG_LEVEL": "warning"} | settings,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         ) as proc:
             try:
                 url = f"http://127.0.0.1:{port}"
                 wait_ready(url, proc)
-                r = httpx.post(
-                    f"{url}/segment",
-                    files={"image": ("horse.jpg", PHOTO.read_bytes(), "image/jpeg")},
-                    data=params,
-                    timeout=120,
-                )
-                assert r.status_code == 200, r.text
-                out[name] = r.content
-                maps = Path(f"/proc/{proc.pid}/maps").read_text()
-                out[f"{name}: torch loaded"] = b"yes" if "libtorch" in maps else b"no"
+                with httpx.Client(base_url=url, timeout=120) as client:
+                    for params in asked:
+                        r = _post(client, params)
+                        assert r.status_code == 200, r.text
+                        answers.append(r.content)
+                loaded.append("libtorch" in Path(f"/proc/{proc.pid}/maps").read_text())
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
-    return out
+    return answers, loaded
 
 
-def test_a_served_segment_is_the_suites_answer(cpu_venv: Path, tmp_path: Path) -> None:
-    fresh = _served(cpu_venv, _env(), tmp_path)
-    suite = _served(sys.executable, {**os.environ}, REPO)
-    for name in ASKED:
-        assert fresh[name] == suite[name], name
-        assert fresh[f"{name}: torch loaded"] == b"no"
-        assert suite[f"{name}: torch loaded"] == b"no", "the suite's CPU service loaded PyTorch"
+async def test_a_served_segment_is_the_suites_answer(
+    cpu_venv: Path, tmp_path: Path, u2netp_weights: Path
+) -> None:
+    fresh, loaded = _fresh_answers(cpu_venv, tmp_path)
+    assert loaded == [False, False]
+    suite = []
+    for settings, asked in ASKED.values():
+        precision = settings.get("U2SERVE_PRECISION", "faithful")
+        async with running(api_settings(u2netp_weights, precision=precision)) as (_, client):
+            for params in asked:
+                r = await _post(client, params)
+                assert r.status_code == 200, r.text
+                suite.append(r.content)
+    assert len(fresh) == len(suite) == 3
+    for got, want, what in zip(fresh, suite, ["mask", "cut-out", "fast mask"], strict=True):
+        assert got == want, what
 
 
 _REMOVE = """
-import sys, u2serve
-out = u2serve.remove(open(sys.argv[1], "rb").read(), model=sys.argv[2], output=sys.argv[3])
-sys.stdout.buffer.write(out)
+import sys, pathlib, u2serve
+photo, model, out = open(sys.argv[1], "rb").read(), sys.argv[2], pathlib.Path(sys.argv[3])
+for output in ("mask", "cutout"):
+    (out / output).write_bytes(u2serve.remove(photo, model=model, output=output))
 sys.stderr.write("torch imported" if "torch" in sys.modules else "torch not imported")
 """
 
 
-@pytest.mark.parametrize("output", ["mask", "cutout"])
-def test_remove_is_the_suites_answer(cpu_venv: Path, tmp_path: Path, output: str) -> None:
+def test_remove_is_the_suites_answer(cpu_venv: Path, tmp_path: Path) -> None:
+    """``u2serve.remove()``'s mask and cut-out from the fresh install and from the suite's
+    environment (which has PyTorch installed: it is not imported there either)."""
     answers = {}
-    for python, cwd in ((cpu_venv, tmp_path), (Path(sys.executable), REPO)):
+    for side, python, cwd, env in (
+        ("fresh", cpu_venv, tmp_path, _env()),
+        ("suite", Path(sys.executable), REPO, {**os.environ}),
+    ):
+        out = tmp_path / side
+        out.mkdir()
         done = subprocess.run(
-            [str(python), "-c", _REMOVE, str(PHOTO), MODEL, output],
+            [str(python), "-c", _REMOVE, str(PHOTO), MODEL, str(out)],
             cwd=cwd,
-            env=_env() if python == cpu_venv else {**os.environ},
+            env=env,
             capture_output=True,
             check=False,
         )
         assert done.returncode == 0, done.stderr.decode()[-3000:]
         assert done.stderr.decode().endswith("torch not imported"), done.stderr.decode()[-3000:]
-        answers[python] = done.stdout
-    assert answers[cpu_venv] == answers[Path(sys.executable)]
+        answers[side] = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(answers["fresh"]) == {"mask", "cutout"}
+    assert answers["fresh"] == answers["suite"]

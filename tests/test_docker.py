@@ -232,6 +232,22 @@ def test_the_cpu_image_ships_no_torch_no_converter_and_fits_its_budget(
         ).stdout
     )
     assert size <= CPU_IMAGE_BYTES, f"{size / 1e9:.2f} GB"
+    # Every CPU engine runs there, from the weights' record and the engines' own files, without
+    # the converters that made them.
+    engines = (
+        "import numpy as np; from model.segmenter import Segmenter; "
+        "from model.weights import default_weights_path as w; "
+        "[print(e, p, Segmenter('u2net', w('u2net'), device='cpu', engine=e, precision=p)"
+        ".levels([np.full((64, 64, 3), 90, np.uint8)]).shape) for e, p in "
+        "(('mnn', 'faithful'), ('openvino', 'float32'), ('openvino', 'fast'))]"
+    )
+    ran = subprocess.run(
+        [*docker, "run", "--rm", "--network=none", image, "python", "-c", engines],
+        capture_output=True,
+        text=True,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.count("(1, 320, 320)") == 3, ran.stdout
 
 
 def test_image_serves_a_photo_and_stops_cleanly(docker: list[str], image: str) -> None:

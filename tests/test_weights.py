@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from model.segmenter import Segmenter
 from model.u2net import u2netp
-from model.weights import SPECS, WeightsError, load_state_dict, tensors_sha256
+from model.weights import SPECS, WeightsError, load_state_dict, recorded_digest, tensors_sha256
 from weights.__main__ import main as weights_cli
 from weights.convert import save_weights
 
@@ -121,3 +123,46 @@ def test_cli_reports_bad_weights_without_traceback(
 ) -> None:
     assert weights_cli(["verify", "--model", "u2net", str(tmp_path / "x.safetensors")]) == 1
     assert "python -m weights fetch u2net" in capsys.readouterr().err
+
+
+def test_a_stripped_file_is_the_cpu_engines_record(tmp_path: Path, u2netp_weights: Path) -> None:
+    """``python -m weights strip`` keeps a weights file's record alone (what the CPU image
+    ships): the CPU engines load from it beside their own files and give the same maps; what
+    needs the tensors refuses it, saying why."""
+    for path in u2netp_weights.parent.glob("u2netp.*"):
+        if path.suffix != ".onnx":
+            shutil.copy(path, tmp_path / path.name)
+    stripped = tmp_path / u2netp_weights.name
+    assert weights_cli(["strip", "--model", "u2netp", str(stripped)]) == 0
+    assert stripped.stat().st_size < 10_000
+    assert recorded_digest(stripped, "u2netp") == recorded_digest(u2netp_weights, "u2netp")
+    image = np.full((64, 80, 3), 90, np.uint8)
+    for engine, precision in (("mnn", "faithful"), ("openvino", "float32"), ("openvino", "fast")):
+        ours = Segmenter("u2netp", stripped, device="cpu", engine=engine, precision=precision)
+        full = Segmenter("u2netp", u2netp_weights, device="cpu", engine=engine, precision=precision)
+        assert ours.identity == full.identity
+        assert np.array_equal(ours.levels([image]), full.levels([image]))
+    with pytest.raises(WeightsError, match="without their tensors"):
+        load_state_dict(stripped, "u2netp")
+
+
+def test_the_int8_model_loads_where_its_quantizer_is_not_installed(
+    u2netp_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU image's runtime has no NNCF: the int8 model its build stage quantized loads there
+    (the installed OpenVINO must still be the one that made it), checked by its digests."""
+    from importlib import metadata
+
+    real = metadata.version
+
+    def version(name: str) -> str:
+        if name == "nncf":
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    fast = Segmenter("u2netp", u2netp_weights, device="cpu", engine="openvino", precision="fast")
+    assert fast.dtype == "int8"
+    monkeypatch.setattr(metadata, "version", lambda name: "0" if name == "openvino" else real(name))
+    with pytest.raises(WeightsError, match="was made by"):
+        Segmenter("u2netp", u2netp_weights, device="cpu", engine="openvino", precision="fast")

@@ -9,7 +9,13 @@ import sys
 from pathlib import Path
 
 from model.engines import prepare_engines
-from model.weights import SPECS, WeightsError, default_weights_dir, load_state_dict
+from model.weights import (
+    SPECS,
+    WeightsError,
+    default_weights_dir,
+    load_state_dict,
+    strip_tensors,
+)
 from weights.convert import from_onnx, from_pth, save_weights
 from weights.fetch import fetch, file_md5
 
@@ -52,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("paths", nargs="+", type=Path)
     p.add_argument("--model", choices=models, required=True)
 
+    p = sub.add_parser(
+        "strip",
+        help="keep a verified weights file's record alone, without its tensors (what a CPU "
+        "host needs beside the engines' files: the CPU image's)",
+    )
+    p.add_argument("paths", nargs="+", type=Path)
+    p.add_argument("--model", choices=models, required=True)
+
     p = sub.add_parser("verify", help="check weights files without loading a model")
     p.add_argument("paths", nargs="+", type=Path)
     p.add_argument("--model", choices=models, required=True)
@@ -76,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "prepare":
             for path in args.paths:
                 prepare_engines(path, args.model)
+        elif args.command == "strip":
+            for path in args.paths:
+                strip_tensors(path, args.model)
         else:
             for path in args.paths:
                 load_state_dict(path, args.model)
