@@ -2,11 +2,12 @@
 :mod:`service.processes.supervisor`).
 
 Each front process speaks HTTP, decodes, prepares, finishes and encodes; the one inference
-worker runs the batches of every front's requests. They talk over a Unix socket in messages of a few
-bytes; the images do not go through it: each front maps a file of fixed-size slots that the
-worker maps too, writes a prepared input into a free slot, and names the slot; the worker reads
-the input from there and writes the 8-bit map back into the same slot before it answers. A slot
-is free again only once the worker has answered for it.
+worker runs the batches of every front's requests. They talk over a Unix socket in messages of a
+few bytes (:mod:`service.processes.protocol`, which both sides import); the images do not go
+through it: each front maps a file of fixed-size slots that the worker maps too, writes a
+prepared input into a free slot, and names the slot; the worker reads the input from there and
+writes the 8-bit map back into the same slot before it answers. A slot is free again only once
+the worker has answered for it.
 
 A worker that goes away (it died, and the supervisor starts another) fails every request waiting
 on it with a 503 and ``Retry-After``, at once, and the front connects to the next one as soon as
@@ -22,13 +23,9 @@ import contextlib
 import gc
 import itertools
 import logging
-import mmap
 import os
-import pickle
-import struct
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,6 +43,7 @@ from service.core.pipeline import Ready, Served
 from service.core.service import MemoryReturn, Service, freeze_loaded, warm_codecs
 from service.errors import NotReady, QueueFull, ServiceError
 from service.metrics import Metrics
+from service.processes.protocol import Slots, receive, send
 from service.processes.shared import Shared, front_slots
 from service.settings import Settings
 from service.url.fetch import UrlFetcher
@@ -55,75 +53,11 @@ __all__ = [
     "RemoteModel",
     "RemoteQueue",
     "RemoteUploadStore",
-    "Slots",
     "WorkerLink",
-    "receive",
-    "send",
     "start_front",
 ]
 
 log = logging.getLogger("u2serve")
-
-_HEADER = struct.Struct("!I")
-
-
-def send(writer: asyncio.StreamWriter, message: tuple[Any, ...]) -> None:
-    """One message, framed by its length. Between the processes of one service only."""
-    if writer.is_closing():
-        return
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    writer.write(_HEADER.pack(len(data)) + data)
-
-
-async def receive(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
-    """The next message; None once the other side has gone."""
-    try:
-        (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-        message: tuple[Any, ...] = pickle.loads(await reader.readexactly(size))
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-    return message
-
-
-class Slots:
-    """Fixed-size places in a file that a front and the worker both map: a prepared
-    ``3×S×S`` float32 input, then the ``S×S`` uint8 map."""
-
-    def __init__(self, path: Path, count: int, side: int, *, create: bool) -> None:
-        self.path, self.count, self.side = path, count, side
-        self.input_bytes = 3 * side * side * 4
-        self.stride = self.input_bytes + side * side
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
-        try:
-            if create:
-                os.ftruncate(fd, count * self.stride)
-            self._map = mmap.mmap(fd, count * self.stride)
-        finally:
-            os.close(fd)
-        self._free = list(range(count)) if create else []
-
-    def input(self, slot: int) -> np.ndarray:
-        return np.ndarray(
-            (3, self.side, self.side), np.float32, self._map, offset=slot * self.stride
-        )
-
-    def levels(self, slot: int) -> np.ndarray:
-        return np.ndarray(
-            (self.side, self.side),
-            np.uint8,
-            self._map,
-            offset=slot * self.stride + self.input_bytes,
-        )
-
-    def take(self) -> int | None:
-        return self._free.pop() if self._free else None
-
-    def give(self, slot: int) -> None:
-        self._free.append(slot)
-
-    def close(self) -> None:
-        with contextlib.suppress(BufferError):  # views still alive: the mapping goes with them
-            self._map.close()
 
 
 class RemoteModel:

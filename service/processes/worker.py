@@ -1,13 +1,11 @@
 """The inference worker of a service with front processes (``U2SERVE_WORKERS`` > 1).
 
 One process per device: it loads the models, runs one :class:`~service.core.batcher.Batcher` per
-model
-over the requests of every front (so a batch fills from all of them), and, without Redis, keeps the
-map cache and the uploads behind image ids for all of them. Fronts connect over a Unix socket
-(:mod:`service.processes.remote` has the protocol); their inputs and maps go through the slot files
-they
-map. The queue's depth and ``Retry-After``, and whether it is ready, are written to memory the
-supervisor shares with the fronts.
+model over the requests of every front (so a batch fills from all of them), and, without Redis,
+keeps the map cache and the uploads behind image ids for all of them. Fronts connect over a Unix
+socket (:mod:`service.processes.protocol` has the protocol); their inputs and maps go through the
+slot files they map. The queue's depth and ``Retry-After``, and whether it is ready, are written
+to memory the supervisor shares with the fronts.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ from service.core.infer import run_batch
 from service.core.service import freeze_loaded
 from service.errors import ServiceError
 from service.metrics import Metrics
-from service.processes.remote import Slots, receive, send
+from service.processes.protocol import Slots, receive, send
 from service.processes.shared import Shared
 from service.settings import Settings
 
