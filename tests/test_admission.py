@@ -28,7 +28,7 @@ from .test_api import assert_error, metric, photo, running, settings, until
 def held_pool(pipeline: Pipeline) -> Iterator[threading.Event]:
     """The codec pool's one thread busy until the event is set (set on exit in any case)."""
     opened = threading.Event()
-    busy = pipeline.ready.codec_pool.submit(opened.wait)
+    busy = pipeline.parts.codec_pool.submit(opened.wait)
     try:
         yield opened
     finally:
@@ -55,7 +55,7 @@ async def test_requests_waiting_for_a_busy_codec_pool_count_against_the_bound(
     Retry-After at once, and the three answered once the pool is free."""
     async with running(one_thread(u2netp_weights, max_queue=1)) as (app, c):
         pipeline: Pipeline = app.state.runtime.pipeline
-        admission = pipeline.ready.admission
+        admission = pipeline.parts.admission
         assert admission.limit == 3
         with held_pool(pipeline) as opened:
             sent = [post(c) for _ in range(5)]
@@ -99,12 +99,12 @@ async def test_a_request_waiting_for_the_codec_pool_is_withdrawn_at_its_deadline
             assert_error(r, 504, "timeout")
             assert "for a thread to decode it" in r.json()["error"]["message"]
         # Anything left in the pool has run once this has.
-        await asyncio.wrap_future(pipeline.ready.codec_pool.submit(lambda: None))
+        await asyncio.wrap_future(pipeline.parts.codec_pool.submit(lambda: None))
         assert decoded == 0
         text = (await c.get("/metrics")).text
         assert metric(text, "u2serve_queue_depth", {"stage": "decode"}) == 0
         assert metric(text, "u2serve_rejected_total", {"reason": "queue_full"}) == 0
-        assert pipeline.ready.admission.held == 0
+        assert pipeline.parts.admission.held == 0
 
 
 def test_every_fronts_requests_count_against_one_bound() -> None:

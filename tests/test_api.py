@@ -35,7 +35,7 @@ FLOAT32_ENGINE = float32_cpu_engine(*cpu_features())  # what `auto` runs here
 
 async def wait_ready(rt: Runtime, limit_s: float = 300) -> None:
     for _ in range(int(limit_s / 0.05)):
-        if rt.ready:
+        if rt.is_ready:
             return
         await asyncio.sleep(0.05)
     pytest.fail("the app did not become ready")
@@ -498,7 +498,7 @@ async def test_not_ready_until_warmed_up(u2netp_weights: Path) -> None:
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            if not rt.ready:  # warm-up runs in the background after the weights load
+            if not rt.is_ready:  # warm-up runs in the background after the weights load
                 assert_error(await c.get("/readyz"), 503, "not_ready")
                 assert_error(await post_image(c, photo()), 503, "not_ready")
             await wait_ready(rt)

@@ -256,7 +256,7 @@ class Remover:
         service = await self._starting.__aenter__()
         # The core marks itself ready from a task it has just begun.
         for _ in range(1000):
-            if service.ready:
+            if service.is_ready:
                 service.serving()
                 return service
             await asyncio.sleep(0)

@@ -8,7 +8,7 @@
 ``routes.py`` speaks HTTP: it reads the request into a :class:`~service.core.request.Submission`,
 calls :meth:`Pipeline.answer` and writes what it returns. What one request carries through the
 stages is one :class:`RequestContext`; what exists once the service is loaded is one
-:class:`Ready`, built whole in the lifespan.
+:class:`Parts`, built whole before the first request.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from service.settings import Settings
     from service.url.fetch import UrlFetcher
 
-__all__ = ["Pipeline", "Queue", "Ready", "RequestContext", "Served"]
+__all__ = ["Owner", "Parts", "Pipeline", "Queue", "RequestContext", "Served"]
 
 
 class Queue(Protocol):
@@ -84,9 +84,9 @@ class Served:
 
 
 @dataclass(frozen=True, eq=False)
-class Ready:
-    """What a loaded service has: built whole in the lifespan, so that code past readiness never
-    asks whether a part exists yet."""
+class Parts:
+    """The parts a loaded service answers with: built whole before the first request, so that
+    code past readiness never asks whether a part exists yet."""
 
     models: dict[str, Served]  # the default one first
     codec_pool: ThreadPoolExecutor
@@ -133,33 +133,31 @@ class _Decoded:
 class Pipeline:
     """Runs a :class:`~service.core.request.Submission` through the stages to its answer."""
 
-    def __init__(self, runtime: Owner, ready: Ready) -> None:
-        self.runtime = runtime
-        self.ready = ready
-        self.settings = runtime.settings
-        self.metrics = runtime.metrics
-        self._rejected = runtime.metrics.rejected
+    def __init__(self, owner: Owner, parts: Parts) -> None:
+        self.owner = owner
+        self.parts = parts
+        self.settings = owner.settings
+        self.metrics = metrics = owner.metrics
+        self._rejected = metrics.rejected
         self._stage = {
-            name: runtime.metrics.stage_duration.labels(stage=name)
+            name: metrics.stage_duration.labels(stage=name)
             for name in ("fetch", "decode", "encode")
         }
         # The trips to a pool, each under the request's deadline: the decode, and the answer.
-        self._decoding = PoolStage(ready.codec_pool, "decode", runtime.metrics)
-        self._encoding = PoolStage(ready.codec_pool, "encode", runtime.metrics)
+        self._decoding = PoolStage(parts.codec_pool, "decode", metrics)
+        self._encoding = PoolStage(parts.codec_pool, "encode", metrics)
         # Each model's cache counters, looked up once rather than per request.
-        self._cache_hits = {m: runtime.metrics.map_cache_hits.labels(model=m) for m in ready.models}
-        self._cache_misses = {
-            m: runtime.metrics.map_cache_misses.labels(model=m) for m in ready.models
-        }
+        self._cache_hits = {m: metrics.map_cache_hits.labels(model=m) for m in parts.models}
+        self._cache_misses = {m: metrics.map_cache_misses.labels(model=m) for m in parts.models}
 
     def admit(self) -> None:
         """Count a request in, or 503 now if the service holds as many as it may, before any
         work is spent on the upload; each admitted request is released once (:meth:`release`)."""
-        self.ready.admission.admit()
+        self.parts.admission.admit()
 
     def release(self) -> None:
         """Count an admitted request out: its answer's bytes exist, or it failed."""
-        self.ready.admission.release()
+        self.parts.admission.release()
 
     def deadline(self, ctx: RequestContext) -> float:
         """When ``ctx``'s request must be answered by, in every stage (``time.monotonic()``)."""
@@ -173,7 +171,7 @@ class Pipeline:
         """The answer for a request, with its ``X-Image-Id`` where its image could be kept."""
         ctx.record.output = sub.params.output
         ctx.record.model = model = sub.model or self.settings.default_model
-        budget = self.ready.budget
+        budget = self.parts.budget
         if sub.image_id is not None:
             ctx.record.source = "image_id"
             kept = await self._kept_upload(sub.image_id, ctx.owner)
@@ -201,12 +199,12 @@ class Pipeline:
     async def _fetch(self, url: str, ctx: RequestContext) -> bytes:
         """The image's bytes from ``url``, its header judged against the pixel limit as soon
         as it has arrived."""
-        fetcher = self.runtime.fetcher
+        fetcher = self.owner.fetcher
         if fetcher is None:  # upload.py refuses a url where URL input is off
             raise NotReady("this service does not fetch images by URL")
         loop = asyncio.get_running_loop()
         max_pixels = self.settings.max_pixels
-        pool = self.ready.codec_pool
+        pool = self.parts.codec_pool
 
         def complete(prefix: bytes) -> bool:
             try:
@@ -235,7 +233,7 @@ class Pipeline:
         """The bytes kept under an image id for this API key; 404 telling the client to upload
         again when there are none (unknown, expired, evicted, another key's, or Redis is
         down)."""
-        data = await self.ready.caches.uploads.get(image_id, owner)
+        data = await self.parts.caches.uploads.get(image_id, owner)
         if data is not None:
             self.metrics.image_id_requests.labels(result="found").inc()
             return data
@@ -269,7 +267,7 @@ class Pipeline:
             webp=params.format == "webp",
             cutout_alpha=params.cutout_alpha or "mask",
         )
-        charge = self.ready.budget.charge(cost)  # counts its own refusals
+        charge = self.parts.budget.charge(cost)  # counts its own refusals
         try:
             reduce = reduction(segmenter.precision, params, segmenter.spec.input_size)
             image = decode(data, max_pixels=self.settings.max_pixels, header=header, reduce=reduce)
@@ -293,7 +291,7 @@ class Pipeline:
         """The answer for an image's bytes; a new upload (or a URL's bytes) is kept under a new
         image id, one given by ``image_id`` keeps its id."""
         params = sub.params
-        served, caches = self.ready.models[model], self.ready.caches
+        served, caches = self.parts.models[model], self.parts.caches
         t = time.monotonic()
         got = await self._decoding.run(
             self.deadline(ctx),
@@ -333,7 +331,7 @@ class Pipeline:
         (then stored in the cache, by the future returned)."""
         side = served.segmenter.spec.input_size
         t = time.monotonic()
-        cached = await self.ready.caches.maps.get(key)
+        cached = await self.parts.caches.maps.get(key)
         if cached is not None and len(cached) == side * side:
             # A hit: no queue and no network; the map's second half runs as a miss's does.
             ctx.record.cache = "hit"
@@ -350,7 +348,7 @@ class Pipeline:
         infer_ms = done.infer_s * 1000
         ctx.timing.append(f'infer;dur={infer_ms:.1f};desc="batch of {done.batch_size}{made}"')
         ctx.record.batch_size = done.batch_size
-        storing = asyncio.ensure_future(self.ready.caches.maps.put(key, done.result.tobytes()))
+        storing = asyncio.ensure_future(self.parts.caches.maps.put(key, done.result.tobytes()))
         return done.result, storing
 
     async def _infer(

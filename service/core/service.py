@@ -26,7 +26,7 @@ from service.core.batcher import Batcher, QueueGroup
 from service.core.budget import MemoryBudget, give_back_memory, map_large_buffers
 from service.core.cache import open_caches
 from service.core.infer import Model, run_batch
-from service.core.pipeline import Pipeline, Queue, Ready, Served
+from service.core.pipeline import Parts, Pipeline, Queue, Served
 from service.errors import Draining, NotReady
 from service.images.codecs.maskpng import warm as warm_mask_png
 from service.images.matte import warm as warm_matte
@@ -88,9 +88,9 @@ class MemoryReturn:
 
 
 class Service:
-    """A loaded service: its models, queues and pools (``ready``), the pipeline that answers a
-    :class:`~service.core.request.Submission`, and whether it takes work (ready once warmed
-    up, not while draining). Every field exists once it is built.
+    """A loaded service: its models, queues and pools (``parts``), the pipeline that answers a
+    :class:`~service.core.request.Submission`, and whether it takes work (``is_ready``: once
+    warmed up, not while draining). Every field exists once it is built.
 
     ``fetcher``: the URL fetcher (None where URL input is off), read at each request.
     ``worker_ready``: whether the process that runs the models is serving (this one, or a front's
@@ -101,25 +101,25 @@ class Service:
         self,
         settings: Settings,
         metrics: Metrics,
-        ready: Ready,
+        parts: Parts,
         *,
         fetcher: UrlFetcher | None,
         worker_ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.ready_parts = ready
+        self.parts = parts
         self.fetcher = fetcher
-        self.worker_ready = worker_ready
-        self.pipeline = Pipeline(self, ready)
-        self.ready = False
+        self._worker_ready = worker_ready
+        self.pipeline = Pipeline(self, parts)
+        self.is_ready = False
         self.draining = False
         self.inflight = 0
 
     @property
     def models(self) -> dict[str, Served]:
         """The loaded models, the default one first."""
-        return self.ready_parts.models
+        return self.parts.models
 
     @property
     def segmenter(self) -> Model:
@@ -136,7 +136,7 @@ class Service:
         if self.draining:
             self.metrics.rejected.labels(reason="draining").inc()
             raise Draining("the service is shutting down", headers={"Retry-After": "1"})
-        if not self.ready or not self.worker_ready():
+        if not self.is_ready or not self._worker_ready():
             self.metrics.rejected.labels(reason="not_ready").inc()
             raise NotReady("the model is still loading", headers={"Retry-After": "1"})
         return self.pipeline
@@ -151,7 +151,7 @@ class Service:
             self.inflight -= 1
 
     def set_ready(self, ready: bool) -> None:
-        self.ready = ready
+        self.is_ready = ready
         self.metrics.ready.set(1 if ready else 0)
 
     async def drain(self, limit_s: float) -> bool:
@@ -311,8 +311,8 @@ async def start_service(
         retry_after=admission.retry_after,
         on_idle=MemoryReturn(codec_pool, metrics),
     )
-    ready = Ready(models, codec_pool, infer, caches, budget, admission)
-    service = Service(s, metrics, ready, fetcher=fetcher)
+    parts = Parts(models, codec_pool, infer, caches, budget, admission)
+    service = Service(s, metrics, parts, fetcher=fetcher)
 
     async def warm_up() -> None:
         if s.warmup:

@@ -398,14 +398,14 @@ async def _admitted(
     # The body is charged from its declared length before it is read, the pixels from the
     # image's header before they are decoded; both are held until the answer's bytes exist.
     limit = api.body_limit(s)
-    with pipeline.ready.budget.hold(upload_cost(request.headers.get("content-length"), limit)):
+    with pipeline.parts.budget.hold(upload_cost(request.headers.get("content-length"), limit)):
         ctx.received = time.monotonic()
         reading = Reading(
             s.max_upload_bytes,
             s.body_timeout_s,
-            tuple(pipeline.ready.models),
+            tuple(pipeline.parts.models),
             rt.fetcher is not None,
-            pipeline.ready.codec_pool,
+            pipeline.parts.codec_pool,
         )
         try:
             call = await api.read(request, reading)
@@ -470,7 +470,7 @@ async def livez() -> dict[str, str]:
 async def readyz(rt: RuntimeDep) -> Response:
     if rt.draining:
         return error_response(503, "draining", "the service is shutting down")
-    if not rt.ready or not rt.worker_ready:
+    if not rt.is_ready or not rt.worker_ready:
         return error_response(503, "not_ready", "the model is loading or warming up")
     models = [m.info for m in rt.models.values()]
     # The default model's fields at the top, as before there were several; all in "models".

@@ -51,8 +51,9 @@ class Runtime:
         return self.service.pipeline if self.service else None
 
     @property
-    def ready(self) -> bool:
-        return self.service is not None and self.service.ready
+    def is_ready(self) -> bool:
+        """Whether the core takes work: loaded and warmed up, not draining."""
+        return self.service is not None and self.service.is_ready
 
     @property
     def draining(self) -> bool:
@@ -82,7 +83,7 @@ class Runtime:
 
     @property
     def budget(self) -> MemoryBudget | None:
-        return self.service.ready_parts.budget if self.service else None
+        return self.service.parts.budget if self.service else None
 
     def serving(self) -> Service:
         """The core, while it takes work; 503 while loading, warming up or draining."""

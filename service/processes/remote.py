@@ -39,7 +39,7 @@ from service.core.admission import Admission, Counts, in_flight_limit
 from service.core.batcher import Completed
 from service.core.budget import MemoryBudget, map_large_buffers
 from service.core.cache import Caches, open_caches
-from service.core.pipeline import Ready, Served
+from service.core.pipeline import Parts, Served
 from service.core.service import MemoryReturn, Service, freeze_loaded, warm_codecs
 from service.errors import NotReady, QueueFull, ServiceError
 from service.metrics import Metrics
@@ -383,7 +383,7 @@ async def start_front(
     service = Service(
         s,
         metrics,
-        Ready(models, codec_pool, infer, caches, budget, admission),
+        Parts(models, codec_pool, infer, caches, budget, admission),
         fetcher=fetcher,
         worker_ready=lambda: bool(shared.worker_ready.value),
     )

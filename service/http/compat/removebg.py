@@ -535,7 +535,7 @@ class _RemoveBgCall:
 
     async def answer(self, pipeline: Pipeline, ctx: RequestContext) -> Response:
         loop = asyncio.get_running_loop()
-        pool = pipeline.ready.codec_pool
+        pool = pipeline.parts.codec_pool
         sub = self.submission
         if self.image_b64 is not None:
             data = await loop.run_in_executor(
