@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -56,6 +57,30 @@ async def test_one_line_per_request_and_none_for_probes(
     assert (second["status"], second["error"]) == (415, "unsupported_image")
     assert "request_id=find-me-1 " in lines[0].getMessage()
     assert "status=415 error=unsupported_image" in lines[1].getMessage()
+
+
+def test_server_timing_is_written_from_the_stages_as_before() -> None:
+    """The stages are values; the header's text is the one the stages used to format (name,
+    ``dur`` in milliseconds to 0.1, a quoted ``desc``), and the access line's ``<stage>_ms`` is
+    the figure the header shows."""
+    from service.core.pipeline import Stage
+    from service.http.routes import _server_timing
+
+    stages = [
+        Stage("upload", 0.00123),
+        Stage("cache", 0.0004, "miss"),
+        Stage("queue", 0.01234),
+        Stage("infer", 0.05678, "batch of 2, int8"),
+        Stage("alpha_cache", 0.00005, "hit"),
+        Stage("total", 0.1),
+    ]
+    header = _server_timing(stages)
+    assert header == (
+        'upload;dur=1.2, cache;dur=0.4;desc="miss", queue;dur=12.3, '
+        'infer;dur=56.8;desc="batch of 2, int8", alpha_cache;dur=0.1;desc="hit", total;dur=100.0'
+    )
+    shown = [float(dur) for dur in re.findall(r"dur=([0-9.]+)", header)]
+    assert shown == [round(stage.seconds * 1000, 1) for stage in stages]
 
 
 def test_json_lines() -> None:

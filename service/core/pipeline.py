@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from service.settings import Settings
     from service.url.fetch import UrlFetcher
 
-__all__ = ["Owner", "Parts", "Pipeline", "Queue", "RequestContext", "Served"]
+__all__ = ["Owner", "Parts", "Pipeline", "Queue", "RequestContext", "Served", "Stage"]
 
 
 class Queue(Protocol):
@@ -97,25 +97,34 @@ class Parts:
     admission: Admission
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a request, timed: an entry of its ``Server-Timing`` header and a
+    ``<name>_ms`` field of its access line (``routes.serve`` writes both)."""
+
+    name: str
+    seconds: float
+    description: str | None = None
+
+
 @dataclass(eq=False)
 class RequestContext:
-    """What one request carries through the stages: its access record, its stage timings (for
-    ``Server-Timing`` and the access log), when it began, whose it is (the API key's digest,
-    which owns its image id) and a future that completes if its client goes away."""
+    """What one request carries through the stages: its access record, its stages in the order
+    they ran (for ``Server-Timing`` and the access log), when it began, whose it is (the API
+    key's digest, which owns its image id) and a future that completes if its client goes
+    away."""
 
     record: AccessRecord
     start: float
     owner: str = ""
     received: float = 0.0  # when its body began to be read
     disconnected: asyncio.Future[None] | None = None
-    timing: list[str] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)
 
-    def stage(self, name: str, since: float, desc: str | None = None) -> float:
+    def stage(self, name: str, since: float, description: str | None = None) -> float:
         """Record a stage that began at ``since``; returns its seconds."""
         seconds = time.monotonic() - since
-        self.timing.append(
-            f"{name};dur={seconds * 1000:.1f}" + (f';desc="{desc}"' if desc is not None else "")
-        )
+        self.stages.append(Stage(name, seconds, description))
         return seconds
 
 
@@ -342,11 +351,10 @@ class Pipeline:
         self._cache_misses[model].inc()
         ctx.stage("cache", t, "miss")
         done = await self._infer(served.batcher, prepared, ctx)
-        ctx.timing.append(f"queue;dur={done.queue_s * 1000:.1f}")
+        ctx.stages.append(Stage("queue", done.queue_s))
         # Under precision auto, the arithmetic that made this map (service.core.infer.Levels).
         made = f", {made}" if (made := getattr(done.result, "arithmetic", "")) else ""
-        infer_ms = done.infer_s * 1000
-        ctx.timing.append(f'infer;dur={infer_ms:.1f};desc="batch of {done.batch_size}{made}"')
+        ctx.stages.append(Stage("infer", done.infer_s, f"batch of {done.batch_size}{made}"))
         ctx.record.batch_size = done.batch_size
         storing = asyncio.ensure_future(self.parts.caches.maps.put(key, done.result.tobytes()))
         return done.result, storing

@@ -9,6 +9,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Annotated, NotRequired
 
@@ -21,7 +22,7 @@ from typing_extensions import TypedDict  # pydantic describes typing's only from
 from service.core.access import AccessRecord
 from service.core.budget import upload_cost
 from service.core.cache import owner_of
-from service.core.pipeline import Pipeline, RequestContext
+from service.core.pipeline import Pipeline, RequestContext, Stage
 from service.core.request import Submission
 from service.errors import ClientGone, ServiceError, Unauthorized
 from service.http.api import Api, Call, Reading
@@ -349,7 +350,7 @@ async def serve(request: Request, rt: Runtime, api: Api) -> Response:
         rt.metrics.in_flight.dec()
     elapsed = ctx.stage("total", ctx.start)
     response.headers["X-Request-ID"] = rid
-    response.headers["Server-Timing"] = ", ".join(ctx.timing)
+    response.headers["Server-Timing"] = _server_timing(ctx.stages)
     if rt.draining or code == "request_timeout":
         response.headers["Connection"] = "close"
     record = ctx.record
@@ -364,11 +365,20 @@ async def serve(request: Request, rt: Runtime, api: Api) -> Response:
         rt.metrics.request_duration.labels(api=api.name, model=model, output=output).observe(
             elapsed
         )
-    for part in ctx.timing:
-        stage, _, rest = part.partition(";dur=")
-        record.stages_ms[stage] = float(rest.split(";")[0])
+    for stage in ctx.stages:  # the milliseconds as Server-Timing shows them
+        record.stages_ms[stage.name] = round(stage.seconds * 1000, 1)
     record.emit(response.status_code, code, len(response.body))
     return response
+
+
+def _server_timing(stages: Iterable[Stage]) -> str:
+    """The ``Server-Timing`` header of a request's stages: ``name;dur=<ms, to 0.1>``, with
+    ``;desc="…"`` where the stage has a description."""
+    return ", ".join(
+        f"{stage.name};dur={stage.seconds * 1000:.1f}"
+        + (f';desc="{stage.description}"' if stage.description is not None else "")
+        for stage in stages
+    )
 
 
 async def _serve(request: Request, rt: Runtime, api: Api, ctx: RequestContext) -> Response:

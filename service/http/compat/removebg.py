@@ -586,7 +586,7 @@ class _RemoveBgCall:
             ctx.disconnected,
         )
         mask = await pipeline.answer(again, inner)
-        ctx.timing += [f"alpha_{stage}" for stage in inner.timing]
+        ctx.stages += [replace(stage, name=f"alpha_{stage.name}") for stage in inner.stages]
         return mask
 
 
