@@ -153,10 +153,15 @@ def _codes(lengths: np.ndarray) -> np.ndarray:
     return codes
 
 
+# A block's steps, each run once a block of tokens: called, not inlined (inline="always" gave
+# the same pace on 12 MP masks, and numba compiles inlined code again at every call site).
+
+
 @compiled()
-def _block(tokens: np.ndarray, count: int, final: bool, out: np.ndarray, st: np.ndarray) -> None:
-    """One dynamic-Huffman block of ``count`` tokens, each a byte (0..255) or 256 + the length
-    of a match of the byte before (distance 1)."""
+def _frequencies(tokens: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """How often each literal/length symbol and each distance symbol is used by ``count``
+    tokens, each a byte (0..255) or 256 + the length of a match at distance 1; the end of the
+    block once."""
     lfreq = np.zeros(286, np.int64)
     dfreq = np.zeros(30, np.int64)
     for t in range(count):
@@ -167,19 +172,22 @@ def _block(tokens: np.ndarray, count: int, final: bool, out: np.ndarray, st: np.
             lfreq[_LEN_SYM[v - 256]] += 1
             dfreq[0] += 1  # distance 1's symbol
     lfreq[256] = 1  # the end of the block
-    llen = _lengths(lfreq, 15)
-    dlen = _lengths(dfreq, 15)
-    lcode = _codes(llen)
-    dcode = _codes(dlen)
-    nlit = 286
-    while llen[nlit - 1] == 0:
-        nlit -= 1
-    ndist = 30
-    while ndist > 1 and dlen[ndist - 1] == 0:
-        ndist -= 1
-    # The two length sequences as one, run-length coded (16: repeat the last 3-6 times, 17:
-    # 3-10 zeros, 18: 11-138 zeros).
-    seq = np.concatenate((llen[:nlit], dlen[:ndist]))
+    return lfreq, dfreq
+
+
+@compiled()
+def _coded(lengths: np.ndarray, least: int) -> int:
+    """How many of ``lengths`` a header lists: up to the last nonzero one, at least ``least``."""
+    n = lengths.size
+    while n > least and lengths[n - 1] == 0:
+        n -= 1
+    return n
+
+
+@compiled()
+def _length_runs(seq: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Code lengths run-length coded as a header writes them (16: repeat the last 3-6 times,
+    17: 3-10 zeros, 18: 11-138 zeros): the symbols, their extra values, and how many."""
     rsym = np.empty(seq.size, np.int64)
     rext = np.empty(seq.size, np.int64)
     nr = 0
@@ -205,14 +213,25 @@ def _block(tokens: np.ndarray, count: int, final: bool, out: np.ndarray, st: np.
             nr += 1
             i += take
             run -= take
+    return rsym, rext, nr
+
+
+@compiled()
+def _header(
+    out: np.ndarray, st: np.ndarray, final: bool, llen: np.ndarray, dlen: np.ndarray
+) -> None:
+    """A dynamic block's header, for the literal/length code ``llen`` and the distance code
+    ``dlen``: the block's type, then both codes' lengths, run-length coded in a code of their
+    own."""
+    nlit = _coded(llen, 257)  # the end of the block, 256, always has a code
+    ndist = _coded(dlen, 1)
+    rsym, rext, nr = _length_runs(np.concatenate((llen[:nlit], dlen[:ndist])))
     cfreq = np.zeros(19, np.int64)
     for k in range(nr):
         cfreq[rsym[k]] += 1
     clen = _lengths(cfreq, 7)
     ccode = _codes(clen)
-    ncl = 19
-    while ncl > 4 and clen[_CL_ORDER[ncl - 1]] == 0:
-        ncl -= 1
+    ncl = _coded(clen[_CL_ORDER], 4)
     pos, buf, nb = int(st[0]), int(st[1]), int(st[2])
     pos, buf, nb = _put(out, pos, buf, nb, 1 if final else 0, 1)
     pos, buf, nb = _put(out, pos, buf, nb, 2, 2)
@@ -230,8 +249,16 @@ def _block(tokens: np.ndarray, count: int, final: bool, out: np.ndarray, st: np.
             pos, buf, nb = _put(out, pos, buf, nb, rext[k], 3)
         elif s == 18:
             pos, buf, nb = _put(out, pos, buf, nb, rext[k], 7)
-    # Each token's whole code: a byte's, or a length's with its extra bits and distance 1's
-    # code (at most 15 + 5 + 1 bits: distance 1 is one of two one-bit codes).
+    st[0], st[1], st[2] = pos, buf, nb
+
+
+@compiled()
+def _token_codes(
+    llen: np.ndarray, lcode: np.ndarray, dlen: np.ndarray, dcode: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each token's whole code and its width in bits: a byte's, or a length's with its extra
+    bits and distance 1's code (at most 15 + 5 + 1 bits: distance 1 is one of two one-bit
+    codes)."""
     whole = np.zeros(515, np.int64)
     bits = np.zeros(515, np.int64)
     for v in range(256):
@@ -242,6 +269,22 @@ def _block(tokens: np.ndarray, count: int, final: bool, out: np.ndarray, st: np.
             n = llen[sym] + _LEN_NBITS[ln]
             whole[256 + ln] = lcode[sym] | (_LEN_EXTRA[ln] << llen[sym]) | (dcode[0] << n)
             bits[256 + ln] = n + dlen[0]
+    return whole, bits
+
+
+@compiled()
+def _block(tokens: np.ndarray, count: int, final: bool, out: np.ndarray, st: np.ndarray) -> None:
+    """One dynamic-Huffman block of ``count`` tokens, each a byte (0..255) or 256 + the length
+    of a match of the byte before (distance 1): codes made for them, the header, the tokens,
+    the end of the block."""
+    lfreq, dfreq = _frequencies(tokens, count)
+    llen = _lengths(lfreq, 15)
+    dlen = _lengths(dfreq, 15)
+    lcode = _codes(llen)
+    dcode = _codes(dlen)
+    _header(out, st, final, llen, dlen)
+    whole, bits = _token_codes(llen, lcode, dlen, dcode)
+    pos, buf, nb = int(st[0]), int(st[1]), int(st[2])
     for t in range(count):
         v = tokens[t]
         pos, buf, nb = _put(out, pos, buf, nb, whole[v], bits[v])
