@@ -25,9 +25,6 @@ ALLOWED = {
     # Being split (issue 42).
     "service.processes.supervisor.run",
     "u2serve.folder.InProcess.run",
-    # Not a declaration: the command's parser and its dispatch in one function, over 80 lines
-    # since `strip` was added; to be split into the two.
-    "weights.__main__.main",
 }
 
 

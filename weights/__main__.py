@@ -20,7 +20,9 @@ from weights.convert import from_onnx, from_pth, save_weights
 from weights.fetch import fetch, file_md5
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command's arguments: one subcommand each for fetch, convert, prepare, strip and
+    verify."""
     parser = argparse.ArgumentParser(prog="python -m weights", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     models = sorted(SPECS)
@@ -70,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("paths", nargs="+", type=Path)
     p.add_argument("--model", choices=models, required=True)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     try:
         if args.command == "fetch":
