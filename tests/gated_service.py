@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import service.core.service
-import service.processes.worker
 from service.__main__ import main
 
-_run = service.processes.worker.run_batch
+_run = service.core.service.run_batch
 
 
 def _gated(*args: Any, **kwargs: Any) -> Any:
@@ -33,6 +32,6 @@ def _gated(*args: Any, **kwargs: Any) -> Any:
 
 
 if __name__ == "__main__":
-    service.processes.worker.run_batch = _gated  # type: ignore[assignment]
+    # The batchers of both shapes are started by service.core.service.Start.
     service.core.service.run_batch = _gated  # type: ignore[assignment]
     sys.exit(main(sys.argv[2:]))

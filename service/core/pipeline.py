@@ -85,13 +85,12 @@ class Served:
 
 @dataclass(frozen=True, eq=False)
 class Parts:
-    """The parts a loaded service answers with: built whole before the first request, so that
-    code past readiness never asks whether a part exists yet."""
+    """The parts a loaded service answers with: built whole before the first request
+    (:meth:`service.core.service.Start.answering`), so that code past readiness never asks
+    whether a part exists yet."""
 
     models: dict[str, Served]  # the default one first
     codec_pool: ThreadPoolExecutor
-    # The thread the network runs on (service/core/service.py): loading, warm-up and batches.
-    infer_pool: ThreadPoolExecutor
     caches: Caches
     budget: MemoryBudget
     admission: Admission

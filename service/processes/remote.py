@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import itertools
 import logging
 import os
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -35,12 +34,11 @@ from model.device import CPU, Device
 from model.postprocess import finish_on_cpu
 from model.preprocess import prepare
 from model.weights import SPECS, WeightsSpec
-from service.core.admission import Admission, Counts, in_flight_limit
+from service.core.admission import Counts, in_flight_limit
 from service.core.batcher import Completed
-from service.core.budget import MemoryBudget, map_large_buffers
-from service.core.cache import Caches, open_caches
-from service.core.pipeline import Parts, Served
-from service.core.service import MemoryReturn, Service, freeze_loaded, warm_codecs
+from service.core.cache import Caches
+from service.core.pipeline import Served
+from service.core.service import Service, Start
 from service.errors import NotReady, QueueFull, ServiceError
 from service.metrics import Metrics
 from service.processes.protocol import Slots, receive, send
@@ -346,62 +344,53 @@ async def start_front(
     fetcher: UrlFetcher | None = None,
 ) -> AsyncIterator[Service]:
     """A front process's service: no model of its own, the inference worker's through a link;
-    ready once connected, drained and closed on exit like the single process's."""
+    ready once connected, drained and closed on exit like the single process's. Its parts are
+    started as the single process's are (:class:`service.core.service.Start`)."""
     s = settings
-    side = max(SPECS[name].input_size for name in s.served_models)
-    link = WorkerLink(shared, side, front_slots(s), metrics)
-    described = await link.start()
-    max_batch = max(int(described[name]["max_batch_size"]) for name in s.served_models)
-    # One bound over every front's requests: the counts are in memory they share.
-    limit = in_flight_limit(s, max_batch)
-    admission = Admission(limit, metrics, Counts(shared.requests, shared.answered, shared.front))
-    models = {
+    async with Start(s, metrics, owns_process=owns_process) as start:
+        side = max(SPECS[name].input_size for name in s.served_models)
+        link = WorkerLink(shared, side, front_slots(s), metrics)
+        start.on_close(link.close)
+        described = await link.start()
+        worker = Caches(RemoteMapCache(link, metrics), RemoteUploadStore(link, metrics), _none)
+        caches = start.caches(worker)
+        # One bound over every front's requests, one budget over their bytes: the counts are in
+        # memory they share. A front runs no network: its large buffers are the codecs' photos,
+        # maps and answers.
+        parts = start.answering(
+            _served(link, described, s, metrics),
+            caches,
+            allocates_per_call=False,
+            counts=Counts(shared.requests, shared.answered, shared.front),
+            held=shared.held,
+            front=shared.front,
+        )
+        worker_ready = shared.worker_ready
+        service = Service(
+            s, metrics, parts, fetcher=fetcher, worker_ready=lambda: bool(worker_ready.value)
+        )
+        await start.warm(codecs=parts.codec_pool)  # before the first answer needs them
+        start.freeze()
+        service.set_ready(True)
+        start.on_close(partial(service.drain, s.drain_timeout_s))
+        yield service
+
+
+def _served(
+    link: WorkerLink, described: dict[str, dict[str, Any]], settings: Settings, metrics: Metrics
+) -> dict[str, Served]:
+    """The worker's models as this front's requests see them: their per-image halves here,
+    their queues there."""
+    names = settings.served_models
+    limit = in_flight_limit(settings, max(int(described[name]["max_batch_size"]) for name in names))
+    return {
         name: Served(
             RemoteModel(described[name]),
             RemoteQueue(link, name, described[name]["max_batch_size"], limit, metrics),
             {k: v for k, v in described[name].items() if k != "identity"},
         )
-        for name in s.served_models
+        for name in names
     }
-    if s.cache_url:
-        caches = open_caches(s, metrics)
-    else:  # the worker's, shared by every front
-        caches = Caches(RemoteMapCache(link, metrics), RemoteUploadStore(link, metrics), _none)
-    # A front runs no network: its large buffers are the codecs' photos, maps and answers.
-    if owns_process and map_large_buffers():
-        log.info("large buffers are mapped, and unmapped when freed")
-    codec_pool = ThreadPoolExecutor(s.codec_threads, thread_name_prefix="u2serve-codec")
-    infer = ThreadPoolExecutor(1, thread_name_prefix="u2serve-infer")
-    budget = MemoryBudget(
-        s.memory_budget_bytes,
-        metrics=metrics,
-        retry_after=admission.retry_after,
-        on_idle=MemoryReturn(codec_pool, metrics),
-        shared=shared.held,
-        front=shared.front,
-    )
-    service = Service(
-        s,
-        metrics,
-        Parts(models, codec_pool, infer, caches, budget, admission),
-        fetcher=fetcher,
-        worker_ready=lambda: bool(shared.worker_ready.value),
-    )
-    if s.warmup:  # the codecs' compiled passes, before the first answer needs them
-        await asyncio.get_running_loop().run_in_executor(codec_pool, warm_codecs)
-    if owns_process:
-        freeze_loaded()
-    service.set_ready(True)
-    try:
-        yield service
-    finally:
-        await service.drain(s.drain_timeout_s)
-        await caches.close()
-        await link.close()
-        infer.shutdown(wait=True)
-        codec_pool.shutdown(wait=True)
-        if owns_process:
-            gc.unfreeze()
 
 
 async def _none() -> None:
