@@ -212,8 +212,11 @@ def _distributions(docker: list[str], image: str) -> set[str]:
     return set(listed.split())
 
 
-# The CPU image's budget (issue: a small image that starts at once; it was 2.91 GB with PyTorch).
+# The CPU image's budget: 1.2 GB (it was 2.91 GB with PyTorch), on the official
+# python:3.11-slim-bookworm, about 130 MB as published. The stand-in base made here is larger
+# (241 MB), so what is held is what the Dockerfile adds on top of its base.
 CPU_IMAGE_BYTES = 1.2e9
+OFFICIAL_BASE_BYTES = 130e6
 
 
 def test_the_cpu_image_ships_no_torch_no_converter_and_fits_its_budget(
@@ -223,15 +226,6 @@ def test_the_cpu_image_ships_no_torch_no_converter_and_fits_its_budget(
     assert {"mnn", "openvino", "numba", "fastapi"} <= names
     assert not {n for n in names if n == "torch" or n.startswith("nvidia")}, sorted(names)
     assert not names & {"onnx", "nncf", "scipy", "scikit-learn"}, "a converter in the runtime"
-    size = int(
-        subprocess.run(
-            [*docker, "image", "inspect", "-f", "{{.Size}}", image],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
-    assert size <= CPU_IMAGE_BYTES, f"{size / 1e9:.2f} GB"
     # Every CPU engine runs there, from the weights' record and the engines' own files, without
     # the converters that made them.
     engines = (
@@ -248,6 +242,19 @@ def test_the_cpu_image_ships_no_torch_no_converter_and_fits_its_budget(
     )
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert ran.stdout.count("(1, 320, 320)") == 3, ran.stdout
+    size, base = (
+        int(
+            subprocess.run(
+                [*docker, "image", "inspect", "-f", "{{.Size}}", name],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        for name in (image, BASE_IMAGE)
+    )
+    added = size - base
+    assert added <= CPU_IMAGE_BYTES - OFFICIAL_BASE_BYTES, f"{added / 1e9:.3f} GB on the base"
 
 
 def test_image_serves_a_photo_and_stops_cleanly(docker: list[str], image: str) -> None:
