@@ -21,8 +21,13 @@ milliseconds an alpha adds to a cut-out and that share of the request (u2serve's
 network, map back, PNG cut-out, in this process; rembg's: its ``remove()``); then the fringe:
 on synthetic composites (a known foreground with soft edges over a known background), the mean
 colour error (0-255) of the cut-out's colour against the known foreground, weighted by the
-cut-out's alpha, where the true alpha is between 0.05 and 0.95. Last, the time the matte adds
-(alpha and colour) against a cut-out request's at 1 and 12 MP: the ``--scaled`` largest files
+cut-out's alpha, where the true alpha is between 0.05 and 0.95. Beside it, the colour alone: the
+fringe of each estimator given the true alpha (the photo's own pixel, u2serve's
+:mod:`service.images.foreground`, and pymatting's ``estimate_foreground_ml``, which rembg's alpha
+matting uses, run in rembg's venv), with its milliseconds a composite (640×640, one thread,
+median of six), so that the estimator and the alpha can be judged apart. Last, the time the
+matte adds (alpha and colour) against a cut-out request's at 1 and 12 MP, and the colour's own
+(:func:`service.images.matte.foreground` given the matte's alpha): the ``--scaled`` largest files
 scaled up or down (bicubic) and sent as JPEGs (for timing only: no truth at those sizes).
 """
 
@@ -171,6 +176,56 @@ def fringe(colour: np.ndarray, alpha: np.ndarray, fg: np.ndarray, truth: np.ndar
     return float((w * err).sum() / max(w.sum(), 1e-6))
 
 
+# The colour alone: pymatting's multi-level estimator (Germer et al. 2020; rembg's alpha matting
+# calls it) on the composites with their true alphas, in rembg's venv, one thread (its loops
+# run in parallel otherwise), each the median of six calls after one that compiles.
+_PYMATTING = """
+import json, sys, time
+import numpy as np
+from PIL import Image
+from pymatting import estimate_foreground_ml
+out, times = sys.argv[1], {}
+for photo, alpha in zip(sys.argv[2::2], sys.argv[3::2]):
+    image = np.asarray(Image.open(photo).convert("RGB")) / 255.0
+    a = np.asarray(Image.open(alpha).convert("L")) / 255.0
+    estimate_foreground_ml(image, a)
+    spent = []
+    for _ in range(6):
+        t = time.perf_counter()
+        f = estimate_foreground_ml(image, a)
+        spent.append(time.perf_counter() - t)
+    times[photo] = float(np.median(spent))
+    name = out + "/ml-" + photo.rsplit("/", 1)[1]
+    Image.fromarray(np.rint(np.clip(f, 0, 1) * 255).astype(np.uint8)).save(name)
+json.dump(times, open(out + "/ml-times.json", "w"))
+"""
+
+
+def pymatting_colours(pairs: list[tuple[Path, Path]], out: Path) -> dict[str, float]:
+    """pymatting's foreground of each (photo, true alpha) written to ``out`` as ``ml-NAME``, and
+    the seconds of each call, by the photo's path."""
+    python = ensure_rembg().parent / "python"
+    args = [str(p) for pair in pairs for p in pair]
+    env = {**os.environ, "NUMBA_NUM_THREADS": "1"}
+    subprocess.run([str(python), "-P", "-c", _PYMATTING, str(out), *args], check=True, env=env)
+    times: dict[str, float] = json.loads((out / "ml-times.json").read_text())
+    return times
+
+
+def own_colour(rgb: np.ndarray, alpha8: np.ndarray) -> tuple[np.ndarray, float]:
+    """u2serve's foreground of ``rgb`` given ``alpha8``, and the median seconds of six calls
+    after one that warms."""
+    from service.images.matte import foreground
+
+    colour = foreground(rgb, alpha8)
+    spent = []
+    for _ in range(6):
+        t = time.perf_counter()
+        foreground(rgb, alpha8)
+        spent.append(time.perf_counter() - t)
+    return colour, float(np.median(spent))
+
+
 # -- the time at a photo's size ----------------------------------------------------------------
 
 
@@ -201,9 +256,9 @@ def scaled_times(
     print(
         "| photo | size | request ms (mask) | "
         + " | ".join(f"{a} ms" for a in alphas)
-        + " | soft adds | matte adds |"
+        + " | soft adds | matte adds | colour ms |"
     )
-    print("| --- | --- | --- |" + " --- |" * (len(alphas) + 2))
+    print("| --- | --- | --- |" + " --- |" * (len(alphas) + 3))
     for path in photos:
         rgb0 = load(path, "RGB")
         h0, w0 = rgb0.shape[:2]
@@ -232,12 +287,24 @@ def scaled_times(
                     out = finish(segmenter, levels, image.model_rgb, params, size=size)
                     render(out, image, params)
                     best[alpha] = min(best[alpha], time.perf_counter() - t)
+            # The colour alone, given the matte's alpha (its photo scaled down anew, which the
+            # request shares with the matte): best of five.
             h, w = rgb.shape[:2]
+            matte = SegmentParams(output="cutout", alpha="matte")
+            alpha8 = m.cutout(
+                image.rgb, finish(segmenter, levels, image.model_rgb, matte, size=size), "matte"
+            )[0]
+            colour = float("inf")
+            for _ in range(5):
+                t = time.perf_counter()
+                m.foreground(image.rgb, alpha8)
+                colour = min(colour, time.perf_counter() - t)
             cells = " | ".join(f"{1e3 * best[a]:.0f}" for a in alphas)
             more = {a: best[a] - best["mask"] for a in ("soft", "matte")}
             adds = " | ".join(f"{1e3 * v:.0f} ms, {100 * v / request:.0f}%" for v in more.values())
             print(
-                f"| {path.stem} | {mp:g} MP ({w}×{h}) | {1e3 * request:.0f} | {cells} | {adds} |",
+                f"| {path.stem} | {mp:g} MP ({w}×{h}) | {1e3 * request:.0f} | {cells} | {adds} "
+                f"| {1e3 * colour:.0f} |",
                 flush=True,
             )
 
@@ -292,10 +359,14 @@ def main() -> None:
             photo, fg, truth = synthetic(i)
             path = out / f"synthetic-{i}.png"
             Image.fromarray(photo).save(path)
+            Image.fromarray(np.rint(truth * 255).astype(np.uint8)).save(out / f"truth-{i}.png")
             synth.append((path, fg, truth))
-        rembg_times = {}
+        rembg_times: dict[str, dict[str, float]] = {}
+        ml_times: dict[str, float] = {}
         if not args.no_rembg:
             rembg_times = rembg_alphas(args.model, photos + [p for p, _, _ in synth], out)
+            pairs = [(p, out / f"truth-{i}.png") for i, (p, _, _) in enumerate(synth)]
+            ml_times = pymatting_colours(pairs, out)
 
         def soft_of(rgb: np.ndarray) -> tuple[np.ndarray, float]:
             t = time.perf_counter()
@@ -343,8 +414,21 @@ def main() -> None:
             share["matte"].append(matte_s / request)
 
         fringes: dict[str, list[float]] = {}
+        alone: dict[str, list[float]] = {}  # the colour alone, given the true alpha
+        alone_ms: dict[str, list[float]] = {}
         for path, fg, truth in synth:
             rgb = load(path, "RGB")
+            truth8 = np.rint(truth * 255).astype(np.uint8)
+            own, spent = own_colour(rgb, truth8)
+            given = {"the photo's own pixel": rgb, "u2serve": own}
+            alone_ms.setdefault("u2serve", []).append(spent)
+            if ml_times:
+                given["pymatting estimate_foreground_ml"] = load(out / f"ml-{path.name}", "RGB")
+                alone_ms.setdefault("pymatting estimate_foreground_ml", []).append(
+                    ml_times[str(path)]
+                )
+            for name, colour in given.items():
+                alone.setdefault(name, []).append(fringe(colour, truth8 / 255.0, fg, truth))
             soft, _ = soft_of(rgb)
             levels8 = np.rint(soft * 255).astype(np.uint8)
             levels, colour = m.cutout(rgb, levels8, "matte", **knobs)
@@ -378,6 +462,12 @@ def main() -> None:
     soft_b, ceil_b = errors["soft"].mean("SAD band"), errors["ceiling"].mean("SAD band")
     closed = (soft_b - errors["matte"].mean("SAD band")) / max(soft_b - ceil_b, 1e-9)
     print(f"# matte closes {100 * closed:.0f}% of the soft→ceiling gap in the edge band's SAD")
+    print("# the colour alone, given the true alpha (the fringe's composites, 640×640):")
+    print("| colour | fringe with the true alpha | ms a composite |")
+    print("| --- | --- | --- |")
+    for name, values in alone.items():
+        ms = f"{1e3 * np.median(alone_ms[name]):.1f}" if name in alone_ms else "—"
+        print(f"| {name} | {np.mean(values):.2f} | {ms} |")
     if args.scaled:
         largest = sorted(photos, key=lambda p: -p.stat().st_size)[: args.scaled]
         scaled_times(segmenter, largest, args.sizes, knobs)
