@@ -22,7 +22,7 @@ from service.core.budget import MemoryBudget
 from service.errors import QueueFull
 from service.metrics import Metrics
 
-from .procs import distinct_photos, scrape, serving_gated, u2netp_env
+from .procs import distinct_photos, free_port, scrape, serving_gated, start, u2netp_env
 
 pytestmark = pytest.mark.integration
 
@@ -173,6 +173,18 @@ def test_sigterm_drains_every_front_then_the_worker(service: Service) -> None:
     assert service.proc.stdout is not None
     log = service.proc.stdout.read().decode()
     assert log.count("large buffers are mapped") >= FRONTS
+
+
+def test_a_worker_that_cannot_start_stops_the_service(tmp_path: Path) -> None:
+    """As the single process does: bad weights stop the start-up, with the loader's message."""
+    bad = tmp_path / "u2netp.safetensors"
+    bad.write_bytes(b"\x00" * 100)
+    proc = start(u2netp_env(bad, U2SERVE_WORKERS=str(FRONTS)), free_port())
+    out, _ = proc.communicate(timeout=300)  # a limit for a hung service only
+    assert proc.returncode == 1, out.decode()
+    log = out.decode()
+    assert "the inference worker could not start; stopping" in log
+    assert "WeightsError" in log
 
 
 def test_the_memory_budget_is_every_processs() -> None:

@@ -109,11 +109,21 @@ def _front(settings: Settings, shared: Shared, sock: socket.socket) -> int:
 def run(settings: Settings) -> int:
     """Run the service as ``settings.workers`` fronts and one inference worker until SIGTERM."""
     directory = _folder(settings)
+    shared = _share(settings, directory)
+    sock = _listen(settings.host, settings.port)
+    status = _Supervisor(settings, shared, sock).run()
+    sock.close()
+    shutil.rmtree(directory, ignore_errors=True)
+    return status
+
+
+def _share(settings: Settings, directory: Path) -> Shared:
+    """What the processes will share, in ``directory``, the metrics' files included."""
     metrics_dir = directory / "metrics"
     metrics_dir.mkdir()
     # Before any process imports prometheus-client: its values then go to files.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    shared = Shared(
+    return Shared(
         multiprocessing.Array("q", settings.workers),
         multiprocessing.Value("i", 0),
         multiprocessing.Value("i", 1),
@@ -122,78 +132,105 @@ def run(settings: Settings) -> int:
         multiprocessing.Value("q", 0),
         directory,
     )
-    sock = _listen(settings.host, settings.port)
-    roles: dict[int, str] = {}
-    started: dict[str, float] = {}
-    state = {"stopping": False, "worker_stopped": False}
 
-    def start(role: str) -> None:
-        if time.monotonic() - started.get(role, 0.0) < _RESTART_BACKOFF_S:
+
+class _Supervisor:
+    """The service's processes by pid, each with its role (``worker``, ``front-N``): started,
+    started again when one dies, and stopped in order on SIGTERM."""
+
+    def __init__(self, settings: Settings, shared: Shared, sock: socket.socket) -> None:
+        self.settings, self.shared, self.sock = settings, shared, sock
+        self.roles: dict[int, str] = {}
+        self.started: dict[str, float] = {}
+        self.stopping = False
+        self.worker_stopped = False
+        self.status = 0
+
+    def run(self) -> int:
+        """Start every process, then deal with each one's exit until none is left; the exit
+        status."""
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        self.start("worker")
+        for i in range(self.settings.workers):
+            self.start(f"front-{i}")
+        log.info(
+            "serving on %s:%d with %d front processes",
+            self.settings.host,
+            self.settings.port,
+            self.settings.workers,
+        )
+        while self.roles:
+            try:
+                pid, code = os.wait()
+            except ChildProcessError:
+                break
+            role = self.roles.pop(pid, None)
+            if role is not None:
+                self._exited(pid, role, code)
+        return self.status
+
+    def start(self, role: str) -> None:
+        if time.monotonic() - self.started.get(role, 0.0) < _RESTART_BACKOFF_S:
             time.sleep(_RESTART_BACKOFF_S)
-        started[role] = time.monotonic()
+        self.started[role] = time.monotonic()
         if role == "worker":
-            pid = _fork(lambda: _worker(settings, shared))
+            pid = _fork(lambda: _worker(self.settings, self.shared))
         else:
-            own = replace(shared, front=int(role.removeprefix("front-")))
-            pid = _fork(lambda: _front(settings, own, sock))
-        roles[pid] = role
+            own = replace(self.shared, front=int(role.removeprefix("front-")))
+            pid = _fork(lambda: _front(self.settings, own, self.sock))
+        self.roles[pid] = role
 
-    def stop(sig: int, frame: FrameType | None) -> None:
-        if state["stopping"]:  # a second signal: at once
-            for pid in roles:
+    def stop(self, sig: int, frame: FrameType | None) -> None:
+        """The first signal drains the fronts (the worker is stopped once they are gone); a
+        second one kills every process at once."""
+        if self.stopping:
+            for pid in self.roles:
                 os.kill(pid, signal.SIGKILL)
             return
-        state["stopping"] = True
+        self.stopping = True
         log.info(
-            "received %s: draining %d front processes", signal.Signals(sig).name, len(roles) - 1
+            "received %s: draining %d front processes",
+            signal.Signals(sig).name,
+            len(self.roles) - 1,
         )
-        for pid, role in roles.items():
+        for pid, role in self.roles.items():
             if role.startswith("front"):
                 os.kill(pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    start("worker")
-    for i in range(settings.workers):
-        start(f"front-{i}")
-    log.info(
-        "serving on %s:%d with %d front processes", settings.host, settings.port, settings.workers
-    )
-    status = 0
-    while roles:
-        try:
-            pid, code = os.wait()
-        except ChildProcessError:
-            break
-        role = roles.pop(pid, None)
-        if role is None:
-            continue
-        _forget(pid, shared)
+    def _exited(self, pid: int, role: str, code: int) -> None:
+        """What a process's exit leaves behind is forgotten; then it is started again, or, while
+        stopping, the worker is stopped once the last front has gone."""
+        _forget(pid, self.shared)
         if role.startswith("front-"):
-            shared.forget_front(int(role.removeprefix("front-")))
-        if role == "worker":
-            was_ready = shared.worker_ready.value == 1
-            shared.worker_ready.value = 0
-            if not was_ready and not state["stopping"]:
-                # It never got as far as serving (missing weights, no GPU): as the single
-                # process does, the service stops, with the worker's message in the log.
-                log.error("the inference worker could not start; stopping")
-                stop(signal.SIGTERM, None)
-                status = 1
-                continue
-        if not state["stopping"]:
+            self.shared.forget_front(int(role.removeprefix("front-")))
+        if role == "worker" and self._worker_never_served():
+            return
+        if not self.stopping:
             log.error("%s (pid %d) exited with %s; starting another", role, pid, code)
-            start(role)
-        elif not any(r.startswith("front") for r in roles.values()) and not state["worker_stopped"]:
-            state["worker_stopped"] = True
-            for other, r in roles.items():
+            self.start(role)
+        elif (
+            not any(r.startswith("front") for r in self.roles.values()) and not self.worker_stopped
+        ):
+            self.worker_stopped = True
+            for other, r in self.roles.items():
                 if r == "worker":
                     os.kill(other, signal.SIGTERM)
-        if code != 0 and state["stopping"]:
-            status = 1
-    sock.close()
-    shutil.rmtree(directory, ignore_errors=True)
-    return status
+        if code != 0 and self.stopping:
+            self.status = 1
+
+    def _worker_never_served(self) -> bool:
+        """Whether the worker that exited never got as far as serving (missing weights, no GPU):
+        then, as the single process does, the service stops, with the worker's message in the
+        log."""
+        was_ready = self.shared.worker_ready.value == 1
+        self.shared.worker_ready.value = 0
+        if was_ready or self.stopping:
+            return False
+        log.error("the inference worker could not start; stopping")
+        self.stop(signal.SIGTERM, None)
+        self.status = 1
+        return True
 
 
 def _forget(pid: int, shared: Shared) -> None:
