@@ -15,7 +15,7 @@ import tomllib
 from collections.abc import Iterator
 from importlib import import_module
 from pathlib import Path
-from typing import Literal, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 import httpx
 import numpy as np
@@ -186,6 +186,35 @@ def test_folder_with_broken_files_and_resumption(
     assert main([*args, "--recursive", "--overwrite"]) == 0
     assert "3 written, 0 skipped (already done), 0 failed, 1 ignored" in capsys.readouterr().err
     assert not list(out.rglob(".*"))  # no temporary files left
+
+
+def test_a_batch_the_network_fails_is_reported_and_the_run_goes_on(
+    u2netp_weights: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In process: the photos of a batch whose network call fails are reported as failed, each,
+    and the next batch is answered."""
+    import u2serve.folder
+
+    src, out = tmp_path / "photos", tmp_path / "out"
+    photos(src)
+    run_batch, calls = u2serve.folder.run_batch, []
+
+    def failing_first(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("the device went away")
+        return run_batch(*args, **kwargs)
+
+    monkeypatch.setattr(u2serve.folder, "run_batch", failing_first)
+    args = ["segment", str(src), "-o", str(out), "-q", *flags(u2netp_weights)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"failed: {src / 'girl.png'}: RuntimeError: the device went away" in err
+    assert "2 written, 0 skipped (already done), 1 failed" in err
+    assert sorted(p.name for p in out.iterdir()) == ["long.png", "rifle2.png"]
 
 
 def test_a_second_run_skips_the_boxes_written(

@@ -316,89 +316,124 @@ class InProcess:
     cache: MemoryMapCache | None = None
 
     def run(self, tasks: list[Task], params: SegmentParams, report: Report) -> None:
-        segmenter, batch_size, threads = self.segmenter, self.batch_size, self.threads
-        window = max(2 * threads, 2 * batch_size)  # decodes ahead of the model
-        pool = ThreadPoolExecutor(threads, thread_name_prefix="u2serve-codec")
-        maps = self.cache if self.cache is not None else MemoryMapCache(64 * 1024**2)
-        side = segmenter.spec.input_size
-        ahead: deque[tuple[Task, Future[_Read]]] = deque()
-        writing: dict[Future[Path], Task] = {}
-        pending = iter(tasks)
-
-        def fill() -> None:
-            while len(ahead) < window:
-                task = next(pending, None)
-                if task is None:
-                    return
-                ahead.append((task, pool.submit(_read, task.source, self.max_pixels, segmenter)))
-
-        def reap(limit: int) -> None:
-            """Collect finished writes; block while more than ``limit`` are outstanding."""
-            while writing:
-                done, _ = wait(list(writing), timeout=None if len(writing) > limit else 0)
-                if not done:
-                    return
-                for fut in done:
-                    task = writing.pop(fut)
-                    exc = fut.exception()
-                    if exc is not None:
-                        report.failed(task, exc)
-                    else:
-                        report.written(task)
-
-        def write(task: Task, levels: np.ndarray, image: DecodedImage) -> None:
-            """The map's second half and the encode in the pool, as the service runs them."""
-            fut = pool.submit(_finish_and_write, task, segmenter, levels, image, params)
-            writing[fut] = task
-
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="u2serve-codec")
+        run = _InProcessRun(self, pool, tasks, params, report)
         try:
-            fill()
-            while ahead:
-                batch: list[tuple[Task, _Read, str]] = []
-                while ahead and len(batch) < batch_size:
-                    task, fut = ahead.popleft()
-                    try:
-                        read = fut.result()
-                    except Exception as exc:  # one bad file is reported and skipped, not fatal
-                        report.failed(task, exc)
-                        fill()
-                        continue
-                    fill()
-                    key = map_key(segmenter.identity, read.digest)
-                    cached = maps.lookup(key)
-                    report.cache(hit=cached is not None)
-                    if cached is None:
-                        batch.append((task, read, key))
-                        continue
-                    # The same photo again: its map's second half only, as the service does on a
-                    # hit.
-                    write(task, np.frombuffer(cached, np.uint8).reshape(side, side), read.image)
-                if not batch:
-                    reap(limit=2 * threads)
-                    continue
-                try:
-                    results = run_batch(segmenter, [read.prepared for _, read, _ in batch])
-                except Exception as exc:
-                    log.exception("inference failed for a batch of %d", len(batch))
-                    for task, _, _ in batch:
-                        report.failed(task, exc)
-                    continue
-                for (task, read, key), levels in zip(batch, results, strict=True):
-                    maps.keep(key, levels.tobytes())
-                    write(task, levels, read.image)
-                reap(limit=2 * threads)
-            reap(limit=0)
+            run.through()
         except KeyboardInterrupt:
-            for _, fut in ahead:
-                fut.cancel()
-            # Outputs already being encoded are finished (and renamed) rather than abandoned.
-            reap(limit=0)
+            run.interrupted()
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> None:
         """Nothing is held between runs: the pool is the run's."""
+
+
+class _InProcessRun:
+    """One run of an :class:`InProcess`: the photos read ahead in ``pool``, batches through the
+    network on this thread, answers finished, encoded and written in ``pool``."""
+
+    def __init__(
+        self,
+        step: InProcess,
+        pool: ThreadPoolExecutor,
+        tasks: list[Task],
+        params: SegmentParams,
+        report: Report,
+    ) -> None:
+        self.segmenter, self.max_pixels = step.segmenter, step.max_pixels
+        self.batch_size, self.threads = step.batch_size, step.threads
+        self.maps = step.cache if step.cache is not None else MemoryMapCache(64 * 1024**2)
+        self.pool, self.params, self.report = pool, params, report
+        self.window = max(2 * self.threads, 2 * self.batch_size)  # decodes ahead of the model
+        self.ahead: deque[tuple[Task, Future[_Read]]] = deque()
+        self.writing: dict[Future[Path], Task] = {}
+        self.pending = iter(tasks)
+
+    def through(self) -> None:
+        """Every task, to its written answer or its reported failure."""
+        self.fill()
+        while self.ahead:
+            batch = self.next_batch()
+            if batch and not self.infer(batch):
+                continue  # the batch failed, and its photos are reported: on to the next
+            self.reap(limit=2 * self.threads)
+        self.reap(limit=0)
+
+    def interrupted(self) -> None:
+        """Photos not yet decoded are dropped; outputs already being encoded are finished (and
+        renamed) rather than abandoned."""
+        for _, fut in self.ahead:
+            fut.cancel()
+        self.reap(limit=0)
+
+    def fill(self) -> None:
+        """Photos read ahead, up to the window."""
+        while len(self.ahead) < self.window:
+            task = next(self.pending, None)
+            if task is None:
+                return
+            read = self.pool.submit(_read, task.source, self.max_pixels, self.segmenter)
+            self.ahead.append((task, read))
+
+    def next_batch(self) -> list[tuple[Task, _Read, str]]:
+        """Up to ``batch_size`` read photos whose maps the cache does not have, each with its
+        map's key; a photo that failed to read is reported, one the cache has is written."""
+        batch: list[tuple[Task, _Read, str]] = []
+        while self.ahead and len(batch) < self.batch_size:
+            task, fut = self.ahead.popleft()
+            try:
+                read = fut.result()
+            except Exception as exc:  # one bad file is reported and skipped, not fatal
+                self.report.failed(task, exc)
+                self.fill()
+                continue
+            self.fill()
+            key = map_key(self.segmenter.identity, read.digest)
+            cached = self.maps.lookup(key)
+            self.report.cache(hit=cached is not None)
+            if cached is None:
+                batch.append((task, read, key))
+                continue
+            # The same photo again: its map's second half only, as the service does on a hit.
+            side = self.segmenter.spec.input_size
+            self.write(task, np.frombuffer(cached, np.uint8).reshape(side, side), read.image)
+        return batch
+
+    def infer(self, batch: list[tuple[Task, _Read, str]]) -> bool:
+        """The batch's maps through the network, kept in the cache and written; False (each
+        photo reported) if the network failed."""
+        try:
+            results = run_batch(self.segmenter, [read.prepared for _, read, _ in batch])
+        except Exception as exc:
+            log.exception("inference failed for a batch of %d", len(batch))
+            for task, _, _ in batch:
+                self.report.failed(task, exc)
+            return False
+        for (task, read, key), levels in zip(batch, results, strict=True):
+            self.maps.keep(key, levels.tobytes())
+            self.write(task, levels, read.image)
+        return True
+
+    def write(self, task: Task, levels: np.ndarray, image: DecodedImage) -> None:
+        """The map's second half and the encode in the pool, as the service runs them."""
+        fut = self.pool.submit(_finish_and_write, task, self.segmenter, levels, image, self.params)
+        self.writing[fut] = task
+
+    def reap(self, limit: int) -> None:
+        """Collect finished writes; block while more than ``limit`` are outstanding."""
+        while self.writing:
+            done, _ = wait(list(self.writing), timeout=None if len(self.writing) > limit else 0)
+            if not done:
+                return
+            for fut in done:
+                task = self.writing.pop(fut)
+                exc = fut.exception()
+                if exc is not None:
+                    self.report.failed(task, exc)
+                else:
+                    self.report.written(task)
 
 
 # -- by a running service ------------------------------------------------------------------------
