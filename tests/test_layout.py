@@ -22,9 +22,6 @@ ALLOWED = {
     # POST /segment's OpenAPI document, declared: its answers, one per status with its text,
     # and the bodies it takes.
     "service.http.routes._segment_operation",
-    # Being split (issue 42).
-    "service.processes.supervisor.run",
-    "u2serve.folder.InProcess.run",
 }
 
 
