@@ -88,7 +88,7 @@ def _int8_with_sides(model: str, threads: int) -> Callable[[np.ndarray], tuple[A
 
 def _distance(a: np.ndarray, b: np.ndarray, size: tuple[int, int]) -> tuple[float, float]:
     """MAE and IoU@0.5 of two 8-bit network maps at the photo's size."""
-    pa = from_levels(a, size).copy()
+    pa = from_levels(a, size)
     pb = from_levels(b, size)
     ma, mb = pa >= 0.5, pb >= 0.5
     union = int((ma | mb).sum())

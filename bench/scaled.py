@@ -54,7 +54,7 @@ def _photo_bytes(path: Path, mp: float | None) -> bytes:
 def _map(seg: Segmenter, rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The H×W probability map the service's answer is made from (``size``: H, W)."""
     levels = seg.levels_of([seg.prepare(rgb)])[0]
-    return from_levels(levels, size).copy()
+    return from_levels(levels, size)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -74,7 +74,9 @@ def _reduce_axis(x: np.ndarray, dst: int, axis: int) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(out, -1, axis))
 
 
-def resize_levels(levels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_levels(
+    levels: np.ndarray, size: tuple[int, int], out: np.ndarray | None = None
+) -> np.ndarray:
     """One ``S×S`` uint8 map → the ``H×W`` float32 map in levels (0-255, not rounded).
 
     An enlargement (no side smaller than S) is OpenCV's bilinear upscale, the same half-pixel
@@ -82,18 +84,15 @@ def resize_levels(levels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     74-94 ms (one thread, bench/README.md); its float arithmetic rounds differently from
     PyTorch's by at most 2.1e-5 of the range. Where any side shrinks, it is the anti-aliased
     bilinear filter the authors' PIL resize stands for, as PyTorch's ``antialias=True`` computes
-    it, the width then the height (within 5e-5 levels of it, tests/test_postprocess.py)."""
+    it, the width then the height (within 5e-5 levels of it, tests/test_postprocess.py).
+    ``out``: where an enlargement is written (an ``H×W`` float32 array), else a new array."""
     import cv2
 
     h, w = size
     m = levels.astype(np.float32)
     if h >= levels.shape[0] and w >= levels.shape[1]:
-        # The full-size float map lives for its caller's call only: written into a kept buffer
-        # rather than fresh pages (model/scratch.py; 12 MP: 7.3 against 11.5 ms).
-        out: np.ndarray = cv2.resize(
-            m, (w, h), scratch.array((h, w), np.float32), interpolation=cv2.INTER_LINEAR
-        )
-        return out
+        up: np.ndarray = cv2.resize(m, (w, h), out, interpolation=cv2.INTER_LINEAR)
+        return up
     return _reduce_axis(_reduce_axis(m, w, 1), h, 0)
 
 
@@ -120,7 +119,9 @@ def finish_on_cpu(
     import cv2
 
     h, w = size
-    m = resize_levels(levels, size)
+    # The full-size float map lives for this call only: written into a kept buffer rather than
+    # fresh pages (model/scratch.py; 12 MP: 7.3 against 11.5 ms).
+    m = resize_levels(levels, size, scratch.array((h, w), np.float32))
     if probability:
         # A band of rows at a time, so that the four passes stay in the CPU's cache (12 MP:
         # 16 against 22 ms); each pixel's arithmetic is the same.

@@ -206,7 +206,7 @@ class Segmenter:
             return []
         levels = self.levels(images)
         return [
-            from_levels(lv, (im.shape[0], im.shape[1])).copy()
+            from_levels(lv, (im.shape[0], im.shape[1]))
             for lv, im in zip(levels, images, strict=True)
         ]
 

@@ -45,7 +45,7 @@ def resize_map(m: Tensor, size: tuple[int, int]) -> Tensor:
     if m.device.type == "cpu" and size[0] >= m.shape[-2] and size[1] >= m.shape[-1]:
         from model.postprocess import resize_levels
 
-        return torch.from_numpy(resize_levels(m[0].numpy(), size).copy())
+        return torch.from_numpy(resize_levels(m[0].numpy(), size))
     if (
         m.device.type == "cuda"
         and min(size[0] / m.shape[-2], size[1] / m.shape[-1]) < _CUDA_MIN_SCALE
