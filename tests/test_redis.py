@@ -80,14 +80,15 @@ def cluster(
         stderr=subprocess.STDOUT,
     )
     url = f"redis://127.0.0.1:{port}/0"
+    # A replica's first call opens its connection; on a loaded machine that took longer than the
+    # default 200 ms wait, and the upload went unkept (no X-Image-Id). The tests of a Redis that
+    # does not answer stop or kill it, so no wait is long enough for it: a long one races nothing.
+    patient = {"U2SERVE_CACHE_URL": url, "U2SERVE_CACHE_TIMEOUT_MS": "5000"}
     envs = {
-        "a": u2netp_env(u2netp_weights, U2SERVE_CACHE_URL=url, U2SERVE_API_KEY=KEY),
-        "b": u2netp_env(u2netp_weights, U2SERVE_CACHE_URL=url, U2SERVE_API_KEY=KEY),
+        "a": u2netp_env(u2netp_weights, U2SERVE_API_KEY=KEY, **patient),
+        "b": u2netp_env(u2netp_weights, U2SERVE_API_KEY=KEY, **patient),
         "c": u2netp_env(
-            u2netp_weights,
-            U2SERVE_CACHE_URL=url,
-            U2SERVE_API_KEY=OTHER_KEY,
-            U2SERVE_ENGINE="torch",
+            u2netp_weights, U2SERVE_API_KEY=OTHER_KEY, U2SERVE_ENGINE="torch", **patient
         ),
     }
     for _ in range(100):
