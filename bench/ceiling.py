@@ -39,7 +39,15 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.http import REPO, SIZES_MP, batch_totals, photo_set, running
+from bench.http import (
+    REPO,
+    SIZES_MP,
+    batch_totals,
+    checkout_arg,
+    photo_set,
+    running,
+    settings_arg,
+)
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -299,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         "--checkout",
         action="append",
         default=[],
+        type=checkout_arg,
         metavar="NAME=DIR[:VAR=VALUE,...]",
         help="another server run from another checkout of the project (such as `git worktree "
         "add ../before HEAD~1`), with the base settings and these: a change of code measured in "
@@ -318,15 +327,13 @@ def main(argv: list[str] | None = None) -> None:
     servers = {"base": env}
     for variant in args.variant:
         vname, _, assignments = variant.partition(":")
-        servers[vname] = env | dict(kv.split("=", 1) for kv in assignments.split(",") if kv)
+        servers[vname] = env | settings_arg(assignments)
     checkouts = {"base": REPO}
-    for checkout in args.checkout:
-        cname, _, where = checkout.partition("=")
-        where, _, assignments = where.partition(":")
-        if not (Path(where) / "bench" / "instant.py").is_file():
-            p.error(f"--checkout {checkout}: {where} is not a checkout of this project")
-        servers[cname] = env | dict(kv.split("=", 1) for kv in assignments.split(",") if kv)
-        checkouts[cname] = Path(where).resolve()
+    for cname, where, extra in args.checkout:
+        if not (where / "bench" / "instant.py").is_file():
+            p.error(f"--checkout {cname}: {where} has no bench/instant.py (its instant network)")
+        servers[cname] = env | extra
+        checkouts[cname] = where
     if args.fronts != [1]:
         servers, checkouts = _with_fronts(servers, checkouts, args.fronts)
     print(

@@ -6,10 +6,13 @@
     python -m bench.http --model u2netp --outputs mask cutout --concurrency 1 4
     python -m bench.http --targets u2serve --variant t1:U2SERVE_THREADS=1 \
         --variant t2:U2SERVE_THREADS=2                     # settings against each other
+    python -m bench.http --checkout before=../before       # this code against another's
 
 Each server runs as a real process on 127.0.0.1. For every photo set, output and concurrency
 level, u2serve and rembg are loaded one after the other (never at once), and the script prints
-images/s, latency percentiles, errors, u2serve's mean batch size, and the ratio between the two;
+images/s, latency percentiles, errors, u2serve's mean batch size, the ratio between the two, and
+what a health check met meanwhile (its median and longest wait, polled every 100 ms on a
+connection of its own: a probe that waits past its timeout takes the replica out of service);
 at the end, each server's peak resident memory. ``--variant NAME:VAR=VALUE,...`` adds u2serve
 processes with other settings, loaded in the same alternation.
 
@@ -86,6 +89,11 @@ class Target:
     @property
     def is_rembg(self) -> bool:
         return self.name == "rembg"
+
+    @property
+    def health_path(self) -> str:
+        # rembg has no health route: its smallest answer is its API's page.
+        return "/api" if self.is_rembg else "/healthz"
 
     def request(self, photo: bytes, output: str) -> tuple[str, dict[str, str], dict[str, tuple]]:
         """(path, form fields, files) for one multipart request asking for ``output``."""
@@ -190,6 +198,20 @@ def rembg_home(model: str) -> Path:
     return onnx.parent
 
 
+def settings_arg(assignments: str) -> dict[str, str]:
+    """``VAR=VALUE,...`` as a dict of settings."""
+    return dict(kv.split("=", 1) for kv in assignments.split(",") if kv)
+
+
+def checkout_arg(value: str) -> tuple[str, Path, dict[str, str]]:
+    """``NAME=DIR[:VAR=VALUE,...]``: a server run from another checkout, with these settings."""
+    name, _, where = value.partition("=")
+    where, _, assignments = where.partition(":")
+    if not name or not (Path(where) / "service" / "__main__.py").is_file():
+        raise argparse.ArgumentTypeError(f"{where!r} is not a checkout of this project")
+    return name, Path(where).resolve(), settings_arg(assignments)
+
+
 # -- load --------------------------------------------------------------------------------------
 
 
@@ -200,6 +222,7 @@ class Result:
     seconds: float
     latencies: list[float]
     batch_mean: float | None
+    probes: list[float]  # a health check's seconds, every 100 ms during the load
 
     @property
     def images_per_s(self) -> float:
@@ -216,12 +239,13 @@ class Result:
             statistics.fmean(r.batch_mean for r in rs if r.batch_mean)
             if all(r.batch_mean for r in rs)
             else None,
+            [x for r in rs for x in r.probes],
         )
 
-    def pct(self, q: float) -> float:
-        if not self.latencies:
+    def pct(self, q: float, of: list[float] | None = None) -> float:
+        xs = sorted(self.latencies if of is None else of)
+        if not xs:
             return float("nan")
-        xs = sorted(self.latencies)
         return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
@@ -263,15 +287,31 @@ async def load(
             else:
                 errors += 1
 
+    probes: list[float] = []
+
+    async def probe(done: asyncio.Event) -> None:
+        """What a load balancer's health check meets meanwhile: the time to an answer from the
+        server's cheapest route, on a connection of its own."""
+        async with httpx.AsyncClient(base_url=target.url, timeout=600) as client:
+            while not done.is_set():
+                t = time.perf_counter()
+                await client.get(target.health_path)
+                probes.append(time.perf_counter() - t)
+                await asyncio.sleep(0.1)
+
     before = _batch_stats(target)
+    done = asyncio.Event()
+    probing = asyncio.create_task(probe(done))
     async with httpx.AsyncClient(base_url=target.url, timeout=600, limits=limits) as client:
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         seconds = time.perf_counter() - start
+    done.set()
+    await probing
     after = _batch_stats(target)
     batches = after[1] - before[1]
     mean = (after[0] - before[0]) / batches if batches else None
-    return Result(len(latencies), errors, seconds, latencies, mean)
+    return Result(len(latencies), errors, seconds, latencies, mean, probes)
 
 
 def warm(target: Target, photos: list[bytes], output: str) -> None:
@@ -296,6 +336,16 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         metavar="NAME:VAR=VALUE,...",
         help="another u2serve process with these settings (repeatable)",
+    )
+    p.add_argument(
+        "--checkout",
+        action="append",
+        default=[],
+        type=checkout_arg,
+        metavar="NAME=DIR[:VAR=VALUE,...]",
+        help="another u2serve run from another checkout of the project (such as `git worktree "
+        "add ../before HEAD~1`), with these settings too: a change of code measured in one run "
+        "(repeatable)",
     )
     p.add_argument("--photos", nargs="+", default=["reference"], choices=["reference", *SIZES_MP])
     p.add_argument(
@@ -324,11 +374,15 @@ def main(argv: list[str] | None = None) -> None:
     }
     servers = {"u2serve": u2serve_server(env)}
     names = list(args.targets)
+    checkouts: dict[str, Path] = {}
     for variant in args.variant:
         vname, _, assignments = variant.partition(":")
-        extra = dict(kv.split("=", 1) for kv in assignments.split(",") if kv)
-        servers[vname] = u2serve_server(env | extra)
+        servers[vname] = u2serve_server(env | settings_arg(assignments))
         names.append(vname)
+    for cname, where, extra in args.checkout:
+        servers[cname] = u2serve_server(env | extra)
+        checkouts[cname] = where
+        names.append(cname)
     if "rembg" in args.targets:
         servers["rembg"] = rembg_server(args.model)
     print(
@@ -338,11 +392,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"{'photos':9} {'output':7} {'conc':>4} {'target':8} {'img/s':>7} {'p50 s':>7} "
-        f"{'p95 s':>7} {'p99 s':>7} {'errors':>6} {'batch':>5} {'ratio':>6}"
+        f"{'p95 s':>7} {'p99 s':>7} {'errors':>6} {'batch':>5} {'ratio':>6} "
+        f"{'probe p50':>9} {'probe max':>9}"
     )
     with ExitStack() as stack:
         targets = {
-            name: stack.enter_context(running(*servers[name], name=name, model=args.model))
+            name: stack.enter_context(
+                running(*servers[name], name=name, model=args.model, cwd=checkouts.get(name, REPO))
+            )
             for name in names
         }
         for photos_name in args.photos:
@@ -369,7 +426,8 @@ def main(argv: list[str] | None = None) -> None:
                             f"{photos_name:9} {output:7} {conc:>4} {name:8} "
                             f"{m.images_per_s:>7.2f} {m.pct(0.5):>7.2f} "
                             f"{m.pct(0.95):>7.2f} {m.pct(0.99):>7.2f} "
-                            f"{m.errors:>6} {batch} {ratio:>6}",
+                            f"{m.errors:>6} {batch} {ratio:>6} "
+                            f"{m.pct(0.5, m.probes):>9.3f} {max(m.probes, default=0):>9.3f}",
                             flush=True,
                         )
         for name, t in targets.items():

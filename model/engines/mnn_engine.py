@@ -126,11 +126,19 @@ def prepare(weights: Path, model: str) -> list[Path]:
 
 
 class MNNEngine:
-    """The MNN module and its runtime live on one thread of their own: MNN's runtime manager
-    must not be shared across threads, and callers (warm-up, batcher, CLI) use several."""
+    """One MNN session (the interpreter API), on one thread of its own: a session must not be
+    shared across threads, and callers (warm-up, batcher, CLI) use several.
+
+    A session, not MNN's module API: ``runSession`` lets go of the GIL while the network runs
+    (the module's ``forward`` held it for all of its 0.4 s on U2NET, so the event loop and the
+    codec threads stood still for every image), and making the session prepares every
+    convolution (the Winograd weights: about 2 s for U2NET) at load, where the module did it in
+    its first call. Same backend, same precision: the same maps, bit for bit, at every batch
+    size (measured on U2NET, batches of 1-3). A new batch size re-plans the session's buffers
+    (milliseconds); the prepared weights stay."""
 
     name: EngineName = "mnn"
-    allocates_per_call = False  # MNN plans its buffers when the module is loaded or resized
+    allocates_per_call = False  # MNN plans its buffers when the session is made or resized
 
     def __init__(self, path: Path, threads: int, digest: str) -> None:
         self.artifact_digest: str | None = digest
@@ -139,30 +147,48 @@ class MNNEngine:
         self.arithmetic = "float32"
         self.threads = threads
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="u2serve-mnn")
-        self._module = self._thread.submit(self._load, path, threads).result()
-
-    @staticmethod
-    def _load(path: Path, threads: int) -> Any:
-        import MNN.nn
-
-        # precision "high": float32 everywhere ("low" would allow bf16/fp16, not faithful).
-        config = {"backend": "CPU", "precision": "high", "numThread": threads}
-        runtime = MNN.nn.create_runtime_manager((config,))
-        return MNN.nn.load_module_from_file(str(path), [INPUT], [OUTPUT], runtime_manager=runtime)
-
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        import MNN.expr as F
-
-        (out,) = self._module.forward([F.const(x, list(x.shape), F.NCHW)])
-        if out.data_format != F.NCHW:
-            out = F.convert(out, F.NCHW)
-        return np.array(out.read(), dtype=np.float32, copy=True).reshape(
-            x.shape[0], 1, *x.shape[2:]
-        )
+        self._session = self._thread.submit(_Session, path, threads).result()
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         arr = np.ascontiguousarray(x, dtype=np.float32)
-        return self._thread.submit(self._run, arr).result()
+        return self._thread.submit(self._session.run, arr).result()
+
+
+class _Session:
+    """An interpreter, its session and its tensors; used on the engine's thread only."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import MNN
+
+        self._mnn = MNN
+        self._interpreter = MNN.Interpreter(str(path))
+        # precision "high": float32 everywhere ("low" would allow bf16/fp16, not faithful).
+        config = {"backend": "CPU", "precision": "high", "numThread": threads}
+        self._session = self._interpreter.createSession(config)
+        self._input = self._interpreter.getSessionInput(self._session, INPUT)
+        self._output = self._interpreter.getSessionOutput(self._session, OUTPUT)
+        self._host: Any = None  # the output's host copy, kept while the shape holds
+
+    def _tensor(self, arr: np.ndarray) -> Any:
+        mnn = self._mnn
+        return mnn.Tensor(arr.shape, mnn.Halide_Type_Float, arr, mnn.Tensor_DimensionType_Caffe)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        it, session = self._interpreter, self._session
+        if tuple(self._input.getShape()) != x.shape:
+            it.resizeTensor(self._input, x.shape)
+            it.resizeSession(session)
+            self._output = it.getSessionOutput(session, OUTPUT)
+            self._host = None
+        self._input.copyFrom(self._tensor(x))
+        code = it.runSession(session)
+        if code != 0:
+            raise RuntimeError(f"MNN's session failed with error code {code}")
+        if self._host is None:
+            self._host = self._tensor(np.empty(self._output.getShape(), np.float32))
+        self._output.copyToHostTensor(self._host)
+        # A view of the host tensor's memory, which the next call overwrites: copied.
+        return np.array(self._host.getNumpyData(), dtype=np.float32, copy=True)
 
 
 def load(weights: Path, model: str, options: EngineOptions) -> MNNEngine:
