@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from model import verified
+
 __all__ = [
     "SPECS",
     "WeightsError",
@@ -128,8 +130,14 @@ def load_state_dict(path: str | Path, name: str) -> dict[str, np.ndarray]:
 
 
 def verified_digest(path: str | Path, name: str) -> str:
-    """Verify a weights file as :func:`load_state_dict` does; return its tensors' digest."""
-    return _read_verified(path, name)[1]
+    """Verify a weights file as :func:`load_state_dict` does; return its tensors' digest. The
+    tensors are read and hashed once for each version of the file (:mod:`model.verified`)."""
+    path = Path(path)
+    _, meta, expected = _open(path, name, lambda f: None)
+    _refuse_stripped(path, name, meta)
+    digest = verified.digest(path, "tensors_sha256", lambda p: _read_verified(p, name)[1])
+    _compare(path, name, digest, expected)
+    return digest
 
 
 def recorded_digest(path: str | Path, name: str) -> str:
@@ -166,19 +174,27 @@ def strip_tensors(path: str | Path, name: str) -> None:
 def _read_verified(path: str | Path, name: str) -> tuple[dict[str, np.ndarray], str]:
     state, meta, expected = _open(path, name, lambda f: {k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (not a dict)
     assert state is not None
+    _refuse_stripped(path, name, meta)
+    digest = tensors_sha256(state)
+    _compare(path, name, digest, expected)
+    return state, digest
+
+
+def _refuse_stripped(path: str | Path, name: str, meta: dict[str, str]) -> None:
     if meta.get(_STRIPPED[0]) == _STRIPPED[1]:
         raise WeightsError(
             f"weights file {path} holds the weights' record without their tensors (as a CPU "
             f"image ships it): the CPU engines run their own files, but this needs the tensors. "
             f"{_hint(name)}"
         )
-    digest = tensors_sha256(state)
+
+
+def _compare(path: str | Path, name: str, digest: str, expected: str) -> None:
     if digest != expected:
         raise WeightsError(
             f"weights file {path} is corrupt: its tensors hash to {digest}, expected {expected}. "
             f"{_hint(name)}"
         )
-    return state, digest
 
 
 def _hint(name: str) -> str:

@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 from model.engines import prepare_engines
-from model.weights import SPECS, WeightsError, load_state_dict
+from model.weights import SPECS, WeightsError, load_state_dict, verified_digest
 from weights.convert import from_onnx, release_source, save_weights
 
 __all__ = ["fetch", "file_md5"]
@@ -78,7 +78,7 @@ def fetch(name: str, dest_dir: Path, *, force: bool = False) -> Path:
     target = dest_dir / f"{name}.safetensors"
     if target.exists() and not force:
         try:
-            load_state_dict(target, name)
+            verified_digest(target, name)
         except WeightsError as exc:
             log.warning("%s; converting it again", exc)
         else:

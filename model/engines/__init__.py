@@ -19,6 +19,7 @@ from typing import Literal, Protocol, cast
 
 import numpy as np
 
+from model import verified
 from model.device import Device
 
 __all__ = [
@@ -216,7 +217,12 @@ def prepare_engines(weights: Path, model: str) -> list[Path]:
 
 
 def file_sha256(path: Path) -> str:
-    """The SHA-256 of a derived model file, read in 1 MiB pieces."""
+    """The SHA-256 of a derived model file, read in 1 MiB pieces once for each version of the
+    file (:mod:`model.verified`)."""
+    return verified.digest(path, "sha256", _sha256)
+
+
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
