@@ -427,25 +427,30 @@ class Start:
     async def warm(
         self, *, codecs: ThreadPoolExecutor | None = None, models: Models | None = None
     ) -> None:
-        """Where the settings ask for a warm-up: the codecs' compiled passes on ``codecs``, then
-        each of ``models`` at the batch sizes it will run (1, and on a GPU its largest)."""
+        """Where the settings ask for a warm-up: the codecs' compiled passes on ``codecs``, and
+        meanwhile each of ``models`` at the batch sizes it will run (1, and on a GPU its
+        largest): the engines let go of the GIL while their network runs, so the two overlap."""
         if not self.settings.warmup:
             return
         loop = asyncio.get_running_loop()
+        parts = []
         if codecs is not None:
-            await loop.run_in_executor(codecs, warm_codecs)
-        if models is None:
-            return
-        for name, seg in models.segmenters.items():
-            max_batch = models.batchers[name].max_batch_size
-            sizes = sorted({1, max_batch}) if seg.device.type == "cuda" else [1]
-            await loop.run_in_executor(models.infer_pool, seg.warmup, sizes)
+            parts.append(loop.run_in_executor(codecs, warm_codecs))
+        if models is not None:
+            parts.append(loop.run_in_executor(models.infer_pool, _warm_models, models))
+        await asyncio.gather(*parts)
 
     def freeze(self) -> None:
         """In a process of its own, what it has loaded out of the collector's passes
         (:func:`freeze_loaded`) until leaving."""
         if self.owns_process:
             freeze_loaded()
+
+
+def _warm_models(models: Models) -> None:
+    for name, seg in models.segmenters.items():
+        max_batch = models.batchers[name].max_batch_size
+        seg.warmup(sorted({1, max_batch}) if seg.device.type == "cuda" else [1])
 
 
 async def _stop(batchers: Iterable[Batcher[Any, Any]]) -> None:
