@@ -29,6 +29,7 @@ class InstantEngine:
 
     name: EngineName = "torch"  # the label metrics and /readyz show; the identity says instant
     allocates_per_call = False
+    ready_at_load = True
     artifact_digest: str | None = "instant"
     arithmetic = "none (an instant stand-in)"
 

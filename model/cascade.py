@@ -144,6 +144,7 @@ class Cascade:
 
     name: EngineName = "cascade"
     allocates_per_call: bool
+    ready_at_load: bool
 
     def __init__(self, first: Engine, second: Engine, score: str, threshold: float) -> None:
         if not 0.0 <= threshold <= 1.0:
@@ -156,6 +157,7 @@ class Cascade:
         self.device = first.device
         self.dtype = first.dtype
         self.allocates_per_call = first.allocates_per_call or second.allocates_per_call
+        self.ready_at_load = first.ready_at_load and second.ready_at_load
         self.arithmetic = f"{first.arithmetic}, {second.arithmetic} where {score} ≥ {threshold:g}"
         parts = [f"{e.name}@{e.artifact_digest or e.dtype}" for e in (first, second)] + [
             f"{score}>={threshold!r}"

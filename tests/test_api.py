@@ -726,8 +726,24 @@ async def test_torch_work_runs_on_one_thread(
 
     monkeypatch.setattr(service.core.service, "load_segmenter", loading)
     monkeypatch.setattr(service.core.service, "run_batch", batch)
-    async with running(settings(u2netp_weights)) as (_, c):
+    async with running(settings(u2netp_weights, engine="torch")) as (_, c):
         for _ in range(3):
             assert (await post_image(c, photo())).status_code == 200
     assert len(threads["load"] | threads["warmup"] | threads["batch"]) == 1, threads
     assert all(threads.values())
+
+
+@pytest.mark.parametrize("engine", ["mnn", "openvino"])
+async def test_an_engine_ready_at_load_is_not_warmed_up(
+    u2netp_weights: Path, engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MNN's session and OpenVINO's compiled model are prepared at load: the service is ready
+    without running them first (the codecs' passes are still loaded), and answers."""
+
+    def refused(self: Segmenter, sizes: Any = (1,)) -> None:
+        raise AssertionError(f"{self.engine.name} was warmed up")
+
+    monkeypatch.setattr(Segmenter, "warmup", refused)
+    async with running(settings(u2netp_weights, engine=engine)) as (_, c):
+        assert (await c.get("/readyz")).status_code == 200
+        assert (await post_image(c, photo())).status_code == 200

@@ -42,6 +42,7 @@ class StandIn:
     name = "openvino"
     device = CPU
     allocates_per_call = False
+    ready_at_load = True
     artifact_digest = None
 
     def __init__(self, maps: dict[bool, np.ndarray], dtype: str, arithmetic: str):

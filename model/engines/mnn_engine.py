@@ -139,6 +139,7 @@ class MNNEngine:
 
     name: EngineName = "mnn"
     allocates_per_call = False  # MNN plans its buffers when the session is made or resized
+    ready_at_load = True  # the session prepared every convolution
 
     def __init__(self, path: Path, threads: int, digest: str) -> None:
         self.artifact_digest: str | None = digest

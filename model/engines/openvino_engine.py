@@ -31,6 +31,7 @@ class OpenVINOEngine:
 
     name: EngineName = "openvino"
     allocates_per_call = False  # the CPU plugin plans its buffers when a shape is compiled
+    ready_at_load = True  # batch 1, the CPU's, is compiled at load
 
     def __init__(self, path: Path, threads: int, digest: str, dtype: str, arithmetic: str) -> None:
         import openvino as ov

@@ -26,6 +26,7 @@ def torch_dtype(name: str) -> torch.dtype:
 class TorchEngine:
     name: EngineName = "torch"
     artifact_digest = None  # it runs the verified weights file itself
+    ready_at_load = False  # cuDNN's search, the allocators: the first calls pay for them
 
     def __init__(self, net: U2Net, options: EngineOptions) -> None:
         self.device = options.device

@@ -428,8 +428,9 @@ class Start:
         self, *, codecs: ThreadPoolExecutor | None = None, models: Models | None = None
     ) -> None:
         """Where the settings ask for a warm-up: the codecs' compiled passes on ``codecs``, and
-        meanwhile each of ``models`` at the batch sizes it will run (1, and on a GPU its
-        largest): the engines let go of the GIL while their network runs, so the two overlap."""
+        meanwhile each of ``models`` whose engine is not ready at load at the batch sizes it
+        will run (1, and on a GPU its largest): the engines let go of the GIL while their
+        network runs, so the two overlap."""
         if not self.settings.warmup:
             return
         loop = asyncio.get_running_loop()
@@ -449,6 +450,8 @@ class Start:
 
 def _warm_models(models: Models) -> None:
     for name, seg in models.segmenters.items():
+        if seg.engine.ready_at_load:
+            continue
         max_batch = models.batchers[name].max_batch_size
         seg.warmup(sorted({1, max_batch}) if seg.device.type == "cuda" else [1])
 
