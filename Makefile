@@ -49,9 +49,10 @@ system-deps:
 	        $(SYSTEM_PACKAGES) >/dev/null; \
 	else echo "missing:$$missing (tests that need them are skipped)"; fi
 
+# The served models' weights are fetched, verified and converted first, in the service's own
+# process (U2SERVE_MODEL/U2SERVE_MODELS say which; u2net by default).
 serve: runtime
-	$(PY) -m weights fetch u2net
-	$(PY) -m service
+	$(PY) -m service --fetch
 
 lint: install
 	$(PY) -m ruff check .

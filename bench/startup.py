@@ -1,15 +1,16 @@
-"""Start-up: ``make serve``'s two steps (the weights' fetch, which verifies what is there, then the
-service) to ``/readyz`` 200, and the ready service's idle memory.
+"""Start-up: ``make serve`` (the weights' fetch, which verifies what is there, then the service) to
+``/readyz`` 200, and the ready service's idle memory.
 
     python -m bench.startup                                # U2NET, 3 rounds
     python -m bench.startup --checkout before=../before --weights before=/path/to/v1-weights
     python -m bench.startup --image u2serve --image before=u2serve:before   # docker run
     python -m bench.startup --image u2serve --docker "docker -H unix:///path/to/docker.sock"
 
-For each round and each checkout (alternating): the fetch step's seconds, the service's seconds
-from its start to ``/readyz`` 200 (polled every 20 ms), their sum, and the resident memory of the
-service's processes once ready and idle (VmRSS, summed over the process tree). Medians at the
-end. The weights must already be fetched and converted (the second start is what is measured,
+For each round and each checkout (alternating): the fetch step's seconds (where the checkout's
+``make serve`` runs ``python -m weights fetch`` before the service; since it runs ``python -m
+service --fetch``, the fetch is in the service's seconds), the service's seconds from its start
+to ``/readyz`` 200 (polled every 20 ms), their sum, and the resident memory of the service's
+processes once ready and idle (VmRSS, summed over the process tree). Medians at the end. The weights must already be fetched and converted (the second start is what is measured,
 as a restarted replica or a laptop's second ``make serve`` pays it).
 
 ``--image``: the CPU image as the Kubernetes manifest runs it (a read-only root, a fresh /tmp),
@@ -62,22 +63,27 @@ def _free_port() -> int:
 
 
 def one_start(checkout: Path, model: str, weights: Path) -> tuple[float, float, float]:
-    """Seconds of the fetch step and of the service to ready, and the ready service's MiB."""
+    """Seconds of the fetch step and of the service to ready, and the ready service's MiB. A
+    checkout whose service fetches first (``python -m service --fetch``, what its ``make serve``
+    runs) has one step: its fetch is counted in the service's seconds."""
     env = os.environ | {"U2SERVE_WEIGHTS_DIR": str(weights), "U2SERVE_MODEL": model}
     env.pop("PYTHONPATH", None)
+    in_service = '"--fetch"' in (checkout / "service" / "__main__.py").read_text()
     t = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "weights", "fetch", model],
-        cwd=checkout,
-        env=env,
-        check=True,
-        capture_output=True,
-    )
+    if not in_service:
+        subprocess.run(
+            [sys.executable, "-m", "weights", "fetch", model],
+            cwd=checkout,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
     fetched = time.perf_counter() - t
     port = _free_port()
     t = time.perf_counter()
     with subprocess.Popen(
-        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
+        + (["--fetch"] if in_service else []),
         cwd=checkout,
         env=env | {"U2SERVE_LOG_LEVEL": "warning"},
         stdout=subprocess.DEVNULL,

@@ -166,3 +166,60 @@ def test_the_int8_model_loads_where_its_quantizer_is_not_installed(
     monkeypatch.setattr(metadata, "version", lambda name: "0" if name == "openvino" else real(name))
     with pytest.raises(WeightsError, match="was made by"):
         Segmenter("u2netp", u2netp_weights, device="cpu", engine="openvino", precision="fast")
+
+
+class ServeCalls:
+    """``python -m service --fetch`` with the fetch and the server replaced: what each got."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fails: str | None = None) -> None:
+        import service.core.budget
+        import service.http.server
+        import weights.fetch
+
+        self.fetched: list[tuple[str, Path]] = []
+        self.served = 0
+
+        def fetch(name: str, dest: Path, *, force: bool = False) -> Path:
+            if name == fails:
+                raise WeightsError(f"{name}: the index could not be reached")
+            self.fetched.append((name, dest))
+            return dest / f"{name}.safetensors"
+
+        def serve(app: object, settings: object) -> int:
+            self.served += 1
+            return 0
+
+        monkeypatch.setattr(weights.fetch, "fetch", fetch)
+        monkeypatch.setattr(service.http.server, "serve_app", serve)
+        monkeypatch.setattr(service.core.budget, "limit_arenas", lambda count: True)
+
+
+def test_the_service_fetches_the_models_it_serves_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``make serve`` runs ``python -m service --fetch``: the served models' weights (whichever
+    U2SERVE_MODEL(S) names, the default first), fetched in the service's own process, then the
+    service; a failed fetch stops it with the fetch's message; a file named by U2SERVE_WEIGHTS
+    (the user's own) is not fetched."""
+    from service.__main__ import main as service_main
+
+    monkeypatch.setenv("U2SERVE_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("U2SERVE_MODELS", "u2netp,u2net")
+    calls = ServeCalls(monkeypatch)
+    assert service_main(["--fetch"]) == 0
+    assert calls.fetched == [("u2netp", tmp_path), ("u2net", tmp_path)]
+    assert calls.served == 1
+
+    calls = ServeCalls(monkeypatch, fails="u2net")
+    assert service_main(["--fetch"]) == 1
+    assert "u2net: the index could not be reached" in capsys.readouterr().err
+    assert calls.served == 0
+
+    monkeypatch.delenv("U2SERVE_MODELS")
+    monkeypatch.setenv("U2SERVE_WEIGHTS", str(tmp_path / "mine.safetensors"))
+    calls = ServeCalls(monkeypatch)
+    assert service_main(["--fetch"]) == 0
+    assert (calls.fetched, calls.served) == ([], 1)
+    calls = ServeCalls(monkeypatch)
+    assert service_main([]) == 0  # without --fetch, nothing is fetched
+    assert (calls.fetched, calls.served) == ([], 1)
