@@ -10,8 +10,9 @@ For each round and each checkout (alternating): the fetch step's seconds (where 
 ``make serve`` runs ``python -m weights fetch`` before the service; since it runs ``python -m
 service --fetch``, the fetch is in the service's seconds), the service's seconds from its start
 to ``/readyz`` 200 (polled every 20 ms), their sum, and the resident memory of the service's
-processes once ready and idle (VmRSS, summed over the process tree). Medians at the end. The weights must already be fetched and converted (the second start is what is measured,
-as a restarted replica or a laptop's second ``make serve`` pays it).
+processes once ready and idle (VmRSS, summed over the process tree). Medians at the end. The
+weights must already be fetched and converted (the second start is what is measured, as a
+restarted replica or a laptop's second ``make serve`` pays it).
 
 ``--image``: the CPU image as the Kubernetes manifest runs it (a read-only root, a fresh /tmp),
 from ``docker run`` to ``/readyz`` 200 on the host's network, and the container's idle memory
