@@ -42,8 +42,8 @@ from pathlib import Path
 from bench.http import (
     REPO,
     SIZES_MP,
+    add_checkout_argument,
     batch_totals,
-    checkout_arg,
     photo_set,
     running,
     settings_arg,
@@ -303,16 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="NAME:VAR=VALUE,...",
         help="another server with these settings (repeatable)",
     )
-    p.add_argument(
-        "--checkout",
-        action="append",
-        default=[],
-        type=checkout_arg,
-        metavar="NAME=DIR[:VAR=VALUE,...]",
-        help="another server run from another checkout of the project (such as `git worktree "
-        "add ../before HEAD~1`), with the base settings and these: a change of code measured in "
-        "one run (repeatable)",
-    )
+    add_checkout_argument(p)
     args = p.parse_args(argv)
     network = args.network or ("instant" if args.device == "cpu" else "real")
     env = {

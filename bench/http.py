@@ -212,6 +212,20 @@ def checkout_arg(value: str) -> tuple[str, Path, dict[str, str]]:
     return name, Path(where).resolve(), settings_arg(assignments)
 
 
+def add_checkout_argument(p: argparse.ArgumentParser) -> None:
+    """``--checkout NAME=DIR[:VAR=VALUE,...]`` (repeatable), parsed by :func:`checkout_arg`."""
+    p.add_argument(
+        "--checkout",
+        action="append",
+        default=[],
+        type=checkout_arg,
+        metavar="NAME=DIR[:VAR=VALUE,...]",
+        help="another server run from another checkout of the project (such as `git worktree "
+        "add ../before HEAD~1`), with these settings too: a change of code measured in one run "
+        "(repeatable)",
+    )
+
+
 # -- load --------------------------------------------------------------------------------------
 
 
@@ -337,16 +351,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="NAME:VAR=VALUE,...",
         help="another u2serve process with these settings (repeatable)",
     )
-    p.add_argument(
-        "--checkout",
-        action="append",
-        default=[],
-        type=checkout_arg,
-        metavar="NAME=DIR[:VAR=VALUE,...]",
-        help="another u2serve run from another checkout of the project (such as `git worktree "
-        "add ../before HEAD~1`), with these settings too: a change of code measured in one run "
-        "(repeatable)",
-    )
+    add_checkout_argument(p)
     p.add_argument("--photos", nargs="+", default=["reference"], choices=["reference", *SIZES_MP])
     p.add_argument(
         "--outputs",

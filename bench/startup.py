@@ -63,6 +63,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _until_ready(port: int, gone: Callable[[], bool], what: str) -> None:
+    """Poll ``/readyz`` on ``port`` every 20 ms until it answers 200; raise once ``gone()``."""
+    while True:
+        if gone():
+            raise RuntimeError(f"{what} exited before it was ready")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.02)
+
+
 def one_start(checkout: Path, model: str, weights: Path) -> tuple[float, float, float]:
     """Seconds of the fetch step and of the service to ready, and the ready service's MiB. A
     checkout whose service fetches first (``python -m service --fetch``, what its ``make serve``
@@ -91,15 +104,7 @@ def one_start(checkout: Path, model: str, weights: Path) -> tuple[float, float, 
         stderr=subprocess.DEVNULL,
     ) as proc:
         try:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the service in {checkout} exited with {proc.returncode}")
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.02)
+            _until_ready(port, lambda: proc.poll() is not None, f"the service in {checkout}")
             ready = time.perf_counter() - t
             time.sleep(2)  # idle: what the warm-up left behind
             rss = _rss_mib(proc.pid)
@@ -122,13 +127,7 @@ def one_container(docker: list[str], image: str) -> tuple[float, float, float]:
         capture_output=True,
     )
     try:
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.02)
+        _until_ready(port, lambda: False, image)
         ready = time.perf_counter() - t
         time.sleep(2)
         pid = subprocess.run(
